@@ -1,0 +1,64 @@
+# weakseg — every target does its own set-up on a bare machine and is idempotent.
+#   make demo    the main job (offline, generated data) -> outputs/demo/
+#   make test    the test suite
+#   make bench   microbenchmarks (verify, then time) -> benchmarks/results/
+#   make wheel   a wheel with the compiled kernels -> dist/
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PYTHON  ?= python3
+TORCH   ?= torch==2.13.0 torchvision==0.28.0
+# Runtime, build, test and benchmark dependencies (all from the package registry).
+DEPS    := numpy tqdm safetensors pillow scikit-build-core cmake ninja pytest hypothesis expecttest \
+           opencv-python-headless faiss-cpu
+export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+UV      := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+STAMP   := $(VENV)/.weakseg-deps
+
+.PHONY: help setup build test demo bench wheel wheel-check info clean
+
+help:
+	@echo "make demo | test | bench | wheel | setup | info | clean"
+
+$(UV):
+	$(PYTHON) -m pip install --user --quiet uv
+
+# The environment: a uv venv with the CUDA build of torch (it also runs on the CPU) and the tools.
+$(STAMP): Makefile | $(UV)
+	[ -x $(PY) ] || $(UV) venv $(VENV) --python $(PYTHON)
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(TORCH) $(DEPS)
+	touch $(STAMP)
+
+# The project, editable, built against the torch of the venv (CPU kernels + CUDA kernels when nvcc is found).
+# CMake rebuilds incrementally, so this is cheap when nothing changed.
+build: $(STAMP)
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet --no-build-isolation --no-deps -e .
+
+setup: build
+
+test: build
+	$(PY) -m pytest -q
+
+demo: build
+	$(PY) -m weakseg demo --out outputs/demo
+
+bench: build
+	$(PY) benchmarks/bench_ops.py --out benchmarks/results
+
+info: build
+	$(PY) -m weakseg info
+
+wheel: $(STAMP)
+	rm -rf dist && mkdir -p dist
+	VIRTUAL_ENV=$(VENV) $(UV) build --wheel --no-build-isolation --out-dir dist . \
+	  || $(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	@ls -l dist/*.whl
+
+# Install the wheel into a scratch venv (sharing the torch of ours) and check its kernels.
+wheel-check: wheel
+	$(PY) tools/check_wheel.py dist/*.whl
+
+clean:
+	rm -rf build dist outputs .pytest_cache

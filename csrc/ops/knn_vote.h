@@ -1,0 +1,22 @@
+// Declarations shared by the CPU and CUDA implementations of knn_vote.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace weakseg {
+namespace ops {
+struct KnnArgs {
+  at::Tensor queries;      // (Q, D) float32, rows L2-normalised
+  at::Tensor bank;         // (N, D) float32, rows L2-normalised
+  at::Tensor bank_labels;  // (N,) int64
+  int64_t k;               // clipped to N
+};
+// Checks the arguments (dtypes, shapes, devices, label range) and normalises.
+KnnArgs prepare_knn_args(const at::Tensor& queries, const at::Tensor& bank, const at::Tensor& bank_labels, int64_t k,
+                         int64_t num_classes);
+// Outputs of a query set of Q rows: labels -1, confidence 0, votes 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_knn_outputs(int64_t Q, int64_t num_classes,
+                                                                 const at::TensorOptions& opts);
+}  // namespace ops
+}  // namespace weakseg

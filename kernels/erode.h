@@ -1,0 +1,116 @@
+// Separable rectangular min/max filters with O(1) work per pixel in the window
+// size (van Herk / Gil-Werman), plus the two erosion ops built on them.
+//
+// Semantics shared by every backend: an image plane of H x W values is filtered
+// with a (2*ry+1) x (2*rx+1) window; pixels outside the plane are the identity
+// of the reduction (so borders never erode). The 1-D pass works on the
+// "extended" line of length n + 2r whose element e is image element e - r (or
+// the identity outside the image); it is cut into blocks of k = 2r+1 elements,
+// G[e] is the running reduction from the start of e's block to e, Hs[e] the
+// running reduction from e to the end of its block, and the window that starts
+// at extended index y (= covers image elements y-r .. y+r) reduces to
+// op(Hs[y], G[y+k-1]).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels/common.h"
+
+namespace weakseg {
+namespace kernels {
+
+// Vertical pass over a tile of `cols` adjacent columns of a row-major plane.
+// in: element (y, x) at in[y * in_stride + x]; out likewise with out_stride.
+// G, Hs: scratch of (n + 2r) * cols elements each. Every inner loop runs over
+// contiguous columns, so the compiler vectorises it.
+template <typename T, typename Op>
+void vanherk_columns(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t n,
+                     int64_t cols, int64_t r, T identity, T* G, T* Hs) {
+  if (n <= 0 || cols <= 0) return;
+  if (r == 0) {
+    for (int64_t y = 0; y < n; ++y) std::memcpy(out + y * out_stride, in + y * in_stride, cols * sizeof(T));
+    return;
+  }
+  const int64_t k = 2 * r + 1;
+  const int64_t m = n + 2 * r;
+  auto src = [&](int64_t e) -> const T* { return (e < r || e >= n + r) ? nullptr : in + (e - r) * in_stride; };
+  for (int64_t e = 0; e < m; ++e) {
+    T* g = G + e * cols;
+    const T* f = src(e);
+    if (e % k == 0) {
+      if (f) std::memcpy(g, f, cols * sizeof(T));
+      else std::fill(g, g + cols, identity);
+    } else {
+      const T* gp = g - cols;
+      if (f) for (int64_t x = 0; x < cols; ++x) g[x] = Op::apply(gp[x], f[x]);
+      else std::memcpy(g, gp, cols * sizeof(T));
+    }
+  }
+  for (int64_t e = m - 1; e >= 0; --e) {
+    T* h = Hs + e * cols;
+    const T* f = src(e);
+    if (e % k == k - 1 || e == m - 1) {
+      if (f) std::memcpy(h, f, cols * sizeof(T));
+      else std::fill(h, h + cols, identity);
+    } else {
+      const T* hn = h + cols;
+      if (f) for (int64_t x = 0; x < cols; ++x) h[x] = Op::apply(hn[x], f[x]);
+      else std::memcpy(h, hn, cols * sizeof(T));
+    }
+  }
+  for (int64_t y = 0; y < n; ++y) {
+    const T* h = Hs + y * cols;
+    const T* g = G + (y + k - 1) * cols;
+    T* o = out + y * out_stride;
+    for (int64_t x = 0; x < cols; ++x) o[x] = Op::apply(h[x], g[x]);
+  }
+}
+
+// Cache-blocked transpose of a rows x cols plane (src row-major) into dst (cols x rows).
+template <typename T>
+void transpose_plane(const T* src, T* dst, int64_t rows, int64_t cols) {
+  constexpr int64_t TB = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += TB) {
+    const int64_t i1 = std::min(rows, i0 + TB);
+    for (int64_t j0 = 0; j0 < cols; j0 += TB) {
+      const int64_t j1 = std::min(cols, j0 + TB);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * cols + j];
+    }
+  }
+}
+
+// Column-tiled vertical filter of a whole plane (single thread).
+template <typename T, typename Op>
+void filter_vertical_plane(const T* in, T* out, int64_t H, int64_t W, int64_t r, T identity,
+                           std::vector<T>& scratch) {
+  constexpr int64_t TILE = 256;
+  const int64_t m = H + 2 * r;
+  scratch.resize(static_cast<size_t>(2 * m * std::min<int64_t>(TILE, W)));
+  for (int64_t x0 = 0; x0 < W; x0 += TILE) {
+    const int64_t cols = std::min(TILE, W - x0);
+    vanherk_columns<T, Op>(in + x0, W, out + x0, W, H, cols, r, identity, scratch.data(),
+                           scratch.data() + m * cols);
+  }
+}
+
+// Full 2-D rectangular filter of one H x W plane: vertical pass, then the
+// horizontal pass done as a vertical pass on the transpose.
+// tmp: H*W scratch; `out` may not alias `in`.
+template <typename T, typename Op>
+void filter_plane(const T* in, T* out, int64_t H, int64_t W, int64_t ry, int64_t rx, T identity,
+                  std::vector<T>& tmp, std::vector<T>& tmp2, std::vector<T>& scratch) {
+  tmp.resize(static_cast<size_t>(H * W));
+  tmp2.resize(static_cast<size_t>(H * W));
+  filter_vertical_plane<T, Op>(in, out, H, W, ry, identity, scratch);  // out = vertical(in)
+  if (rx == 0) return;
+  transpose_plane(out, tmp.data(), H, W);                               // tmp: W x H
+  filter_vertical_plane<T, Op>(tmp.data(), tmp2.data(), W, H, rx, identity, scratch);
+  transpose_plane(tmp2.data(), out, W, H);
+}
+
+}  // namespace kernels
+}  // namespace weakseg

@@ -1,0 +1,3 @@
+from weakseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""weakseg.backbones (see DESIGN.md)."""

@@ -1,0 +1,216 @@
+"""The core interfaces: registries, method configs, the Segmenter protocol and
+``weakseg.create``.
+
+Methods, backbones and proposers register by name::
+
+    @METHODS.register("moduseg", config=ModuSegConfig)
+    class ModuSeg(Segmenter): ...
+
+``create(name, **overrides)`` builds the method's config dataclass (defaults,
+then a TOML/YAML/JSON file if ``config_file`` is given, then keyword
+overrides, then ``--set key=value`` strings from the CLI) and instantiates it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Generic, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
+
+import torch
+
+T = TypeVar("T")
+
+IGNORE_INDEX = 255
+
+
+class Registry(Generic[T]):
+    """A name -> factory table with helpful errors."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._configs: dict[str, type] = {}
+
+    def register(self, name: str, config: type | None = None) -> Callable[[T], T]:
+        if not name or not isinstance(name, str):
+            raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
+
+        def deco(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._items[name] = obj
+            if config is not None:
+                self._configs[name] = config
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            known = ", ".join(sorted(self._items)) or "none registered yet"
+            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+
+    def config_class(self, name: str) -> type | None:
+        self.get(name)
+        return self._configs.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+METHODS: Registry[type] = Registry("method")
+BACKBONES: Registry[Callable] = Registry("backbone")
+PROPOSERS: Registry[Callable] = Registry("proposer")
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's config. Subclasses add their own fields with defaults."""
+
+    device: str = "cpu"
+    seed: int = 0
+
+    # --- construction from overrides, files and CLI strings -----------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def replace(self, **values: Any) -> "MethodConfig":
+        merged = dataclasses.asdict(self)
+        merged.update(values)
+        return type(self).from_dict(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON file of config values."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    text = p.read_text()
+    suffix = p.suffix.lower()
+    if suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError(f"reading {p} needs PyYAML (pip install pyyaml)") from None
+        data = yaml.safe_load(text)
+        return data or {}
+    if suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"config file {p}: expected .toml, .yaml, .yml or .json, got {suffix or 'no suffix'}")
+
+
+def parse_set_options(items: Iterable[str], config_cls: type | None = None) -> dict[str, Any]:
+    """Turn CLI ``key=value`` strings into typed values (JSON literals, else strings)."""
+    out: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(config_cls)} if config_cls is not None else {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if types.get(key) in ("str", str) and not isinstance(value, str):
+            value = raw
+        out[key] = value
+    return out
+
+
+@dataclass
+class SegmentationOutput:
+    """What every Segmenter returns.
+
+    scores: (B, C, H, W) float per-class score maps at image resolution.
+    labels: (B, H, W) int64 label map; 255 marks ignored pixels.
+    class_names: the C names the channels of ``scores`` stand for.
+    """
+
+    scores: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        if self.scores.dim() != 4 or self.labels.dim() != 3:
+            raise ValueError(f"SegmentationOutput: expected scores (B, C, H, W) and labels (B, H, W), "
+                             f"got {tuple(self.scores.shape)} and {tuple(self.labels.shape)}")
+        if self.scores.shape[0] != self.labels.shape[0] or self.scores.shape[2:] != self.labels.shape[1:]:
+            raise ValueError("SegmentationOutput: scores and labels disagree on batch or image size: "
+                             f"{tuple(self.scores.shape)} vs {tuple(self.labels.shape)}")
+        if self.scores.shape[1] != len(self.class_names):
+            raise ValueError(f"SegmentationOutput: {self.scores.shape[1]} score channels for "
+                             f"{len(self.class_names)} class names")
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """The interface of every method."""
+
+    config: MethodConfig
+
+    def segment(self, images: torch.Tensor | Sequence[torch.Tensor], class_names: Sequence[str],
+                image_labels: torch.Tensor | None = None) -> SegmentationOutput:
+        """images: RGB uint8, (B, 3, H, W) or a list of (3, H, W); class_names: the C candidate classes;
+        image_labels: optional (B, C) bool of the classes present (the weakly-supervised setting)."""
+        ...
+
+
+def check_images(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Validate RGB uint8 images and return them as a list of (3, H, W) tensors."""
+    items = list(images) if not isinstance(images, torch.Tensor) or images.dim() == 4 else [images]
+    if not items:
+        raise ValueError("images: expected at least one image")
+    for i, im in enumerate(items):
+        if not isinstance(im, torch.Tensor) or im.dim() != 3 or im.shape[0] != 3:
+            shape = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
+            raise ValueError(f"images[{i}]: expected an RGB image of shape (3, H, W), got {shape}")
+        if im.dtype != torch.uint8:
+            raise TypeError(f"images[{i}]: expected dtype uint8 (RGB 0..255), got {im.dtype}")
+    return items
+
+
+def list_methods() -> list[str]:
+    _import_builtin_methods()
+    return METHODS.names()
+
+
+def _import_builtin_methods() -> None:
+    # Importing the package registers every built-in method.
+    import weakseg.methods  # noqa: F401
+
+
+def create(name: str, config_file: str | Path | None = None, set_options: Sequence[str] = (), **overrides: Any):
+    """Build the method ``name`` with its config: defaults < config_file < overrides < set_options."""
+    _import_builtin_methods()
+    cls = METHODS.get(name)
+    cfg_cls = METHODS.config_class(name) or MethodConfig
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(load_config_file(config_file))
+    values.update(overrides)
+    values.update(parse_set_options(set_options, cfg_cls))
+    return cls(cfg_cls.from_dict(values))

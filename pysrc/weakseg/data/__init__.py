@@ -1,0 +1,1 @@
+"""weakseg.data (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""weakseg.eval (see DESIGN.md)."""

@@ -1,0 +1,5 @@
+"""Segmentation methods, one module each, registered by name in ``weakseg.METHODS``.
+
+The methods of DESIGN.md (moduseg, synseg, diclip, diffsegmenter, iseg) land
+here with their issues; importing this package registers every one present.
+"""

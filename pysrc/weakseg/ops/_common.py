@@ -1,0 +1,38 @@
+"""Helpers shared by the op wrappers: dispatch to the compiled op or the reference."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from weakseg import _ext
+
+
+def run_op(name: str, reference: Callable, device: torch.device, *args):
+    """Call ``torch.ops.weakseg.<name>`` when it has a kernel for ``device``, else the reference."""
+    if _ext.has_kernel(name, device.type):
+        return getattr(torch.ops.weakseg, name)(*args)
+    _ext.warn_fallback(name, device.type)
+    return reference(*args)
+
+
+def pair(value, name: str, op: str) -> tuple[int, int]:
+    """An int or a pair of ints as a (kh, kw) tuple, with a clear error otherwise."""
+    items = [value, value] if isinstance(value, int) else value
+    ok = isinstance(items, (tuple, list)) and len(items) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    if not ok:
+        raise TypeError(f"weakseg.{op}: {name} must be an int or a pair of ints, got {value!r}")
+    return (items[0], items[1])
+
+
+def check(cond: bool, op: str, message: str, exc=ValueError) -> None:
+    """Raise ``exc('weakseg.<op>: <message>')`` unless ``cond``."""
+    if not cond:
+        raise exc(f"weakseg.{op}: {message}")
+
+
+def has_library_op(name: str) -> bool:
+    """Whether the schema ``weakseg::<name>`` is registered (the extension is loaded)."""
+    return _ext.HAS_EXT and hasattr(torch.ops.weakseg, name)

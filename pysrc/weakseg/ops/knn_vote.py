@@ -1,0 +1,92 @@
+"""``knn_vote``: cosine k-nearest-neighbour retrieval and majority vote.
+
+Contract (DESIGN.md, op 4): queries (Q, D) and bank (N, D) are L2-normalised
+inside; the k most similar bank rows (k clipped to N; equal similarities rank
+the smaller bank index first) vote with their label; the winner has most
+votes, ties broken by the larger sum of its voters' similarities, then the
+smaller class id; confidence is the mean similarity of the winner's voters;
+votes (Q, num_classes) are int64 counts. With an empty bank every query gets
+label -1, confidence 0. Similarities are computed in float32.
+
+The compiled kernels stream the bank in tiles (one GEMM per tile) and keep a
+running top-k per query, so no Q x N matrix is ever formed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from weakseg.ops._common import check, has_library_op, run_op
+
+__all__ = ["knn_vote", "knn_vote_reference"]
+
+
+def _check(queries, bank, bank_labels, k, num_classes) -> None:
+    op = "knn_vote"
+    for name, t in (("queries", queries), ("bank", bank), ("bank_labels", bank_labels)):
+        check(isinstance(t, torch.Tensor), op, f"expected {name} to be a tensor, got {type(t).__name__}", TypeError)
+    check(queries.dim() == 2, op, f"expected queries of shape (Q, D), got {tuple(queries.shape)}")
+    check(bank.dim() == 2, op, f"expected bank of shape (N, D), got {tuple(bank.shape)}")
+    check(bank_labels.dim() == 1, op, f"expected bank_labels of shape (N,), got {tuple(bank_labels.shape)}")
+    check(queries.is_floating_point(), op, f"expected floating-point queries, got {queries.dtype}", TypeError)
+    check(bank.is_floating_point(), op, f"expected a floating-point bank, got {bank.dtype}", TypeError)
+    check(bank_labels.dtype in (torch.int64, torch.int32), op,
+          f"expected bank_labels of dtype int64 or int32, got {bank_labels.dtype}", TypeError)
+    check(queries.device == bank.device == bank_labels.device, op,
+          f"expected queries, bank and bank_labels on one device, got {queries.device}, {bank.device} "
+          f"and {bank_labels.device}")
+    check(queries.shape[1] == bank.shape[1], op,
+          f"queries and bank must have the same feature size D, got {queries.shape[1]} and {bank.shape[1]}")
+    check(bank_labels.shape[0] == bank.shape[0], op,
+          f"bank_labels must have one label per bank row: {bank_labels.shape[0]} labels for {bank.shape[0]} rows")
+    check(isinstance(k, int) and k >= 1, op, f"k must be an int >= 1, got {k!r}")
+    check(isinstance(num_classes, int) and num_classes >= 1, op, f"num_classes must be an int >= 1, got {num_classes!r}")
+    if bank_labels.numel():
+        lo, hi = int(bank_labels.min()), int(bank_labels.max())
+        check(lo >= 0 and hi < num_classes, op,
+              f"bank_labels must lie in [0, num_classes={num_classes}), found values in [{lo}, {hi}]")
+
+
+def knn_vote_reference(queries, bank, bank_labels, k: int, num_classes: int):
+    """Pure-PyTorch KNN vote (materialises Q x N); same contract as :func:`knn_vote`."""
+    _check(queries, bank, bank_labels, k, num_classes)
+    Q, N = queries.shape[0], bank.shape[0]
+    dev = queries.device
+    k = min(k, N)
+    labels = torch.full((Q,), -1, dtype=torch.int64, device=dev)
+    conf = torch.zeros(Q, dtype=torch.float32, device=dev)
+    votes = torch.zeros(Q, num_classes, dtype=torch.int64, device=dev)
+    if Q == 0 or k == 0:
+        return labels, conf, votes
+    q = F.normalize(queries.float(), dim=1)
+    b = F.normalize(bank.float(), dim=1)
+    sims = q @ b.T
+    # A stable descending sort ranks equal similarities by ascending bank index.
+    vals, idx = torch.sort(sims, dim=1, descending=True, stable=True)
+    vals, idx = vals[:, :k], idx[:, :k]
+    lab = bank_labels.long()[idx]
+    votes.scatter_add_(1, lab, torch.ones_like(lab))
+    sums = torch.zeros(Q, num_classes, dtype=torch.float32, device=dev).scatter_add_(1, lab, vals)
+    best = votes.max(dim=1, keepdim=True).values
+    # Among the classes with most votes, the largest sum; argmax takes the first (smallest id) on ties.
+    masked = torch.where(votes == best, sums, torch.full_like(sums, float("-inf")))
+    labels = masked.argmax(dim=1)
+    win_votes = votes.gather(1, labels[:, None]).squeeze(1)
+    conf = sums.gather(1, labels[:, None]).squeeze(1) / win_votes.clamp_min(1)
+    return labels, conf, votes
+
+
+def knn_vote(queries, bank, bank_labels, k: int, num_classes: int):
+    """Cosine KNN of ``queries`` in ``bank`` and a majority vote -> (labels, confidence, votes)."""
+    _check(queries, bank, bank_labels, k, num_classes)
+    return run_op("knn_vote", knn_vote_reference, queries.device, queries, bank, bank_labels, int(k), int(num_classes))
+
+
+if has_library_op("knn_vote"):
+
+    @torch.library.register_fake("weakseg::knn_vote")
+    def _fake(queries, bank, bank_labels, k, num_classes):
+        Q = queries.shape[0]
+        return (queries.new_empty((Q,), dtype=torch.int64), queries.new_empty((Q,), dtype=torch.float32),
+                queries.new_empty((Q, num_classes), dtype=torch.int64))

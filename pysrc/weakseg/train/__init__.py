@@ -1,0 +1,1 @@
+"""weakseg.train (see DESIGN.md)."""

@@ -1,0 +1,154 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from weakseg.ops import knn_vote, knn_vote_reference
+
+
+def _unambiguous(queries, bank, bank_labels, k, num_classes, margin=1e-4):
+    """Queries whose result cannot depend on float32 rounding: a clear gap between the
+    k-th and (k+1)-th similarity, and a winner clear of the runner-up's vote sum."""
+    q = torch.nn.functional.normalize(queries.double(), dim=1)
+    b = torch.nn.functional.normalize(bank.double(), dim=1)
+    sims = q @ b.T
+    N = bank.shape[0]
+    k = min(k, N)
+    if k == 0:
+        return torch.ones(queries.shape[0], dtype=torch.bool)
+    vals, idx = sims.sort(dim=1, descending=True, stable=True)
+    ok = torch.ones(queries.shape[0], dtype=torch.bool)
+    if k < N:
+        ok &= (vals[:, k - 1] - vals[:, k]) > margin
+    lab = bank_labels[idx[:, :k]]
+    votes = torch.zeros(queries.shape[0], num_classes, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))
+    sums = torch.zeros(queries.shape[0], num_classes, dtype=torch.float64).scatter_add_(1, lab, vals[:, :k])
+    top = votes.max(1, keepdim=True).values
+    tied = (votes == top)
+    s = torch.where(tied, sums, torch.full_like(sums, -1e9))
+    s = torch.cat([s, torch.full_like(s[:, :1], -1e9)], 1).sort(1, descending=True).values
+    ok &= (tied.sum(1) == 1) | ((s[:, 0] - s[:, 1]) > margin)
+    return ok
+
+
+def _check_against_reference(queries, bank, bank_labels, k, C, device="cpu"):
+    labels, conf, votes = knn_vote(queries.to(device), bank.to(device), bank_labels.to(device), k, C)
+    rl, rc, rv = knn_vote_reference(queries, bank, bank_labels, k, C)
+    labels, conf, votes = labels.cpu(), conf.cpu(), votes.cpu()
+    assert labels.dtype == torch.int64 and votes.dtype == torch.int64 and conf.dtype == torch.float32
+    assert votes.shape == (queries.shape[0], C)
+    assert (votes.sum(1) == min(k, bank.shape[0])).all()
+    assert torch.isfinite(conf).all()
+    ok = _unambiguous(queries, bank, bank_labels, k, C)
+    assert torch.equal(labels[ok], rl[ok])
+    assert torch.equal(votes[ok], rv[ok])
+    torch.testing.assert_close(conf[ok], rc[ok], rtol=1e-5, atol=1e-5)
+    return ok
+
+
+@given(Q=st.integers(0, 20), N=st.integers(0, 60), D=st.integers(1, 16), k=st.integers(1, 70),
+       C=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_matches_reference_cpu(Q, N, D, k, C, seed):
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(Q, D, generator=g)
+    bank = torch.randn(N, D, generator=g)
+    bank_labels = torch.randint(0, C, (N,), generator=g)
+    _check_against_reference(queries, bank, bank_labels, k, C)
+
+
+def test_many_tiles_and_devices(device):
+    g = torch.Generator().manual_seed(0)
+    for Q, N, D, k, C in [(37, 10000, 32, 25, 21), (1, 9000, 64, 1, 3), (5, 5000, 8, 200, 7), (300, 1500, 128, 25, 81)]:
+        queries = torch.randn(Q, D, generator=g)
+        bank = torch.randn(N, D, generator=g) * torch.rand(N, 1, generator=g) * 10  # normalisation matters
+        bank_labels = torch.randint(0, C, (N,), generator=g)
+        ok = _check_against_reference(queries, bank, bank_labels, k, C, device)
+        assert ok.float().mean() > 0.5
+
+
+def test_empty_bank_and_queries(device):
+    labels, conf, votes = knn_vote(torch.randn(4, 8, device=device), torch.zeros(0, 8, device=device),
+                                   torch.zeros(0, dtype=torch.long, device=device), 25, 3)
+    assert labels.tolist() == [-1] * 4 and conf.tolist() == [0.0] * 4 and votes.sum().item() == 0
+    labels, conf, votes = knn_vote(torch.zeros(0, 8, device=device), torch.randn(5, 8, device=device),
+                                   torch.zeros(5, dtype=torch.long, device=device), 3, 2)
+    assert labels.shape == (0,) and votes.shape == (0, 2)
+
+
+def test_k_larger_than_bank_uses_all_rows(device):
+    bank = torch.eye(3, device=device)
+    lab = torch.tensor([0, 1, 1], device=device)
+    labels, conf, votes = knn_vote(torch.tensor([[1.0, 0.0, 0.0]], device=device), bank, lab, 25, 2)
+    assert votes.cpu().tolist() == [[1, 2]] and labels.item() == 1
+    assert conf.item() == pytest.approx(0.0)
+
+
+def test_tie_rules_exact(device):
+    # one-hot bank: similarities are exactly 1 or 0
+    bank = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0], [0, 1.0]], device=device)
+    lab = torch.tensor([2, 1, 0, 1, 0, 0], device=device)
+    q = torch.tensor([[1.0, 0]], device=device)
+    # equal similarities rank the smaller bank index first: rows 0, 1 are the top-2 of {0, 1, 3}
+    labels, conf, votes = knn_vote(q, bank, lab, 2, 3)
+    assert votes.cpu().tolist() == [[0, 1, 1]]
+    # a vote tie with equal sums goes to the smaller class id
+    assert labels.item() == 1 and conf.item() == 1.0
+    # 3 voters: rows 0,1,3 (sims 1): class 1 has 2 votes and wins
+    labels, conf, votes = knn_vote(q, bank, lab, 3, 3)
+    assert labels.item() == 1 and votes.cpu().tolist() == [[0, 2, 1]]
+    # equal votes, larger similarity sum wins over the smaller id
+    bank2 = torch.tensor([[1.0, 0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]], device=device)
+    lab2 = torch.tensor([1, 0, 0, 1], device=device)
+    labels, conf, votes = knn_vote(q, bank2, lab2, 4, 2)
+    # class 0: 0.6 + 0.8 = 1.4 ; class 1: 1.0 + 0.0 = 1.0
+    assert labels.item() == 0 and votes.cpu().tolist() == [[2, 2]]
+    assert conf.item() == pytest.approx(0.7)
+
+
+def test_zero_query_is_finite(device):
+    labels, conf, votes = knn_vote(torch.zeros(2, 4, device=device), torch.randn(6, 4, device=device),
+                                   torch.arange(6, device=device) % 3, 3, 3)
+    assert torch.isfinite(conf).all() and (labels == 0).all()  # all similarities 0: smallest index wins ties
+
+
+def test_matches_faiss_flat_ip():
+    faiss = pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(2)
+    q = torch.nn.functional.normalize(torch.randn(50, 32, generator=g), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(3000, 32, generator=g), dim=1)
+    bl = torch.randint(0, 5, (3000,), generator=g)
+    index = faiss.IndexFlatIP(32)
+    index.add(b.numpy())
+    D, I = index.search(q.numpy(), 25)
+    votes = torch.zeros(50, 5, dtype=torch.long).scatter_add_(1, bl[torch.from_numpy(I)], torch.ones(50, 25, dtype=torch.long))
+    ok = _unambiguous(q, b, bl, 25, 5)
+    _, _, ours = knn_vote(q, b, bl, 25, 5)
+    assert torch.equal(ours[ok], votes[ok]) and ok.float().mean() > 0.8
+
+
+@pytest.mark.parametrize("bad, exc, words", [
+    (lambda: knn_vote(torch.randn(3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, 2), ValueError, ["queries", "(Q, D)"]),
+    (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 5), torch.zeros(4, dtype=torch.long), 2, 2), ValueError, ["feature size D"]),
+    (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(3, dtype=torch.long), 2, 2), ValueError, ["bank_labels", "one label per bank row"]),
+    (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4), 2, 2), TypeError, ["bank_labels", "int64"]),
+    (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.full((4,), 5), 2, 2), ValueError, ["num_classes=2", "[5, 5]"]),
+    (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 0, 2), ValueError, ["k must be"]),
+    (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, 0), ValueError, ["num_classes"]),
+    (lambda: knn_vote(torch.randint(0, 3, (2, 3)), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, 2), TypeError, ["queries"]),
+])
+def test_errors(bad, exc, words):
+    with pytest.raises(exc) as e:
+        bad()
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_compiled_op_checks_inputs():
+    with pytest.raises(RuntimeError, match="weakseg.knn_vote: bank_labels must lie in"):
+        torch.ops.weakseg.knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.full((4,), 7), 2, 3)
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(9)
+    args = (torch.randn(7, 16, generator=g), torch.randn(40, 16, generator=g), torch.randint(0, 4, (40,), generator=g), 5, 4)
+    torch.library.opcheck(torch.ops.weakseg.knn_vote.default, args)
