@@ -17,6 +17,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "kernels/common.h"
 
 namespace weakseg {
@@ -69,18 +73,55 @@ void vanherk_columns(const T* in, int64_t in_stride, T* out, int64_t out_stride,
   }
 }
 
-// Cache-blocked transpose of a rows x cols plane (src row-major) into dst (cols x rows).
+// Transpose of the block rows [r0, r1) x cols [c0, c1) of a rows x cols plane
+// (src row-major) into dst (cols x rows), scalar.
+template <typename T>
+inline void transpose_block(const T* src, T* dst, int64_t rows, int64_t cols, int64_t r0, int64_t r1, int64_t c0,
+                            int64_t c1) {
+  for (int64_t i = r0; i < r1; ++i)
+    for (int64_t j = c0; j < c1; ++j) dst[j * rows + i] = src[i * cols + j];
+}
+
+#if defined(__SSE2__)
+// 16 x 16 bytes: four rounds of unpacks leave column bitrev4(i) in register i.
+inline void transpose16x16_u8(const uint8_t* s, int64_t ss, uint8_t* d, int64_t ds) {
+  static constexpr int kPerm[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  __m128i x[16], y[16];
+  for (int i = 0; i < 16; ++i) x[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i * ss));
+  for (int i = 0; i < 8; ++i) { y[i] = _mm_unpacklo_epi8(x[2 * i], x[2 * i + 1]); y[i + 8] = _mm_unpackhi_epi8(x[2 * i], x[2 * i + 1]); }
+  for (int i = 0; i < 8; ++i) { x[i] = _mm_unpacklo_epi16(y[2 * i], y[2 * i + 1]); x[i + 8] = _mm_unpackhi_epi16(y[2 * i], y[2 * i + 1]); }
+  for (int i = 0; i < 8; ++i) { y[i] = _mm_unpacklo_epi32(x[2 * i], x[2 * i + 1]); y[i + 8] = _mm_unpackhi_epi32(x[2 * i], x[2 * i + 1]); }
+  for (int i = 0; i < 8; ++i) { x[i] = _mm_unpacklo_epi64(y[2 * i], y[2 * i + 1]); x[i + 8] = _mm_unpackhi_epi64(y[2 * i], y[2 * i + 1]); }
+  for (int i = 0; i < 16; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + kPerm[i] * ds), x[i]);
+}
+#endif
+
+// Transpose of the row band [r0, r1) of a rows x cols plane into dst (cols x rows).
+template <typename T>
+inline void transpose_rows(const T* src, T* dst, int64_t rows, int64_t cols, int64_t r0, int64_t r1) {
+  constexpr int64_t TB = 32;
+  for (int64_t i0 = r0; i0 < r1; i0 += TB)
+    for (int64_t j0 = 0; j0 < cols; j0 += TB)
+      transpose_block(src, dst, rows, cols, i0, std::min(r1, i0 + TB), j0, std::min(cols, j0 + TB));
+}
+
+#if defined(__SSE2__)
+template <>
+inline void transpose_rows<uint8_t>(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t cols, int64_t r0,
+                                    int64_t r1) {
+  int64_t i = r0;
+  const int64_t cfull = cols - cols % 16;
+  for (; i + 16 <= r1; i += 16) {
+    for (int64_t j = 0; j < cfull; j += 16) transpose16x16_u8(src + i * cols + j, cols, dst + j * rows + i, rows);
+    transpose_block(src, dst, rows, cols, i, i + 16, cfull, cols);
+  }
+  transpose_block(src, dst, rows, cols, i, r1, 0, cols);
+}
+#endif
+
 template <typename T>
 void transpose_plane(const T* src, T* dst, int64_t rows, int64_t cols) {
-  constexpr int64_t TB = 32;
-  for (int64_t i0 = 0; i0 < rows; i0 += TB) {
-    const int64_t i1 = std::min(rows, i0 + TB);
-    for (int64_t j0 = 0; j0 < cols; j0 += TB) {
-      const int64_t j1 = std::min(cols, j0 + TB);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * cols + j];
-    }
-  }
+  transpose_rows(src, dst, rows, cols, 0, rows);
 }
 
 // Column-tiled vertical filter of a whole plane (single thread).

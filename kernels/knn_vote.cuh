@@ -64,7 +64,7 @@ __global__ void topk_merge_kernel(const float* __restrict__ sims, int64_t tile, 
     const int64_t thi = sid[k - 1];
     const int64_t s1 = s0 + KNN_SEG < tile ? s0 + KNN_SEG : tile;
     for (int64_t j = s0 + threadIdx.x; j < s1; j += blockDim.x) {
-      const float s = row[j];
+      const float s = knn_key(row[j]);
       if (knn_before(s, base + j, thv, thi)) {
         const int slot = atomicAdd(&ncand, 1);
         sv[k + slot] = s;
@@ -91,15 +91,15 @@ __global__ void topk_merge_kernel(const float* __restrict__ sims, int64_t tile, 
   }
 }
 
-// One thread per query: gather the voters' labels and vote.
+// One thread per query: gather the voters' labels and vote (votes and sums zeroed).
 __global__ void vote_kernel(const float* __restrict__ top_v, const int64_t* __restrict__ top_i,
                             const int64_t* __restrict__ bank_labels, int64_t Q, int64_t k, int64_t num_classes,
                             int64_t* __restrict__ voter_labels, int64_t* __restrict__ votes,
-                            int64_t* __restrict__ out_label, float* __restrict__ out_conf) {
+                            float* __restrict__ sums, int64_t* __restrict__ out_label, float* __restrict__ out_conf) {
   for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < Q; q += (int64_t)gridDim.x * blockDim.x) {
     int64_t* vl = voter_labels + q * k;
     for (int64_t j = 0; j < k; ++j) vl[j] = bank_labels[top_i[q * k + j]];
-    vote_one(top_v + q * k, vl, k, votes + q * num_classes, out_label + q, out_conf + q);
+    vote_one(top_v + q * k, vl, k, votes + q * num_classes, sums + q * num_classes, out_label + q, out_conf + q);
   }
 }
 

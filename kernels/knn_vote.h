@@ -2,6 +2,7 @@
 // top-k insertion of the CPU path, and the vote of one query (shared by the
 // CPU loop and the CUDA kernel, so both break ties identically).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/common.h"
@@ -34,29 +35,27 @@ inline void topk_insert(float* vals, int64_t* idx, int64_t* len, int64_t k, floa
   *len = n + 1;
 }
 
+// NaN similarities rank last, like -inf (every backend and the reference agree).
+WS_HD float knn_key(float s) { return s != s ? -INFINITY : s; }
+
 // The vote of one query over its `k` voters, given in rank order (most
-// similar first): votes_row[c] counts the voters of class c (the caller zeroes
-// it); the winner has most votes, then the larger sum of its voters'
-// similarities (summed in rank order), then the smaller class id; confidence
-// is the mean similarity of the winner's voters. With no voter the label is
-// -1 and the confidence 0.
-WS_HD void vote_one(const float* sims, const int64_t* labels, int64_t k, int64_t* votes_row,
+// similar first): votes_row[c] counts the voters of class c; the winner has
+// most votes, then the larger sum of its voters' similarities (summed in rank
+// order), then the smaller class id; confidence is the mean similarity of the
+// winner's voters. With no voter the label is -1 and the confidence 0.
+// votes_row and sums_row (num_classes each) must be zero on entry; O(k) work.
+WS_HD void vote_one(const float* sims, const int64_t* labels, int64_t k, int64_t* votes_row, float* sums_row,
                     int64_t* out_label, float* out_conf) {
+  for (int64_t i = 0; i < k; ++i) {
+    votes_row[labels[i]] += 1;
+    sums_row[labels[i]] += sims[i];
+  }
   int64_t best_label = -1, best_count = 0;
   float best_sum = 0.f;
   for (int64_t i = 0; i < k; ++i) {
     const int64_t c = labels[i];
-    votes_row[c] += 1;
-    bool seen = false;
-    for (int64_t j = 0; j < i; ++j) {
-      if (labels[j] == c) { seen = true; break; }
-    }
-    if (seen) continue;
-    int64_t count = 0;
-    float sum = 0.f;
-    for (int64_t j = i; j < k; ++j) {
-      if (labels[j] == c) { ++count; sum += sims[j]; }
-    }
+    const int64_t count = votes_row[c];
+    const float sum = sums_row[c];
     if (best_label < 0 || count > best_count || (count == best_count && sum > best_sum) ||
         (count == best_count && sum == best_sum && c < best_label)) {
       best_label = c;

@@ -21,31 +21,45 @@ namespace {
 
 constexpr int64_t kTile = 256;
 
+// Per-thread scratch that survives across calls (no page faults on every call);
+// released when a call needed more than 64 MiB.
+template <typename T>
+struct Scratch {
+  std::vector<T> a, b, c;
+  void trim() {
+    constexpr size_t kKeep = size_t(64) << 20;
+    for (auto* v : {&a, &b, &c})
+      if (v->capacity() * sizeof(T) > kKeep) std::vector<T>().swap(*v);
+  }
+};
+template <typename T>
+Scratch<T>& scratch() {
+  thread_local Scratch<T> s;
+  return s;
+}
+
+
 // Vertical pass of one plane, parallel over column tiles.
 template <typename T, typename Op>
 void vertical_parallel(const T* in, T* out, int64_t H, int64_t W, int64_t r, T identity) {
   const int64_t ntiles = kernels::ceil_div(W, kTile);
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> scratch(static_cast<size_t>(2 * (H + 2 * r) * kTile));
+    auto& buf = scratch<T>().c;
+    buf.resize(static_cast<size_t>(2 * (H + 2 * r) * kTile));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t x0 = t * kTile, cols = std::min(kTile, W - x0);
-      kernels::vanherk_columns<T, Op>(in + x0, W, out + x0, W, H, cols, r, identity, scratch.data(),
-                                      scratch.data() + (H + 2 * r) * cols);
+      kernels::vanherk_columns<T, Op>(in + x0, W, out + x0, W, H, cols, r, identity, buf.data(),
+                                      buf.data() + (H + 2 * r) * cols);
     }
   });
 }
 
 template <typename T>
 void transpose_parallel(const T* src, T* dst, int64_t rows, int64_t cols) {
-  const int64_t nb = kernels::ceil_div(rows, 32);
+  // Bands of 64 rows (a multiple of the 16-row SIMD tile).
+  const int64_t nb = kernels::ceil_div(rows, 64);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * 32, r1 = std::min(rows, b1 * 32);
-    // Transpose the row band [r0, r1) into columns [r0, r1) of dst.
-    for (int64_t j0 = 0; j0 < cols; j0 += 32) {
-      const int64_t j1 = std::min(cols, j0 + 32);
-      for (int64_t i = r0; i < r1; ++i)
-        for (int64_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * cols + j];
-    }
+    kernels::transpose_rows(src, dst, rows, cols, b0 * 64, std::min(rows, b1 * 64));
   });
 }
 
@@ -58,23 +72,29 @@ void rect_filter_cpu(const T* in, T* out, int64_t planes, int64_t H, int64_t W, 
   if (planes >= at::get_num_threads()) {
     // Many planes: one plane per task, no synchronisation inside.
     at::parallel_for(0, planes, 1, [&](int64_t p0, int64_t p1) {
-      std::vector<T> tmp, tmp2, scratch;
+      auto& s = scratch<T>();
       for (int64_t p = p0; p < p1; ++p)
-        kernels::filter_plane<T, Op>(in + p * plane, out + p * plane, H, W, ry, rx, identity, tmp, tmp2, scratch);
+        kernels::filter_plane<T, Op>(in + p * plane, out + p * plane, H, W, ry, rx, identity, s.a, s.b, s.c);
+      s.trim();
     });
     return;
   }
   // Few large planes: parallel inside each pass.
-  std::vector<T> tmp(static_cast<size_t>(plane)), tmp2(static_cast<size_t>(plane));
+  auto& s = scratch<T>();
+  s.a.resize(static_cast<size_t>(plane));
+  s.b.resize(static_cast<size_t>(plane));
+  T* tmp = s.a.data();
+  T* tmp2 = s.b.data();
   for (int64_t p = 0; p < planes; ++p) {
     const T* src = in + p * plane;
     T* dst = out + p * plane;
     vertical_parallel<T, Op>(src, dst, H, W, ry, identity);
     if (rx == 0) continue;
-    transpose_parallel(dst, tmp.data(), H, W);
-    vertical_parallel<T, Op>(tmp.data(), tmp2.data(), W, H, rx, identity);
-    transpose_parallel(tmp2.data(), dst, W, H);
+    transpose_parallel(dst, tmp, H, W);
+    vertical_parallel<T, Op>(tmp, tmp2, W, H, rx, identity);
+    transpose_parallel(tmp2, dst, W, H);
   }
+  s.trim();
 }
 
 static void check_plane_shape(const at::Tensor& t, const char* name, const char* op) {
@@ -94,6 +114,7 @@ at::Tensor erode_cpu(const at::Tensor& mask, c10::IntArrayRef kernel_size, int64
   auto out = at::empty_like(src);
   if (src.numel() == 0) return out;
   const int64_t H = src.size(-2), W = src.size(-1), planes = src.numel() / (H * W);
+  ry = std::min(ry, H), rx = std::min(rx, W);  // a window past the image covers all of it
   // bool is stored as one byte 0/1; 255 is the identity of min for both dtypes.
   rect_filter_cpu<uint8_t, MinOp>(static_cast<const uint8_t*>(src.data_ptr()), static_cast<uint8_t*>(out.data_ptr()),
                                   planes, H, W, ry, rx, std::numeric_limits<uint8_t>::max());
@@ -103,6 +124,7 @@ at::Tensor erode_cpu(const at::Tensor& mask, c10::IntArrayRef kernel_size, int64
 template <typename T>
 void erode_labels_typed(const at::Tensor& src, at::Tensor& out, int64_t ry, int64_t rx, int64_t ignore_index) {
   const int64_t H = src.size(-2), W = src.size(-1), planes = src.numel() / (H * W);
+  ry = std::min(ry, H), rx = std::min(rx, W);
   auto mn = at::empty_like(src), mx = at::empty_like(src);
   const T* in = src.data_ptr<T>();
   rect_filter_cpu<T, MinOp>(in, mn.data_ptr<T>(), planes, H, W, ry, rx, std::numeric_limits<T>::max());

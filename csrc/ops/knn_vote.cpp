@@ -83,9 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(const at::Tensor& qu
           int64_t* l = &len[q];
           const float* row = s + i * nn;
           for (int64_t j = 0; j < nn; ++j) {
+            const float sj = kernels::knn_key(row[j]);
             // Later bank rows never win a tie, so "<=" rejects without a call.
-            if (*l == kk && row[j] <= v[kk - 1]) continue;
-            kernels::topk_insert(v, id, l, kk, row[j], n0 + j);
+            if (*l == kk && sj <= v[kk - 1]) continue;
+            kernels::topk_insert(v, id, l, kk, sj, n0 + j);
           }
         }
       });
@@ -97,9 +98,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(const at::Tensor& qu
   int64_t* out_v = votes.data_ptr<int64_t>();
   at::parallel_for(0, Q, 64, [&](int64_t q0, int64_t q1) {
     std::vector<int64_t> vl(static_cast<size_t>(kk));
+    std::vector<float> sums(static_cast<size_t>(num_classes), 0.f);
     for (int64_t q = q0; q < q1; ++q) {
       for (int64_t j = 0; j < kk; ++j) vl[j] = bl[top_i[q * kk + j]];
-      kernels::vote_one(top_v.data() + q * kk, vl.data(), kk, out_v + q * num_classes, out_l + q, out_c + q);
+      kernels::vote_one(top_v.data() + q * kk, vl.data(), kk, out_v + q * num_classes, sums.data(), out_l + q,
+                        out_c + q);
+      for (int64_t j = 0; j < kk; ++j) sums[vl[j]] = 0.f;  // reset only what this query touched
     }
   });
   return {labels, conf, votes};

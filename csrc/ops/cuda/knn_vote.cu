@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -55,9 +56,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cuda(const at::Tensor& q
     }
   }
   auto voter_labels = at::empty({Q, kk}, top_i.options());
+  auto sums = at::zeros({Q, num_classes}, a.queries.options());
   kernels::vote_kernel<<<grid_for(Q), kThreads, 0, stream>>>(
       top_v.data_ptr<float>(), top_i.data_ptr<int64_t>(), a.bank_labels.data_ptr<int64_t>(), Q, kk, num_classes,
-      voter_labels.data_ptr<int64_t>(), votes.data_ptr<int64_t>(), labels.data_ptr<int64_t>(), conf.data_ptr<float>());
+      voter_labels.data_ptr<int64_t>(), votes.data_ptr<int64_t>(), sums.data_ptr<float>(), labels.data_ptr<int64_t>(),
+      conf.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {labels, conf, votes};
 }

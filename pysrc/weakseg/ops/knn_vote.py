@@ -6,7 +6,8 @@ the smaller bank index first) vote with their label; the winner has most
 votes, ties broken by the larger sum of its voters' similarities, then the
 smaller class id; confidence is the mean similarity of the winner's voters;
 votes (Q, num_classes) are int64 counts. With an empty bank every query gets
-label -1, confidence 0. Similarities are computed in float32.
+label -1, confidence 0. Similarities are computed in float32; a NaN similarity
+(from non-finite inputs) ranks last, like -inf.
 
 The compiled kernels stream the bank in tiles (one GEMM per tile) and keep a
 running top-k per query, so no Q x N matrix is ever formed.
@@ -61,7 +62,7 @@ def knn_vote_reference(queries, bank, bank_labels, k: int, num_classes: int):
         return labels, conf, votes
     q = F.normalize(queries.float(), dim=1)
     b = F.normalize(bank.float(), dim=1)
-    sims = q @ b.T
+    sims = (q @ b.T).nan_to_num(nan=float("-inf"))  # NaN ranks last, as -inf
     # A stable descending sort ranks equal similarities by ascending bank index.
     vals, idx = torch.sort(sims, dim=1, descending=True, stable=True)
     vals, idx = vals[:, :k], idx[:, :k]

@@ -1,0 +1,299 @@
+"""Microbenchmarks of the ops: every implementation is checked against the
+reference on the benchmark's own inputs before it is timed, and speed-ups are
+ratios measured in the same run (``weakseg bench``, ``make bench``).
+
+Implementations per op: ``weakseg`` (compiled kernel), ``reference`` (the eager
+PyTorch reference of weakseg.ops) and the field's usual tool where one exists
+(OpenCV ``erode``; FAISS ``IndexFlatIP`` + vote; torch ``mm`` + ``topk`` + vote).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils import benchmark as tbench
+
+from weakseg import ops
+
+__all__ = ["run_op_benchmarks", "Row"]
+
+
+@dataclass
+class Row:
+    op: str
+    device: str
+    case: str
+    impl: str
+    ms: float
+    vs_reference: float | None = None
+    check: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _time_ms(fn: Callable[[], object], min_run_time: float) -> float:
+    t = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates: (name, fn) pairs; fn() -> output comparable with the reference's
+
+def _erode_cases(device: str, quick: bool):
+    g = torch.Generator().manual_seed(0)
+    size = 128 if quick else 512
+    cases = []
+    for name, shape, k, it in [(f"1x{size}x{size} 3x3", (1, size, size), 3, 1),
+                               (f"1x{size}x{size} 41x41", (1, size, size), 41, 1),
+                               (f"1x{size}x{size} 3x3 x20", (1, size, size), 3, 20),
+                               ("64x128x128 41x41", (8 if quick else 64, 128, 128), 41, 1)]:
+        mask = (torch.rand(shape, generator=g) < 0.97).to(torch.uint8).to(device)
+        impls = [("weakseg", lambda m=mask, k=k, it=it: ops.erode(m, k, it)),
+                 ("reference", lambda m=mask, k=k, it=it: ops.erode_reference(m, k, it))]
+        cv = _opencv_erode(mask, k, it) if device == "cpu" else None
+        if cv is not None:
+            impls.append(("opencv", cv))
+        cases.append((name, impls, _exact))
+    return cases
+
+
+def _opencv_erode(mask, k, it):
+    try:
+        import cv2
+        import numpy as np
+    except ImportError:
+        return None
+    arrs = [m.numpy() for m in mask]
+    kernel = np.ones((k, k), np.uint8)
+
+    def run():
+        return torch.from_numpy(np.stack([cv2.erode(a, kernel, iterations=it) for a in arrs]))
+
+    return run
+
+
+def _erode_labels_cases(device: str, quick: bool):
+    g = torch.Generator().manual_seed(1)
+    size = 128 if quick else 512
+    small = torch.randint(0, 21, (1, 1, size // 32, size // 32), generator=g).float()
+    lab = torch.nn.functional.interpolate(small, size=(size, size), mode="nearest")[0].long().to(device)
+    impls = [("weakseg", lambda: ops.erode_labels(lab, 3, 20)),
+             ("reference", lambda: ops.erode_labels_reference(lab, 3, 20))]
+    if device == "cpu":
+        try:
+            import cv2
+            import numpy as np
+
+            arr = lab[0].numpy()
+            classes = np.unique(arr)
+            kernel = np.ones((3, 3), np.uint8)
+
+            def per_class_opencv():  # ModuSeg's way: one erosion per class, then paint
+                out = np.full_like(arr, 255)
+                for c in classes:
+                    keep = cv2.erode((arr == c).astype(np.uint8), kernel, iterations=20).astype(bool)
+                    out[keep] = c
+                return torch.from_numpy(out)[None]
+
+            impls.append(("opencv per-class", per_class_opencv))
+        except ImportError:
+            pass
+    return [(f"1x{size}x{size} int64, 21 classes, 3x3 x20", impls, _exact)]
+
+
+def _masked_area_pool_cases(device: str, quick: bool):
+    g = torch.Generator().manual_seed(2)
+    cases = []
+    spec = [(1, 20, 256, 16, 16, 256, 256)] if quick else [(1, 100, 1024, 32, 32, 512, 512),
+                                                          (4, 32, 768, 14, 14, 224, 224)]
+    for B, M, C, h, w, H, W in spec:
+        feats = torch.randn(B, C, h, w, generator=g).to(device)
+        masks = (torch.rand(B, M, H, W, generator=g) < 0.3).to(device)
+        cases.append((f"B{B} M{M} C{C} {h}x{w} <- {H}x{W} bool",
+                      [("weakseg", lambda f=feats, m=masks: ops.masked_area_pool(f, m)),
+                       ("reference", lambda f=feats, m=masks: ops.masked_area_pool_reference(f, m))],
+                      _close))
+    return cases
+
+
+def _knn_cases(device: str, quick: bool):
+    g = torch.Generator().manual_seed(3)
+    if quick:
+        spec = [(100, 5000, 64, 25, 21)]
+    elif device == "cuda":
+        spec = [(10000, 1000000, 1024, 25, 81), (1000, 100000, 1024, 25, 21)]
+    else:
+        spec = [(1000, 100000, 256, 25, 21), (200, 20000, 1024, 25, 81)]
+    cases = []
+    for Q, N, D, k, C in spec:
+        q = torch.randn(Q, D, generator=g).to(device)
+        b = torch.randn(N, D, generator=g).to(device)
+        bl = torch.randint(0, C, (N,), generator=g).to(device)
+        impls = [("weakseg", lambda q=q, b=b, bl=bl, k=k, C=C: ops.knn_vote(q, b, bl, k, C)),
+                 ("reference", lambda q=q, b=b, bl=bl, k=k, C=C: ops.knn_vote_reference(q, b, bl, k, C)),
+                 ("torch mm+topk", lambda q=q, b=b, bl=bl, k=k, C=C: _mm_topk_vote(q, b, bl, k, C))]
+        fa = _faiss_vote(q, b, bl, k, C) if device == "cpu" else None
+        if fa is not None:
+            impls.append(("faiss IndexFlatIP", fa))
+        cases.append((f"Q{Q} N{N} D{D} k{k}", impls, _labels_agree))
+    return cases
+
+
+def _vote_from(sims, idx, bl, C):
+    lab = bl[idx]
+    votes = torch.zeros(lab.shape[0], C, dtype=torch.int64, device=lab.device).scatter_add_(1, lab, torch.ones_like(lab))
+    sums = torch.zeros(lab.shape[0], C, dtype=torch.float32, device=lab.device).scatter_add_(1, lab, sims.float())
+    best = votes.max(1, keepdim=True).values
+    labels = torch.where(votes == best, sums, torch.full_like(sums, float("-inf"))).argmax(1)
+    conf = sums.gather(1, labels[:, None])[:, 0] / votes.gather(1, labels[:, None])[:, 0].clamp_min(1)
+    return labels, conf, votes
+
+
+def _mm_topk_vote(q, b, bl, k, C):
+    qn = torch.nn.functional.normalize(q.float(), dim=1)
+    bn = torch.nn.functional.normalize(b.float(), dim=1)
+    sims, idx = (qn @ bn.T).topk(min(k, b.shape[0]), dim=1)
+    return _vote_from(sims, idx, bl, C)
+
+
+def _faiss_vote(q, b, bl, k, C):
+    try:
+        import faiss
+    except ImportError:
+        return None
+    qn = torch.nn.functional.normalize(q.float(), dim=1).numpy()
+    bn = torch.nn.functional.normalize(b.float(), dim=1).numpy()
+    index = faiss.IndexFlatIP(bn.shape[1])
+    index.add(bn)
+
+    def run():
+        D, I = index.search(qn, k)
+        return _vote_from(torch.from_numpy(D), torch.from_numpy(I), bl, C)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness checks: (output, reference) -> (ok, note)
+
+def _exact(out, ref):
+    ok = torch.equal(out.cpu(), ref.cpu())
+    return ok, "exact" if ok else "MISMATCH"
+
+
+def _close(out, ref):
+    try:
+        torch.testing.assert_close(out[0].cpu(), ref[0].cpu(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[1].cpu(), ref[1].cpu(), rtol=1e-5, atol=1e-6)
+        return True, "allclose"
+    except AssertionError:
+        return False, "MISMATCH"
+
+
+def _labels_agree(out, ref):
+    agree = (out[0].cpu() == ref[0].cpu()).float().mean().item()
+    return agree >= 0.999, f"labels agree {agree:.4%}"
+
+
+CASES = {
+    "erode": _erode_cases,
+    "erode_labels": _erode_labels_cases,
+    "masked_area_pool": _masked_area_pool_cases,
+    "knn_vote": _knn_cases,
+}
+
+
+def run_cases(op: str, device: str, quick: bool) -> list[Row]:
+    rows: list[Row] = []
+    min_run = 0.05 if quick else 0.5
+    for case, impls, checker in CASES[op](device, quick):
+        ref_fn = dict(impls)["reference"]
+        ref = ref_fn()
+        _sync(device)
+        times: dict[str, float] = {}
+        notes: dict[str, str] = {}
+        for name, fn in impls:
+            out = fn()
+            _sync(device)
+            ok, note = (True, "oracle") if name == "reference" else checker(out, ref)
+            if not ok:
+                raise AssertionError(f"bench {op} [{device}] {case}: {name} disagrees with the reference ({note})")
+            notes[name] = note
+            times[name] = _time_ms(fn, min_run)
+        for name, _ in impls:
+            rows.append(Row(op, device, case, name, times[name], times["reference"] / times[name], notes[name]))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = ["| op | device | case | implementation | ms (median) | speed-up vs reference | check |",
+             "|---|---|---|---|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.op} | {r.device} | {r.case} | {r.impl} | {r.ms:.3f} | {r.vs_reference:.2f}x | {r.check} |")
+    return "\n".join(lines)
+
+
+def machine_facts(devices) -> dict:
+    facts = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if "cuda" in devices:
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    return facts
+
+
+def run_op_benchmarks(ops: list[str] | None = None, devices: list[str] | None = None, out: str | None = None,
+                      quick: bool = False) -> int:
+    names = ops or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; known: {list(CASES)}")
+    devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    for d in devices:
+        if d not in ("cpu", "cuda"):
+            raise ValueError(f"--device: expected cpu or cuda, got {d!r}")
+        if d == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+    rows: list[Row] = []
+    for d in devices:
+        for n in names:
+            rows.extend(run_cases(n, d, quick))
+            print(format_table([r for r in rows if r.op == n and r.device == d]), flush=True)
+    facts = machine_facts(devices)
+    table = format_table(rows)
+    print()
+    print(table)
+    if out:
+        outdir = Path(out)
+        outdir.mkdir(parents=True, exist_ok=True)
+        tag = "cuda-" + torch.cuda.get_device_name(0).replace(" ", "_") if "cuda" in devices else "cpu"
+        stem = outdir / f"ops_{tag}{'_quick' if quick else ''}"
+        md = "# weakseg op benchmarks\n\n" + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n\n" + table + "\n"
+        _atomic_write(stem.with_suffix(".md"), md)
+        _atomic_write(stem.with_suffix(".json"), json.dumps({"facts": facts, "rows": [asdict(r) for r in rows]}, indent=2))
+        print(f"\nwrote {stem}.md and {stem}.json")
+    return 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
