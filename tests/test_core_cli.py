@@ -1,0 +1,125 @@
+"""Core interfaces (registries, configs, create, SegmentationOutput) and the CLI."""
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import weakseg
+from weakseg.cli import main
+from weakseg.core import MethodConfig, Registry, SegmentationOutput, check_images, parse_set_options
+
+
+@dataclass
+class _EchoConfig(MethodConfig):
+    threshold: float = 0.5
+    name: str = "x"
+
+
+class _Echo:
+    """A minimal Segmenter: class c scores = mean intensity of channel c % 3."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def segment(self, images, class_names, image_labels=None):
+        ims = check_images(images)
+        x = torch.stack(ims).float() / 255
+        scores = torch.stack([x[:, i % 3] for i in range(len(class_names))], 1)
+        labels = scores.argmax(1)
+        labels[scores.max(1).values < self.config.threshold] = 255
+        return SegmentationOutput(scores, labels, list(class_names))
+
+
+@pytest.fixture
+def echo_registered():
+    name = "_test_echo"
+    if name not in weakseg.METHODS:
+        weakseg.METHODS.register(name, config=_EchoConfig)(_Echo)
+    return name
+
+
+def test_create_with_overrides_and_files(echo_registered, tmp_path):
+    seg = weakseg.create(echo_registered, threshold=0.25)
+    assert isinstance(seg, weakseg.Segmenter) and seg.config.threshold == 0.25
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('threshold = 0.75\nname = "from-file"\n')
+    seg = weakseg.create(echo_registered, config_file=cfg, set_options=["threshold=0.9"])
+    assert seg.config.threshold == 0.9 and seg.config.name == "from-file"
+    img = torch.zeros(1, 3, 4, 5, dtype=torch.uint8)
+    img[0, 1] = 255
+    out = seg.segment(img, ["a", "b"])
+    assert out.scores.shape == (1, 2, 4, 5) and (out.labels == 1).all()
+
+
+def test_config_errors(echo_registered, tmp_path):
+    with pytest.raises(ValueError, match="unknown option.*nope"):
+        weakseg.create(echo_registered, nope=1)
+    with pytest.raises(KeyError, match="unknown method 'no-such'"):
+        weakseg.create("no-such")
+    with pytest.raises(FileNotFoundError):
+        weakseg.create(echo_registered, config_file=tmp_path / "missing.toml")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_set_options(["threshold"])
+    assert parse_set_options(["a=1", "b=[1,2]", "c=hello", "name=3"], _EchoConfig) == \
+        {"a": 1, "b": [1, 2], "c": "hello", "name": "3"}
+
+
+def test_registry_rejects_duplicates():
+    r = Registry("thing")
+    r.register("a")(int)
+    with pytest.raises(ValueError, match="already registered"):
+        r.register("a")(float)
+    assert r.names() == ["a"] and "a" in r
+
+
+def test_segmentation_output_and_images_are_checked():
+    with pytest.raises(ValueError, match="scores .* labels"):
+        SegmentationOutput(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long), ["a", "b"])
+    with pytest.raises(ValueError, match="2 score channels for 1 class names"):
+        SegmentationOutput(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), ["a"])
+    with pytest.raises(TypeError, match=r"images\[0\].*uint8"):
+        check_images(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"images\[0\].*\(3, H, W\)"):
+        check_images([torch.zeros(4, 4, dtype=torch.uint8)])
+
+
+def test_cli_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["extension"] is True
+    assert set(facts["ops"]) == {"erode", "erode_labels", "masked_area_pool", "knn_vote"}
+    assert all(v["cpu"] for v in facts["ops"].values())
+
+
+def test_cli_help_and_entry_point():
+    r = subprocess.run([sys.executable, "-m", "weakseg", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "info" in r.stdout and "bench" in r.stdout and "demo" in r.stdout
+
+
+def test_cli_bench_quick_verifies_and_writes(tmp_path, capsys):
+    assert main(["bench", "--quick", "--ops", "erode", "knn_vote", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| erode | cpu |" in out and "exact" in out and "labels agree" in out
+    data = json.loads((tmp_path / "ops_cpu_quick.json").read_text())
+    impls = {(r["op"], r["impl"]) for r in data["rows"]}
+    assert ("erode", "weakseg") in impls and ("knn_vote", "reference") in impls
+    assert main(["bench", "--ops", "nope"]) == 2
+
+
+def test_demo_runs_and_segments(tmp_path):
+    from weakseg.demo import run_demo
+
+    summary = run_demo(tmp_path / "demo", train_scenes=6)
+    files = set(summary["outputs"])
+    assert {"bank.safetensors", "test_prediction.png", "train_labels_purified.png"} <= files
+    assert (tmp_path / "demo" / "summary.json").exists()
+    # the ops really segment: far above the all-background baseline
+    assert summary["miou"] > 0.6
+    from safetensors.torch import load_file
+
+    bank = load_file(str(tmp_path / "demo" / "bank.safetensors"))
+    torch.testing.assert_close(bank["vectors"].norm(dim=1), torch.ones(bank["vectors"].shape[0]))
