@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 
@@ -40,8 +41,11 @@ def main() -> int:
             z.extractall(d)
             want_cuda = "1" if os.environ.get("CUDA_HOME") and os.path.exists(
                 os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")) else "0"
-            env = dict(os.environ, PYTHONPATH=d)
-            return subprocess.call([sys.executable, "-c", PROBE, d, want_cuda], env=env, cwd=d)
+            # -S: no site processing, so an editable install of weakseg in this environment
+            # cannot shadow the unpacked wheel; torch comes from site-packages on the path.
+            site = sysconfig.get_paths()["purelib"]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([d, site]))
+            return subprocess.call([sys.executable, "-S", "-c", PROBE, d, want_cuda], env=env, cwd=d)
 
 
 if __name__ == "__main__":
