@@ -155,8 +155,8 @@ def test_erode_labels_is_per_class_erosion():
     assert (out != 255).any() and (out == 255).any()
 
 
-def test_opcheck():
-    mask = torch.rand(2, 17, 23) < 0.8
+def test_opcheck(device):
+    mask = (torch.rand(2, 17, 23) < 0.8).to(device)
     torch.library.opcheck(torch.ops.weakseg.erode.default, (mask, [3, 5], 2))
-    lab = torch.randint(0, 3, (2, 17, 23))
+    lab = torch.randint(0, 3, (2, 17, 23), device=device)
     torch.library.opcheck(torch.ops.weakseg.erode_labels.default, (lab, [3, 3], 2, 255))

@@ -148,7 +148,8 @@ def test_compiled_op_checks_inputs():
         torch.ops.weakseg.knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.full((4,), 7), 2, 3)
 
 
-def test_opcheck():
+def test_opcheck(device):
     g = torch.Generator().manual_seed(9)
-    args = (torch.randn(7, 16, generator=g), torch.randn(40, 16, generator=g), torch.randint(0, 4, (40,), generator=g), 5, 4)
+    args = (torch.randn(7, 16, generator=g).to(device), torch.randn(40, 16, generator=g).to(device),
+            torch.randint(0, 4, (40,), generator=g).to(device), 5, 4)
     torch.library.opcheck(torch.ops.weakseg.knn_vote.default, args)

@@ -114,8 +114,8 @@ def test_compiled_op_checks_inputs():
         torch.ops.weakseg.masked_area_pool(torch.randn(2, 2, 3, 3), torch.ones(1, 1, 4, 4), True)
 
 
-def test_opcheck():
-    feats = torch.randn(2, 6, 4, 5, requires_grad=True)
-    masks = torch.rand(2, 3, 19, 23) < 0.5
+def test_opcheck(device):
+    feats = torch.randn(2, 6, 4, 5, device=device, requires_grad=True)
+    masks = torch.rand(2, 3, 19, 23, device=device) < 0.5
     torch.library.opcheck(torch.ops.weakseg.masked_area_pool.default, (feats, masks, True))
     torch.library.opcheck(torch.ops.weakseg.masked_area_pool.default, (feats, masks.float(), False))

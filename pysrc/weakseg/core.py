@@ -107,8 +107,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     text = p.read_text()
     suffix = p.suffix.lower()
     if suffix == ".toml":
-        import tomllib
-
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ImportError(f"reading {p} on Python 3.10 needs tomli (pip install tomli)") from None
         return tomllib.loads(text)
     if suffix in (".yaml", ".yml"):
         try:
