@@ -26,50 +26,81 @@
 namespace weakseg {
 namespace kernels {
 
+// Running reductions of block b of the extended column tile: prefix into g0,
+// suffix into h0 (k rows of `cols` each). Everything is passed by value: with
+// byte-sized T every store may alias anything reached through a pointer, which
+// would stop the vectoriser (a lambda capturing by reference does exactly that).
+template <typename T, typename Op>
+void vanherk_block(const T* in, int64_t in_stride, int64_t n, int64_t r, int64_t cols, T identity, int64_t b,
+                   T* __restrict__ g0, T* __restrict__ h0) {
+  const int64_t k = 2 * r + 1, m = n + 2 * r;
+  const int64_t e0 = b * k, e1 = std::min(m, e0 + k);
+  for (int64_t e = e0; e < e1; ++e) {
+    T* __restrict__ g = g0 + (e - e0) * cols;
+    const T* __restrict__ f = (e < r || e >= n + r) ? nullptr : in + (e - r) * in_stride;
+    if (e == e0) {
+      if (f) std::memcpy(g, f, cols * sizeof(T));
+      else std::fill(g, g + cols, identity);
+    } else {
+      const T* __restrict__ gp = g - cols;
+      if (f) for (int64_t x = 0; x < cols; ++x) g[x] = Op::apply(gp[x], f[x]);
+      else std::memcpy(g, gp, cols * sizeof(T));
+    }
+  }
+  for (int64_t e = e1 - 1; e >= e0; --e) {
+    T* __restrict__ h = h0 + (e - e0) * cols;
+    const T* __restrict__ f = (e < r || e >= n + r) ? nullptr : in + (e - r) * in_stride;
+    if (e == e1 - 1) {
+      if (f) std::memcpy(h, f, cols * sizeof(T));
+      else std::fill(h, h + cols, identity);
+    } else {
+      const T* __restrict__ hn = h + cols;
+      if (f) for (int64_t x = 0; x < cols; ++x) h[x] = Op::apply(hn[x], f[x]);
+      else std::memcpy(h, hn, cols * sizeof(T));
+    }
+  }
+}
+
+// out[x] = op(h[x], g[x]) over one row of the tile.
+template <typename T, typename Op>
+inline void combine_row(const T* __restrict__ h, const T* __restrict__ g, T* __restrict__ o, int64_t cols) {
+  for (int64_t x = 0; x < cols; ++x) o[x] = Op::apply(h[x], g[x]);
+}
+
+// Scratch elements vanherk_columns needs for a tile of `cols` columns.
+inline int64_t vanherk_scratch(int64_t r, int64_t cols) { return 4 * (2 * r + 1) * cols; }
+
 // Vertical pass over a tile of `cols` adjacent columns of a row-major plane.
 // in: element (y, x) at in[y * in_stride + x]; out likewise with out_stride.
-// G, Hs: scratch of (n + 2r) * cols elements each. Every inner loop runs over
-// contiguous columns, so the compiler vectorises it.
+// The extended column is processed one k-row block at a time, keeping the
+// running reductions of two blocks (the one being emitted and the next) in
+// `scratch` (vanherk_scratch(r, cols) elements), so it stays in cache. Every
+// inner loop runs over contiguous columns and is vectorised.
 template <typename T, typename Op>
-void vanherk_columns(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t n,
-                     int64_t cols, int64_t r, T identity, T* G, T* Hs) {
+void vanherk_columns(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t n, int64_t cols,
+                     int64_t r, T identity, T* scratch) {
   if (n <= 0 || cols <= 0) return;
   if (r == 0) {
     for (int64_t y = 0; y < n; ++y) std::memcpy(out + y * out_stride, in + y * in_stride, cols * sizeof(T));
     return;
   }
   const int64_t k = 2 * r + 1;
-  const int64_t m = n + 2 * r;
-  auto src = [&](int64_t e) -> const T* { return (e < r || e >= n + r) ? nullptr : in + (e - r) * in_stride; };
-  for (int64_t e = 0; e < m; ++e) {
-    T* g = G + e * cols;
-    const T* f = src(e);
-    if (e % k == 0) {
-      if (f) std::memcpy(g, f, cols * sizeof(T));
-      else std::fill(g, g + cols, identity);
-    } else {
-      const T* gp = g - cols;
-      if (f) for (int64_t x = 0; x < cols; ++x) g[x] = Op::apply(gp[x], f[x]);
-      else std::memcpy(g, gp, cols * sizeof(T));
+  const int64_t nb = ceil_div(n + 2 * r, k);
+  const int64_t slot = k * cols;  // one block of running reductions
+  T* G = scratch;                 // G + (b % 2) * slot: prefix reductions of block b
+  T* Hs = scratch + 2 * slot;     // Hs + (b % 2) * slot: suffix reductions of block b
+  vanherk_block<T, Op>(in, in_stride, n, r, cols, identity, 0, G, Hs);
+  for (int64_t b = 0; b * k < n; ++b) {
+    if (b + 1 < nb) vanherk_block<T, Op>(in, in_stride, n, r, cols, identity, b + 1, G + ((b + 1) & 1) * slot,
+                                         Hs + ((b + 1) & 1) * slot);
+    // Output y covers extended rows y .. y+k-1: the suffix of y's block and the
+    // prefix up to y+k-1, which lies in block b or b+1.
+    const int64_t y1 = std::min(n, (b + 1) * k);
+    for (int64_t y = b * k; y < y1; ++y) {
+      const int64_t e = y + k - 1;
+      combine_row<T, Op>(Hs + (b & 1) * slot + (y - b * k) * cols, G + ((e / k) & 1) * slot + (e % k) * cols,
+                         out + y * out_stride, cols);
     }
-  }
-  for (int64_t e = m - 1; e >= 0; --e) {
-    T* h = Hs + e * cols;
-    const T* f = src(e);
-    if (e % k == k - 1 || e == m - 1) {
-      if (f) std::memcpy(h, f, cols * sizeof(T));
-      else std::fill(h, h + cols, identity);
-    } else {
-      const T* hn = h + cols;
-      if (f) for (int64_t x = 0; x < cols; ++x) h[x] = Op::apply(hn[x], f[x]);
-      else std::memcpy(h, hn, cols * sizeof(T));
-    }
-  }
-  for (int64_t y = 0; y < n; ++y) {
-    const T* h = Hs + y * cols;
-    const T* g = G + (y + k - 1) * cols;
-    T* o = out + y * out_stride;
-    for (int64_t x = 0; x < cols; ++x) o[x] = Op::apply(h[x], g[x]);
   }
 }
 
@@ -129,12 +160,10 @@ template <typename T, typename Op>
 void filter_vertical_plane(const T* in, T* out, int64_t H, int64_t W, int64_t r, T identity,
                            std::vector<T>& scratch) {
   constexpr int64_t TILE = 256;
-  const int64_t m = H + 2 * r;
-  scratch.resize(static_cast<size_t>(2 * m * std::min<int64_t>(TILE, W)));
+  scratch.resize(static_cast<size_t>(vanherk_scratch(r, std::min<int64_t>(TILE, W))));
   for (int64_t x0 = 0; x0 < W; x0 += TILE) {
     const int64_t cols = std::min(TILE, W - x0);
-    vanherk_columns<T, Op>(in + x0, W, out + x0, W, H, cols, r, identity, scratch.data(),
-                           scratch.data() + m * cols);
+    vanherk_columns<T, Op>(in + x0, W, out + x0, W, H, cols, r, identity, scratch.data());
   }
 }
 

@@ -45,11 +45,10 @@ void vertical_parallel(const T* in, T* out, int64_t H, int64_t W, int64_t r, T i
   const int64_t ntiles = kernels::ceil_div(W, kTile);
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     auto& buf = scratch<T>().c;
-    buf.resize(static_cast<size_t>(2 * (H + 2 * r) * kTile));
+    buf.resize(static_cast<size_t>(kernels::vanherk_scratch(r, kTile)));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t x0 = t * kTile, cols = std::min(kTile, W - x0);
-      kernels::vanherk_columns<T, Op>(in + x0, W, out + x0, W, H, cols, r, identity, buf.data(),
-                                      buf.data() + (H + 2 * r) * cols);
+      kernels::vanherk_columns<T, Op>(in + x0, W, out + x0, W, H, cols, r, identity, buf.data());
     }
   });
 }

@@ -8,6 +8,7 @@ their pure-PyTorch references with a one-line warning.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ def extension_error() -> str | None:
     return _error
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``weakseg::<op>`` has a compiled kernel for ``device_type`` ('cpu', 'cuda')."""
     if not HAS_EXT:
