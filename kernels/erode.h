@@ -67,6 +67,9 @@ inline void combine_row(const T* __restrict__ h, const T* __restrict__ g, T* __r
   for (int64_t x = 0; x < cols; ++x) o[x] = Op::apply(h[x], g[x]);
 }
 
+// Columns per tile of the vertical pass (every backend's CPU loop uses it).
+constexpr int64_t kVanherkTile = 256;
+
 // Scratch elements vanherk_columns needs for a tile of `cols` columns.
 inline int64_t vanherk_scratch(int64_t r, int64_t cols) { return 4 * (2 * r + 1) * cols; }
 
@@ -159,10 +162,9 @@ void transpose_plane(const T* src, T* dst, int64_t rows, int64_t cols) {
 template <typename T, typename Op>
 void filter_vertical_plane(const T* in, T* out, int64_t H, int64_t W, int64_t r, T identity,
                            std::vector<T>& scratch) {
-  constexpr int64_t TILE = 256;
-  scratch.resize(static_cast<size_t>(vanherk_scratch(r, std::min<int64_t>(TILE, W))));
-  for (int64_t x0 = 0; x0 < W; x0 += TILE) {
-    const int64_t cols = std::min(TILE, W - x0);
+  scratch.resize(static_cast<size_t>(vanherk_scratch(r, std::min<int64_t>(kVanherkTile, W))));
+  for (int64_t x0 = 0; x0 < W; x0 += kVanherkTile) {
+    const int64_t cols = std::min(kVanherkTile, W - x0);
     vanherk_columns<T, Op>(in + x0, W, out + x0, W, H, cols, r, identity, scratch.data());
   }
 }

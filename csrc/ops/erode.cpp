@@ -19,7 +19,7 @@ using kernels::MinOp;
 
 namespace {
 
-constexpr int64_t kTile = 256;
+constexpr int64_t kTile = kernels::kVanherkTile;
 
 // Per-thread scratch that survives across calls (no page faults on every call);
 // released when a call needed more than 64 MiB.
@@ -37,7 +37,6 @@ Scratch<T>& scratch() {
   thread_local Scratch<T> s;
   return s;
 }
-
 
 // Vertical pass of one plane, parallel over column tiles.
 template <typename T, typename Op>
@@ -67,6 +66,7 @@ void transpose_parallel(const T* src, T* dst, int64_t rows, int64_t cols) {
 template <typename T, typename Op>
 void rect_filter_cpu(const T* in, T* out, int64_t planes, int64_t H, int64_t W, int64_t ry, int64_t rx,
                      T identity) {
+  ry = std::min(ry, H), rx = std::min(rx, W);  // a window past the image covers all of it
   const int64_t plane = H * W;
   if (planes >= at::get_num_threads()) {
     // Many planes: one plane per task, no synchronisation inside.
@@ -113,7 +113,6 @@ at::Tensor erode_cpu(const at::Tensor& mask, c10::IntArrayRef kernel_size, int64
   auto out = at::empty_like(src);
   if (src.numel() == 0) return out;
   const int64_t H = src.size(-2), W = src.size(-1), planes = src.numel() / (H * W);
-  ry = std::min(ry, H), rx = std::min(rx, W);  // a window past the image covers all of it
   // bool is stored as one byte 0/1; 255 is the identity of min for both dtypes.
   rect_filter_cpu<uint8_t, MinOp>(static_cast<const uint8_t*>(src.data_ptr()), static_cast<uint8_t*>(out.data_ptr()),
                                   planes, H, W, ry, rx, std::numeric_limits<uint8_t>::max());
@@ -123,7 +122,6 @@ at::Tensor erode_cpu(const at::Tensor& mask, c10::IntArrayRef kernel_size, int64
 template <typename T>
 void erode_labels_typed(const at::Tensor& src, at::Tensor& out, int64_t ry, int64_t rx, int64_t ignore_index) {
   const int64_t H = src.size(-2), W = src.size(-1), planes = src.numel() / (H * W);
-  ry = std::min(ry, H), rx = std::min(rx, W);
   auto mn = at::empty_like(src), mx = at::empty_like(src);
   const T* in = src.data_ptr<T>();
   rect_filter_cpu<T, MinOp>(in, mn.data_ptr<T>(), planes, H, W, ry, rx, std::numeric_limits<T>::max());

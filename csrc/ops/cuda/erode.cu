@@ -35,6 +35,7 @@ static void line_pass(const T* in, T* out, T* G, T* Hs, int64_t planes, int64_t 
 template <typename T, typename Op>
 static void rect_filter_cuda(const T* in, T* out, T* tmp, int64_t planes, int64_t H, int64_t W, int64_t ry,
                              int64_t rx, T identity, const at::Tensor& like) {
+  ry = std::min(ry, H), rx = std::min(rx, W);  // a window past the image covers all of it
   auto stream = c10::cuda::getCurrentCUDAStream();
   // Scratch for G and Hs of the larger of the two passes.
   const int64_t scratch = planes * std::max((H + 2 * ry) * W, (W + 2 * rx) * H);
@@ -57,7 +58,6 @@ at::Tensor erode_cuda(const at::Tensor& mask, c10::IntArrayRef kernel_size, int6
   auto out = at::empty_like(src);
   if (src.numel() == 0) return out;
   const int64_t H = src.size(-2), W = src.size(-1), planes = src.numel() / (H * W);
-  ry = std::min(ry, H), rx = std::min(rx, W);  // a window past the image covers all of it
   auto tmp = at::empty_like(src);
   rect_filter_cuda<uint8_t, MinOp>(static_cast<const uint8_t*>(src.data_ptr()), static_cast<uint8_t*>(out.data_ptr()),
                                    static_cast<uint8_t*>(tmp.data_ptr()), planes, H, W, ry, rx,
@@ -69,7 +69,6 @@ template <typename T>
 static void erode_labels_typed_cuda(const at::Tensor& src, at::Tensor& out, int64_t ry, int64_t rx,
                                     int64_t ignore_index) {
   const int64_t H = src.size(-2), W = src.size(-1), planes = src.numel() / (H * W);
-  ry = std::min(ry, H), rx = std::min(rx, W);
   auto mn = at::empty_like(src), mx = at::empty_like(src), tmp = at::empty_like(src);
   const T* in = src.data_ptr<T>();
   rect_filter_cuda<T, MinOp>(in, mn.data_ptr<T>(), tmp.data_ptr<T>(), planes, H, W, ry, rx,
