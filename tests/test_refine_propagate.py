@@ -31,6 +31,11 @@ def _attention(kind: str, B: int, P: int, g: torch.Generator, temp: float = 3.0)
             return torch.zeros(B, 0, 0)
         idx = torch.randint(0, P, (B, P), generator=g)
         return torch.nn.functional.one_hot(idx, P).float()
+    if kind.startswith("rows"):  # sparse softmax rows with a fraction of dense rows mixed in
+        frac = float(kind[4:])
+        a = (torch.randn(B, P, P, generator=g) * 6).softmax(-1)
+        dense = torch.rand(B, P, generator=g) < frac
+        return torch.where(dense[..., None], torch.rand(B, P, P, generator=g), a)
     raise ValueError(kind)
 
 
@@ -71,6 +76,22 @@ def test_large_shapes(device, P, K, steps, ent):
     maps = torch.rand(1, P, K, generator=g)
     out = refine_propagate(attn.to(device), maps.to(device), ent, steps)
     _assert_as_accurate_as_eager_fp32(out, attn, maps, ent, steps)
+
+
+@pytest.mark.parametrize("kind", ["rows0.0", "rows0.1", "rows0.5", "rows1.0", "sparse", "onehot"])
+@pytest.mark.parametrize("P", [64, 200, 513])
+def test_sparse_and_dense_row_mixes(device, kind, P):
+    """The CPU kernel packs rows with few non-zeros and picks a sparse or a dense
+    product by the mix: every mix gives the reference result."""
+    g = torch.Generator().manual_seed(P)
+    attn = _attention(kind, 2, P, g)
+    maps = torch.randn(2, P, 5, generator=g)
+    for ent, steps in [(0.015, 10), (0.2, 3), (0.0, 1)]:
+        out = refine_propagate(attn.to(device), maps.to(device), ent, steps)
+        _assert_as_accurate_as_eager_fp32(out, attn, maps, ent, steps)
+        out64 = refine_propagate(attn.double().to(device), maps.double().to(device), ent, steps).cpu()
+        ref64 = refine_propagate_reference(attn.double(), maps.double(), ent, steps)
+        torch.testing.assert_close(out64, ref64, rtol=1e-7, atol=1e-10)
 
 
 def test_half_and_bfloat16_attention_read_as_float32(device):

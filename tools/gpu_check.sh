@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a session with a GPU runs (see the device tool): build the extension from source
 # against the machine's torch, run the whole suite (CUDA variants included), run
-# compute-sanitizer memcheck over the CUDA tests, and the op benchmarks.
+# compute-sanitizer memcheck and racecheck over the CUDA tests, and the op benchmarks.
 #   bash tools/gpu_check.sh [OUTDIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,5 +19,8 @@ SAN="$CUDA_HOME/bin/compute-sanitizer"
 if [ -x "$SAN" ]; then
   HYPOTHESIS_PROFILE=ci "$SAN" --tool memcheck --leak-check full --error-exitcode 9 \
     "$PY" -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/memcheck.txt" | tail -5
+  # shared-memory races in the block-cooperative kernels (reductions, tiles)
+  HYPOTHESIS_PROFILE=ci "$SAN" --tool racecheck --error-exitcode 9 \
+    "$PY" -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/racecheck.txt" | tail -5
 fi
 "$PY" -m weakseg bench --device cuda --out "$OUT" 2>&1 | tail -40

@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -102,26 +104,86 @@ static void colmax_cpu(const in_t* a, int64_t P, acc_t* cmax) {
     for (int64_t j = 0; j < P; ++j) cmax[j] = part[t * P + j] > cmax[j] ? part[t * P + j] : cmax[j];
 }
 
-// Rows [i0, i1) of T' from attention `a` (P x P, row-major), and their sums;
-// inv holds 1 / colmax (0 for columns without a positive entry). `a` and `t`
-// may alias (in-place build of T' over an attention buffer).
+// Sparse rows. After the cut, T' of real attention is mostly zeros, so a row
+// with at most P / 4 non-zeros is packed in place: its values first, then
+// their column indices as int32 in the slots that follow. The steps then run
+// a row-wise sparse product instead of a dense GEMM. No extra P x P storage.
+template <typename acc_t>
+static void pack_row(acc_t* ti, int64_t P, int64_t n, std::vector<int32_t>& idx) {
+  idx.resize(static_cast<size_t>(n));
+  int64_t w = 0;
+  for (int64_t j = 0; j < P; ++j) {
+    if (ti[j] != acc_t(0)) {
+      ti[w] = ti[j];  // w <= j: in-place compaction
+      idx[w++] = static_cast<int32_t>(j);
+    }
+  }
+  std::memcpy(ti + n, idx.data(), static_cast<size_t>(n) * sizeof(int32_t));
+}
+
+template <typename acc_t>
+static void unpack_row(acc_t* ti, int64_t P, int64_t n, std::vector<acc_t>& val, std::vector<int32_t>& idx) {
+  val.assign(ti, ti + n);
+  idx.resize(static_cast<size_t>(n));
+  std::memcpy(idx.data(), ti + n, static_cast<size_t>(n) * sizeof(int32_t));
+  std::fill(ti, ti + P, acc_t(0));
+  for (int64_t m = 0; m < n; ++m) ti[idx[m]] = val[m];
+}
+
+// Rows [i0, i1) of T' from attention `a` (P x P, row-major), their sums r and
+// non-zero counts nnz; rows with nnz <= pack_max are packed. inv holds
+// 1 / colmax (0 for columns without a positive entry). `a` and `t` may alias
+// (in-place build of T' over an attention buffer).
 template <typename in_t, typename acc_t>
 static void ers_rows_cpu(const in_t* a, const acc_t* inv, int64_t P, int64_t i0, int64_t i1, acc_t lam,
-                         acc_t t_lo, acc_t* t, acc_t* r) {
+                         acc_t t_lo, int64_t pack_max, acc_t* t, acc_t* r, int64_t* nnz) {
+  std::vector<int32_t> idx;
   for (int64_t i = i0; i < i1; ++i) {
     const in_t* ai = a + i * P;
     acc_t* ti = t + i * P;
     for (int64_t j = 0; j < P; ++j) ti[j] = static_cast<acc_t>(ai[j]) * inv[j];  // vectorised
     acc_t sum = 0;
+    int64_t n = 0;
     for (int64_t j = 0; j < P; ++j) {
       const acc_t tv = ti[j];
       // Below the cut the clamp gives 0: skip the logarithm.
       const acc_t v = tv > t_lo ? (lam == acc_t(0) ? tv : kernels::ers_entry(tv, acc_t(1), lam)) : acc_t(0);
       ti[j] = v;
       sum += v;
+      n += v != acc_t(0);
     }
     r[i] = sum;
+    nnz[i] = n;
+    if (n <= pack_max) pack_row(ti, P, n, idx);
   }
+}
+
+// y (P, K) = T' c for a T' whose rows with nnz <= pack_max are packed.
+template <typename acc_t>
+static void sparse_rows_mm_cpu(const acc_t* t, const int64_t* nnz, int64_t pack_max, const acc_t* c, int64_t P,
+                               int64_t K, acc_t* y) {
+  at::parallel_for(0, P, 32, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const acc_t* ti = t + i * P;
+      acc_t* yi = y + i * K;
+      std::fill(yi, yi + K, acc_t(0));
+      if (nnz[i] <= pack_max) {
+        const int32_t* id = reinterpret_cast<const int32_t*>(ti + nnz[i]);
+        for (int64_t m = 0; m < nnz[i]; ++m) {
+          const acc_t v = ti[m];
+          const acc_t* cj = c + static_cast<int64_t>(id[m]) * K;
+          for (int64_t k = 0; k < K; ++k) yi[k] += v * cj[k];
+        }
+      } else {
+        for (int64_t j = 0; j < P; ++j) {
+          const acc_t v = ti[j];
+          if (v == acc_t(0)) continue;
+          const acc_t* cj = c + j * K;
+          for (int64_t k = 0; k < K; ++k) yi[k] += v * cj[k];
+        }
+      }
+    }
+  });
 }
 
 // c = columnwise (y' - min y') / sum(y' - min y'), with y' = y / r per row when r
@@ -150,22 +212,43 @@ static void propagate_one_cpu(const at::Tensor& a, at::Tensor& t, at::Tensor& r,
     const acc_t lam = kernels::ers_lambda<acc_t>(ent);
     const acc_t t_lo = static_cast<acc_t>(refine_threshold(ent));
     std::vector<acc_t> inv(static_cast<size_t>(P));
+    std::vector<int64_t> nnz(static_cast<size_t>(P));
     acc_t* tp = t.data_ptr<acc_t>();
     acc_t* rp = r.data_ptr<acc_t>();
+    // Pack rows of density <= 1/4 (only worth it when there are steps to run).
+    const int64_t pack_max = steps > 0 && P >= 64 ? P / 4 : -1;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "refine_propagate_ers", [&] {
       const scalar_t* ap = a.const_data_ptr<scalar_t>();
       colmax_cpu(ap, P, inv.data());
       for (auto& v : inv) v = v > acc_t(0) ? acc_t(1) / v : acc_t(0);
       at::parallel_for(0, P, 16, [&](int64_t i0, int64_t i1) {
-        ers_rows_cpu(ap, inv.data(), P, i0, i1, lam, t_lo, tp, rp);
+        ers_rows_cpu(ap, inv.data(), P, i0, i1, lam, t_lo, pack_max, tp, rp, nnz.data());
       });
     });
+    // The sparse product pays per stored entry (dense rows count P); a dense GEMM is
+    // about 3x more efficient per entry, so it wins above a third of P^2.
+    double sparse_cost = 0;
+    for (int64_t i = 0; i < P; ++i) sparse_cost += static_cast<double>(nnz[i] <= pack_max ? nnz[i] : P);
+    const bool sparse = pack_max >= 0 && 3.0 * sparse_cost < static_cast<double>(P) * static_cast<double>(P);
+    if (!sparse && pack_max >= 0) {
+      at::parallel_for(0, P, 16, [&](int64_t i0, int64_t i1) {
+        std::vector<acc_t> val;
+        std::vector<int32_t> idx;
+        for (int64_t i = i0; i < i1; ++i)
+          if (nnz[i] <= pack_max) unpack_row(tp + i * P, P, nnz[i], val, idx);
+      });
+    }
     auto m = maps_b.to(ct).contiguous();
     acc_t* c = out_b.data_ptr<acc_t>();
+    acc_t* yp = y.data_ptr<acc_t>();
     colnorm_cpu<acc_t>(m.const_data_ptr<acc_t>(), nullptr, P, K, c);
     for (int64_t s = 0; s < steps; ++s) {
-      at::mm_out(y, t, out_b);
-      colnorm_cpu<acc_t>(y.const_data_ptr<acc_t>(), rp, P, K, c);
+      if (sparse) {
+        sparse_rows_mm_cpu<acc_t>(tp, nnz.data(), pack_max, c, P, K, yp);
+      } else {
+        at::mm_out(y, t, out_b);
+      }
+      colnorm_cpu<acc_t>(yp, rp, P, K, c);
     }
   });
 }

@@ -185,6 +185,41 @@ def _faiss_vote(q, b, bl, k, C):
     return run
 
 
+def _refine_cases(device: str, quick: bool):
+    g = torch.Generator().manual_seed(4)
+    if quick:
+        spec = [(1, 1024, 20, 10, 0.015)]
+    elif device == "cuda":
+        spec = [(1, 4096, 20, 10, 0.015), (4, 1600, 20, 5, 0.02), (1, 4096, 20, 50, 0.1)]
+    else:
+        spec = [(1, 1024, 20, 10, 0.015), (1, 2048, 20, 10, 0.015), (1, 4096, 20, 10, 0.015), (4, 1600, 20, 5, 0.02)]
+    cases = []
+    for B, P, K, N, ent in spec:
+        # attention-like rows: a softmax of random logits
+        attn = (torch.randn(B, P, P, generator=g) * 4).softmax(-1).to(device)
+        maps = torch.rand(B, P, K, generator=g).to(device)
+        impls = [("weakseg", lambda a=attn, m=maps, N=N, e=ent: ops.refine_propagate(a, m, e, N)),
+                 ("reference", lambda a=attn, m=maps, N=N, e=ent: ops.refine_propagate_reference(a, m, e, N))]
+        cases.append((f"B{B} P{P} K{K} N{N} ent{ent}", impls, _maps_close(1e-3)))
+    return cases
+
+
+def _refine_qk_cases(device: str, quick: bool):
+    g = torch.Generator().manual_seed(5)
+    spec = [(1, 2, 1024, 64, 20, 10)] if quick else [(1, 2, 4096, 64, 20, 10), (1, 5, 4096, 64, 20, 10)]
+    cases = []
+    for B, H, P, d, K, N in spec:
+        q = torch.randn(B, H, P, d, generator=g).to(device, torch.float16)
+        k = torch.randn(B, H, P, d, generator=g).to(device, torch.float16)
+        maps = torch.rand(B, P, K, generator=g).to(device)
+        impls = [("weakseg qk", lambda q=q, k=k, m=maps, N=N: ops.refine_propagate_qk(q, k, m, 0.015, N)),
+                 ("weakseg on stored attention",
+                  lambda q=q, k=k, m=maps, N=N: ops.refine_propagate(ops.head_mean_attention(q, k), m, 0.015, N)),
+                 ("reference", lambda q=q, k=k, m=maps, N=N: ops.refine_propagate_qk_reference(q, k, m, 0.015, N))]
+        cases.append((f"B{B} H{H} P{P} d{d} K{K} N{N}", impls, _maps_close(2e-2 if device == "cuda" else 1e-3)))
+    return cases
+
+
 # ---------------------------------------------------------------------------------------------
 # correctness checks: (output, reference) -> (ok, note)
 
@@ -202,6 +237,16 @@ def _close(out, ref):
         return False, "MISMATCH"
 
 
+def _maps_close(rel: float):
+    """Maps agree within rel * max|reference| (float32 kernels against the eager float32
+    sequence; 2e-2 for the bf16 T' of refine_propagate_qk on CUDA)."""
+    def check(out, ref):
+        err = (out.double().cpu() - ref.double().cpu()).abs().max().item()
+        scale = ref.double().abs().max().item()
+        return err <= rel * scale, f"max err {err / max(scale, 1e-30):.1e} x max"
+    return check
+
+
 def _labels_agree(out, ref):
     agree = (out[0].cpu() == ref[0].cpu()).float().mean().item()
     return agree >= 0.999, f"labels agree {agree:.4%}"
@@ -212,6 +257,8 @@ CASES = {
     "erode_labels": _erode_labels_cases,
     "masked_area_pool": _masked_area_pool_cases,
     "knn_vote": _knn_cases,
+    "refine_propagate": _refine_cases,
+    "refine_propagate_qk": _refine_qk_cases,
 }
 
 
@@ -224,6 +271,7 @@ def run_cases(op: str, device: str, quick: bool) -> list[Row]:
         _sync(device)
         times: dict[str, float] = {}
         notes: dict[str, str] = {}
+        peaks: dict[str, float] = {}
         for name, fn in impls:
             out = fn()
             _sync(device)
@@ -232,16 +280,35 @@ def run_cases(op: str, device: str, quick: bool) -> list[Row]:
                 raise AssertionError(f"bench {op} [{device}] {case}: {name} disagrees with the reference ({note})")
             notes[name] = note
             times[name] = _time_ms(fn, min_run)
+            if device == "cuda":
+                peaks[name] = _peak_extra_mib(fn)
         for name, _ in impls:
-            rows.append(Row(op, device, case, name, times[name], times["reference"] / times[name], notes[name]))
+            extra = {"peak_extra_mib": round(peaks[name], 1)} if name in peaks else {}
+            rows.append(Row(op, device, case, name, times[name], times["reference"] / times[name], notes[name], extra))
     return rows
 
 
+def _peak_extra_mib(fn) -> float:
+    """Peak CUDA memory allocated by one call beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    del out
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def format_table(rows: list[Row]) -> str:
-    lines = ["| op | device | case | implementation | ms (median) | speed-up vs reference | check |",
-             "|---|---|---|---|---:|---:|---|"]
+    mem = any("peak_extra_mib" in r.extra for r in rows)
+    lines = ["| op | device | case | implementation | ms (median) | speed-up vs reference | check |"
+             + (" peak extra MiB |" if mem else ""),
+             "|---|---|---|---|---:|---:|---|" + ("---:|" if mem else "")]
     for r in rows:
-        lines.append(f"| {r.op} | {r.device} | {r.case} | {r.impl} | {r.ms:.3f} | {r.vs_reference:.2f}x | {r.check} |")
+        line = f"| {r.op} | {r.device} | {r.case} | {r.impl} | {r.ms:.3f} | {r.vs_reference:.2f}x | {r.check} |"
+        if mem:
+            line += f" {r.extra.get('peak_extra_mib', '')} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
