@@ -83,7 +83,9 @@ static void kl_step_cpu_impl(const at::Tensor& g, const at::Tensor& cconst, cons
   T* sp = sums.data_ptr<T>();
   int32_t* np = counts.data_ptr<int32_t>();
   // Pass 1: every point's best alive anchor.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(S, 1));
+  // Grains of ~64k element operations: small problems stay on one thread.
+  constexpr int64_t kGrainWork = int64_t(1) << 16;
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(S, 1));
   at::parallel_for(0, B * N, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1;) {
       const int64_t b = p / N, end = std::min(p1, (b + 1) * N);
@@ -95,7 +97,8 @@ static void kl_step_cpu_impl(const at::Tensor& g, const at::Tensor& cconst, cons
   // in point order, so the result does not depend on the thread count.
   constexpr int64_t DB = 32;
   const int64_t nblk = (D + DB - 1) / DB;
-  at::parallel_for(0, B * nblk, 1, [&](int64_t j0, int64_t j1) {
+  const int64_t job_grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(N * DB, 1));
+  at::parallel_for(0, B * nblk, job_grain, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t b = j / nblk, blk = j % nblk;
       const int64_t d0 = blk * DB, d1 = std::min(D, d0 + DB);

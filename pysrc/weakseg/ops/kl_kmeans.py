@@ -24,7 +24,9 @@ are not used (nor range-checked): labels (B, 0), zero centroids (B, S, D).
 The compiled kernels use the expanded distance: argmin_c d(x, c) =
 argmin_c Σ c~ ln c~ − x~·ln c~ − ln x~·c~, i.e. one GEMM of [x~, ln x~] with
 [ln c~, c~]ᵀ plus a per-anchor constant; dead anchors are masked in place, so
-the CUDA path never waits on the host inside the loop.
+the CUDA path never waits on the host inside the loop. That GEMM follows torch's
+TF32 setting on CUDA (``torch.backends.cuda.matmul.allow_tf32``, off by
+default); with TF32 on, near-equal assignments may flip.
 """
 
 from __future__ import annotations
