@@ -91,7 +91,7 @@ def test_cli_info_json(capsys):
     assert main(["info", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["extension"] is True
-    assert set(facts["ops"]) == {"erode", "erode_labels", "masked_area_pool", "knn_vote"}
+    assert set(facts["ops"]) == {"erode", "erode_labels", "masked_area_pool", "knn_vote", "kl_kmeans"}
     assert all(v["cpu"] for v in facts["ops"].values())
 
 
