@@ -5,6 +5,7 @@ ratios measured in the same run (``weakseg bench``, ``make bench``).
 Implementations per op: ``weakseg`` (compiled kernel), ``reference`` (the eager
 PyTorch reference of weakseg.ops) and the field's usual tool where one exists
 (OpenCV ``erode``; FAISS ``IndexFlatIP`` + vote; torch ``mm`` + ``topk`` + vote).
+kl_kmeans has no such tool (sklearn's k-means is Euclidean); it is timed against its reference.
 """
 
 from __future__ import annotations
@@ -151,6 +152,28 @@ def _knn_cases(device: str, quick: bool):
     return cases
 
 
+def _kl_kmeans_cases(device: str, quick: bool):
+    g = torch.Generator().manual_seed(4)
+    cases = []
+    # (name, B, map side, D, seed grid step, iterations): iSeg's 64x64 map of 77-d token vectors with
+    # 6x6 grid seeds and 20 iterations; DiCLIP's ACR on 20x20 tokens with 400-d columns, {0,6,12,18}^2, 5 its.
+    spec = [("iSeg", 1, 64, 77, 11, 20), ("DiCLIP ACR", 4, 20, 400, 6, 5)]
+    if quick:
+        spec = [("iSeg quick", 1, 32, 77, 6, 5), ("DiCLIP ACR quick", 2, 20, 400, 6, 2)]
+    for name, B, side, D, step, it in spec:
+        rows = torch.arange(0, side, step)
+        seeds = (rows[:, None] * side + rows[None, :]).reshape(-1)
+        # attention-like per-pixel distributions: smooth random logits over the map, softmax over D
+        coarse = torch.randn(B, D, side // 8 + 1, side // 8 + 1, generator=g) * 3
+        logits = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear", align_corners=False)
+        x = torch.softmax(logits.flatten(2).transpose(1, 2) + 0.3 * torch.randn(B, side * side, D, generator=g), -1)
+        x, seeds = x.to(device), seeds.to(device)
+        impls = [("weakseg", lambda x=x, s=seeds, it=it: ops.kl_kmeans(x, s, it)),
+                 ("reference", lambda x=x, s=seeds, it=it: ops.kl_kmeans_reference(x, s, it))]
+        cases.append((f"{name} B{B} N{side * side} D{D} S{seeds.numel()} x{it}", impls, _labels_agree))
+    return cases
+
+
 def _vote_from(sims, idx, bl, C):
     lab = bl[idx]
     votes = torch.zeros(lab.shape[0], C, dtype=torch.int64, device=lab.device).scatter_add_(1, lab, torch.ones_like(lab))
@@ -259,6 +282,7 @@ CASES = {
     "knn_vote": _knn_cases,
     "refine_propagate": _refine_cases,
     "refine_propagate_qk": _refine_qk_cases,
+    "kl_kmeans": _kl_kmeans_cases,
 }
 
 
