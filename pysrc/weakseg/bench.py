@@ -345,6 +345,8 @@ def machine_facts(devices) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        # other jobs on the machine skew CPU timings: the load when the run ended
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if "cuda" in devices:
         facts["gpu"] = torch.cuda.get_device_name(0)
