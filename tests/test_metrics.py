@@ -235,10 +235,17 @@ def _dist_worker(rank, world, init, out):
 def test_all_reduce_sums_over_processes(tmp_path):
     cm = hand_cm()
     assert cm.all_reduce() == hand_cm()  # no process group: a no-op
-    import torch.multiprocessing as mp
+    import multiprocessing as mp
 
+    # two gloo ranks in forked processes (fork: no re-import of torch, so this stays fast)
+    ctx = mp.get_context("fork")
     init = f"file://{tmp_path}/store"
-    mp.spawn(_dist_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    procs = [ctx.Process(target=_dist_worker, args=(r, 2, init, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
     expect = hand_cm().update(torch.tensor([4, 4, 0]), torch.tensor([4, 3, 0]))
     for r in range(2):
         assert ConfusionMatrix.load(tmp_path / f"rank{r}.json") == expect
