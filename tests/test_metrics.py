@@ -190,7 +190,14 @@ def test_bad_inputs_name_the_argument():
     assert_raises_naming(lambda: ConfusionMatrix(0), ValueError, ["num_classes"])
     assert_raises_naming(lambda: ConfusionMatrix(3, ignore_index=1), ValueError, ["ignore_index", "[0, num_classes=3)"])
     assert_raises_naming(lambda: cm.merge(ConfusionMatrix(4)), ValueError, ["num_classes=4", "num_classes=3"])
+    assert_raises_naming(lambda: cm + ConfusionMatrix(3, skip_unassigned=True), ValueError, ["skip_unassigned=True"])
     assert_raises_naming(lambda: cm.summary(["a", "b"]), ValueError, ["class_names", "2", "3"])
+
+
+def test_update_on_device(device):
+    cm = ConfusionMatrix(5).update(PRED.to(device), TARGET.to(device))
+    assert cm == hand_cm() and cm.matrix.device.type == "cpu"
+    assert_raises_naming(lambda: cm.update(PRED.to(device), TARGET.to(device).float()), TypeError, ["target"])
 
 
 def test_small_integer_dtypes_accepted():

@@ -10,7 +10,10 @@ items are :class:`Sample` s:
   For datasets with a background class, 0 is always included (ModuSeg's
   image-level label files always contain background; pass
   ``always_background=False`` to list 0 only where the mask has it);
-- ``name``: the image id (file stem, or the relative path for folders).
+- ``name``: the image id (file stem, or the relative path for folders);
+- ``meta``: ``{"image_path", "label_path"}`` of the files read.
+
+DataLoaders over images of different sizes use ``collate_fn=collate_samples`` (a list).
 
 Layouts (``root`` may be the directory named first or, where noted, its parent):
 

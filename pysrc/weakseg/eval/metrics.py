@@ -142,10 +142,12 @@ class ConfusionMatrix:
     def _check_compatible(self, other: Any) -> None:
         if not isinstance(other, ConfusionMatrix):
             raise _err(f"can only merge another ConfusionMatrix, got {type(other).__name__}", TypeError)
-        if (other.num_classes, other.ignore_index) != (self.num_classes, self.ignore_index):
-            raise _err(f"cannot merge a matrix with num_classes={other.num_classes}, "
-                       f"ignore_index={other.ignore_index} into one with num_classes={self.num_classes}, "
-                       f"ignore_index={self.ignore_index}")
+        mine = (self.num_classes, self.ignore_index, self.skip_unassigned)
+        theirs = (other.num_classes, other.ignore_index, other.skip_unassigned)
+        if mine != theirs:
+            raise _err(f"cannot merge a matrix with num_classes={theirs[0]}, ignore_index={theirs[1]}, "
+                       f"skip_unassigned={theirs[2]} into one with num_classes={mine[0]}, "
+                       f"ignore_index={mine[1]}, skip_unassigned={mine[2]}")
 
     def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
         """Add ``other``'s counts into this matrix (in place) and return self."""
