@@ -3,6 +3,8 @@
     weakseg info                 version, compiled ops and kernels, devices
     weakseg bench [--ops ...]    microbenchmarks of the ops (verify, then time)
     weakseg demo --out DIR       the demonstration job on generated data
+    weakseg eval --method M --dataset D [--root DIR] [--split S] [--set k=v ...] --out DIR
+                                 score a method on a dataset (resumable, torchrun-shardable)
 """
 
 from __future__ import annotations
@@ -63,6 +65,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import weakseg
+    from weakseg.eval import evaluate, open_eval_dataset
+
+    ds_kwargs = {}
+    if args.dataset == "toyworld" and args.limit is not None:
+        ds_kwargs["num_scenes"] = args.limit
+    dataset = open_eval_dataset(args.dataset, args.root, args.split, **ds_kwargs)
+    method = weakseg.create(args.method, config_file=args.config, set_options=args.set or ())
+    out = args.out or f"outputs/eval/{args.method}_{args.dataset}"
+    metrics = evaluate(method, dataset, out, use_image_labels=not args.no_image_labels, limit=args.limit,
+                       overlays=args.overlays, resume=not args.no_resume, progress=not args.quiet,
+                       method_name=args.method, dataset_name=args.dataset)
+    pct = metrics.get("percent", {})
+    print(json.dumps({"out": out, "num_images": metrics["num_images"],
+                      **{k: v for k, v in pct.items() if k.startswith("miou") or k == "pixel_accuracy"}}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="weakseg", description="Weakly-supervised and training-free semantic segmentation.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -82,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_demo)
+
+    s = sub.add_parser("eval", help="score a method on a dataset: metrics.json, metrics.md, overlays; resumable")
+    s.add_argument("--method", required=True, help="a registered method (weakseg info lists them)")
+    s.add_argument("--dataset", required=True,
+                   help="voc, coco_object, context59, context60, cityscapes, ade20k, coco_stuff, folder or toyworld")
+    s.add_argument("--root", default=None, help="dataset root directory (not needed for toyworld)")
+    s.add_argument("--split", default=None, help="split (default: val; test for toyworld)")
+    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of method options")
+    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="method options")
+    s.add_argument("--out", default=None, help="output directory (default: outputs/eval/<method>_<dataset>)")
+    s.add_argument("--limit", type=int, default=None, help="only the first N images")
+    s.add_argument("--overlays", type=int, default=8, help="image | GT | prediction panels to write")
+    s.add_argument("--no-image-labels", action="store_true",
+                   help="do not give the method the image-level labels (open-vocabulary protocol)")
+    s.add_argument("--no-resume", action="store_true", help="recompute images whose prediction is cached")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_eval)
     return p
 
 

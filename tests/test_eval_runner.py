@@ -1,0 +1,132 @@
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from weakseg.cli import main
+from weakseg.core import METHODS, MethodConfig, SegmentationOutput
+from weakseg.data.toyworld import ToyWorld
+from weakseg.eval import ConfusionMatrix, evaluate
+
+
+@dataclass
+class BorderConfig(MethodConfig):
+    threshold: float = 60.0
+
+
+@METHODS.register("test-border-colour", config=BorderConfig)
+class BorderColourSegmenter:
+    """A weak baseline with real behaviour: pixels far from the median border colour are
+    foreground and take the first present object class of the image-level labels."""
+
+    def __init__(self, config: BorderConfig):
+        self.config = config
+        self.calls = 0
+
+    def segment(self, images, class_names, image_labels=None):
+        self.calls += 1
+        img = images[0].float()
+        border = torch.cat([img[:, 0], img[:, -1], img[:, :, 0], img[:, :, -1]], dim=1)
+        bg = border.median(dim=1).values
+        fg = (img - bg[:, None, None]).abs().sum(0) > self.config.threshold
+        cls = 1
+        if image_labels is not None and image_labels[0, 1:].any():
+            cls = int(image_labels[0, 1:].nonzero()[0]) + 1
+        labels = torch.where(fg, cls, 0)[None]
+        scores = torch.nn.functional.one_hot(labels, len(class_names)).permute(0, 3, 1, 2).float()
+        return SegmentationOutput(scores, labels, list(class_names))
+
+
+def _direct_matrix(world, n, seg):
+    cm = ConfusionMatrix(world.num_classes)
+    for i in range(n):
+        s = world[i]
+        il = torch.zeros(1, world.num_classes, dtype=torch.bool)
+        il[0, s.image_labels] = True
+        cm.update(seg.segment([s.image], world.class_names, il).labels[0], s.label)
+    return cm
+
+
+def test_evaluate_writes_metrics_preds_and_overlays(tmp_path):
+    world = ToyWorld(size=32, split="test", num_scenes=6)
+    seg = BorderColourSegmenter(BorderConfig())
+    m = evaluate(seg, world, tmp_path, overlays=3, progress=False, method_name="border", dataset_name="toyworld")
+    want = _direct_matrix(world, 6, BorderColourSegmenter(BorderConfig()))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["num_images"] == 6 and saved["num_labelled"] == 6 and saved["method"] == "border"
+    assert saved["miou"]["present"] == pytest.approx(want.miou("present"))
+    assert saved["miou"]["all"] == pytest.approx(want.miou("all"))
+    assert saved["pixel_accuracy"] == pytest.approx(want.pixel_accuracy())
+    assert saved["pixels"] == 6 * 32 * 32
+    assert saved["config"] == {"threshold": 60.0} or saved["config"]["threshold"] == 60.0
+    assert 0.2 < saved["pixel_accuracy"] <= 1.0
+    assert len(list((tmp_path / "preds").glob("*.png"))) == 6
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
+    assert "mIoU (present)" in (tmp_path / "metrics.md").read_text()
+    assert m["miou"] == saved["miou"]
+
+
+def test_resume_skips_cached_images_and_gives_the_same_result(tmp_path):
+    world = ToyWorld(size=32, split="test", num_scenes=5)
+    seg = BorderColourSegmenter(BorderConfig())
+    evaluate(seg, world, tmp_path, limit=2, progress=False)
+    assert seg.calls == 2
+    full = evaluate(seg, world, tmp_path, progress=False)
+    assert seg.calls == 5  # the first two came from the cache
+    assert full["images_computed_this_run"] == 3
+    fresh = evaluate(BorderColourSegmenter(BorderConfig()), world, tmp_path / "fresh", progress=False)
+    assert full["miou"] == fresh["miou"] and full["pixels"] == fresh["pixels"]
+    # an interrupted write leaves no half file: only complete PNGs are cached
+    assert not list((tmp_path / "preds").glob("*.tmp"))
+
+
+def _shard_worker(rank, world_size, init_file, out_dir, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        world = ToyWorld(size=32, split="test", num_scenes=7)
+        m = evaluate(BorderColourSegmenter(BorderConfig()), world, out_dir, progress=False)
+        if rank == 0:
+            with open(result_file, "w") as f:
+                json.dump(m, f, default=str)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_run_under_torch_distributed_equals_single_process(tmp_path):
+    single = evaluate(BorderColourSegmenter(BorderConfig()), ToyWorld(size=32, split="test", num_scenes=7),
+                      tmp_path / "single", progress=False)
+    mp.spawn(_shard_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "sharded"), str(tmp_path / "r.json")),
+             nprocs=2, join=True)
+    sharded = json.loads((tmp_path / "r.json").read_text())
+    assert sharded["pixels"] == single["pixels"]
+    assert sharded["miou"] == single["miou"]
+    assert [c["gt_pixels"] for c in sharded["per_class"]] == [c["gt_pixels"] for c in single["per_class"]]
+    assert len(list((tmp_path / "sharded" / "preds").glob("*.png"))) == 7
+
+
+def test_cli_eval_on_toyworld(tmp_path, capsys):
+    rc = main(["eval", "--method", "test-border-colour", "--dataset", "toyworld", "--limit", "3", "--quiet",
+               "--set", "threshold=40", "--out", str(tmp_path)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_images"] == 3 and "miou_present" in printed
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["config"]["threshold"] == 40.0
+
+
+def test_errors(tmp_path):
+    class WrongSize(BorderColourSegmenter):
+        def segment(self, images, class_names, image_labels=None):
+            out = super().segment(images, class_names, image_labels)
+            return SegmentationOutput(out.scores[..., :-1], out.labels[..., :-1], out.class_names)
+
+    with pytest.raises(ValueError, match="label map"):
+        evaluate(WrongSize(BorderConfig()), ToyWorld(size=32, num_scenes=1), tmp_path, progress=False)
+    assert main(["eval", "--method", "test-border-colour", "--dataset", "voc", "--out", str(tmp_path)]) == 2
+    with pytest.raises(ValueError, match="limit"):
+        evaluate(BorderColourSegmenter(BorderConfig()), ToyWorld(size=32, num_scenes=1), tmp_path, limit=-1)
