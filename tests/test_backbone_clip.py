@@ -433,8 +433,7 @@ def test_save_load_round_trip_offline(bb_ls, tmp_path, monkeypatch):
         assert torch.equal(a.cls, c.cls) and torch.equal(a.patch, c.patch)
         assert all(torch.equal(x, y) for x, y in zip(a.attn + a.layers, c.attn + c.layers))
         names = ["cat", "person,people"]
-        assert torch.equal(b.class_embeddings(names, "ensemble").embeddings,
-                           other.class_embeddings(names, "ensemble").embeddings)
+        assert torch.equal(b.class_embeddings(names).embeddings, other.class_embeddings(names).embeddings)
     # Layer scale, QuickGELU and a non-square native grid survive the round trip.
     bb_ls.save_pretrained(tmp_path / "ls")
     r = CLIPBackbone.from_pretrained(tmp_path / "ls")
@@ -483,3 +482,31 @@ def test_rejects_unsupported_models():
     assert_raises_naming(lambda: CLIPBackbone(torch.nn.Linear(2, 2)), TypeError, ["VisionTransformer"])
     b = CLIPBackbone(open_clip.model.CLIP(**{**cfg, "vision_cfg": {**cfg["vision_cfg"], "attentional_pool": False}}))
     assert_raises_naming(lambda: b.save_pretrained("/tmp/never_written"), ValueError, ["model_cfg"])
+
+
+def test_from_pretrained_hub_name_wiring(monkeypatch, tmp_path):
+    """A model name + tag goes through open_clip.create_model with the tag's QuickGELU setting and
+    cache_dir (open_clip's loader is replaced by a tiny model here: no weights are reachable)."""
+    tiny = CLIPBackbone.tiny(seed=3, layers=1, text_layers=1)
+    calls = {}
+
+    def fake_create_model(name, **kw):
+        calls["create"] = (name, kw)
+        return copy.deepcopy(tiny.model)
+
+    def fake_get_tokenizer(name, **kw):
+        calls["tokenizer"] = (name, kw)
+        return open_clip.SimpleTokenizer()
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    monkeypatch.setattr(open_clip, "get_tokenizer", fake_get_tokenizer)
+    b = CLIPBackbone.from_pretrained("ViT-B/16", pretrained="openai", cache_dir=str(tmp_path), pos_interp="bilinear")
+    name, kw = calls["create"]
+    assert name == "ViT-B-16" and kw["pretrained"] == "openai" and kw["cache_dir"] == str(tmp_path)
+    assert kw["force_quick_gelu"] is True and b.model_cfg["quick_gelu"] is True
+    assert b.model_cfg["vision_cfg"]["patch_size"] == 16 and b.pos_interp == "bilinear"
+    assert calls["tokenizer"] == ("ViT-B-16", {"cache_dir": str(tmp_path)})
+    CLIPBackbone.from_pretrained("ViT-B-16", pretrained="laion2b_s34b_b88k")
+    assert calls["create"][1]["force_quick_gelu"] is False
+    CLIPBackbone.from_pretrained("ViT-B-16", pretrained=None)
+    assert calls["create"][1]["pretrained"] is None

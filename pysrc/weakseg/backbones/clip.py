@@ -297,9 +297,13 @@ class CLIPBackbone(nn.Module):
             return cls._finish(model, tokenizer, model_cfg, pos_interp, device, dtype)
 
         if name.startswith("hf-hub:"):
+            from open_clip.pretrained import download_pretrained_from_hf
+
             model = open_clip.create_model(name, cache_dir=cache_dir, device="cpu")
             tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
-            return cls._finish(model, tokenizer, open_clip.get_model_config(name), pos_interp, device, dtype)
+            cfg_file = download_pretrained_from_hf(name[len("hf-hub:"):], filename=_CONFIG_NAME, cache_dir=cache_dir)
+            model_cfg = json.loads(Path(cfg_file).read_text())["model_cfg"]
+            return cls._finish(model, tokenizer, model_cfg, pos_interp, device, dtype)
 
         cleaned = name.replace("/", "-")
         if cleaned not in open_clip.list_models():
