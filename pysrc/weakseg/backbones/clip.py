@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -219,10 +219,8 @@ class CLIPBackbone(nn.Module):
         vocabulary so open_clip's own tokenizer applies."""
         if width % heads:
             raise ValueError(f"tiny: width={width} must be a multiple of heads={heads}")
-        from open_clip.model import CLIP
+        from open_clip.model import CLIP, set_model_preprocess_cfg
         from open_clip.transform import PreprocessCfg
-        from open_clip.model import set_model_preprocess_cfg
-        from dataclasses import asdict
 
         model_cfg = {
             "embed_dim": embed_dim,
@@ -487,6 +485,11 @@ class CLIPBackbone(nn.Module):
         of last blocks with the surgery path (0 = none). attn_bias: (B, hw, hw) or (B, 1, hw, hw),
         added after the softmaxes to the patch-patch block of every head's surgery attention in the
         surgery blocks (needs surgery_layers > 0).
+
+        Without ``return_attn`` the original path's attention runs through
+        ``F.scaled_dot_product_attention``; with it, through an explicit softmax, so the two agree to
+        float rounding (about 1e-6 in float32), not bit for bit. Runs under ``torch.no_grad()`` (not
+        inference mode), so the outputs can feed trained heads.
         """
         vis = self.model.visual
         L = self.num_layers
