@@ -37,7 +37,7 @@ import fnmatch
 import math
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -64,7 +64,8 @@ class LayerCapture:
     def __post_init__(self) -> None:
         layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
         if not layers or not all(isinstance(p, str) and p for p in layers):
-            raise ValueError(f"LayerCapture: layers must be a non-empty string or sequence of strings, got {self.layers!r}")
+            raise ValueError("LayerCapture: layers must be a non-empty string or sequence of strings, "
+                             f"got {self.layers!r}")
         object.__setattr__(self, "layers", layers)
         if self.store not in STORES:
             raise ValueError(f"LayerCapture: store must be one of {', '.join(STORES)}, got {self.store!r}")

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.attention import AttentionStore, LayerCapture, attention_layer_info, install_capture
-from weakseg.backbones.tokenizer import BOS_TOKEN, CLIP_VOCAB_SIZE, EOS_TOKEN, make_clip_tokenizer
+from weakseg.backbones.tokenizer import CLIP_VOCAB_SIZE, EOS_TOKEN, make_clip_tokenizer
 from weakseg.core import BACKBONES, check_images
 
 __all__ = ["StableDiffusionBackbone", "DEFAULT_MODEL", "LAYOUTS", "parse_prompt_weights"]
@@ -221,15 +221,15 @@ class StableDiffusionBackbone:
             raise FileNotFoundError(f"Stable Diffusion: {name!r} {what}; expected {expected}")
         else:
             source = name
-        common = dict(cache_dir=cache_dir, local_files_only=local, **kw)
+        where = dict(cache_dir=cache_dir, local_files_only=local)
+        common = dict(where, **kw)
         try:
-            sched_cfg = diffusers.DDIMScheduler.load_config(source, subfolder="scheduler", **common)
+            sched_cfg = diffusers.DDIMScheduler.load_config(source, subfolder="scheduler", **where)
             sched_cls = getattr(diffusers, sched_cfg.get("_class_name", ""), None)
             if sched_cls is None:
                 raise OSError(f"unknown scheduler class {sched_cfg.get('_class_name')!r} in {source}/scheduler")
             scheduler = sched_cls.from_config(sched_cfg)
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", cache_dir=cache_dir,
-                                                      local_files_only=local)
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **where)
             dkw = {} if dtype is None else {"torch_dtype": dtype}
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **common, **dkw)
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common, **dkw)
@@ -486,10 +486,10 @@ class StableDiffusionBackbone:
             specs = capture if isinstance(capture, (list, tuple)) else [capture]
             with self.capture(*specs) as store:
                 return self.unet(latents_noisy, t, embeds), store
-        if not isinstance(latents_noisy, torch.Tensor) or latents_noisy.dim() != 4 or \
-                latents_noisy.shape[1] != self.unet_model.config.in_channels:
-            raise ValueError(f"unet: expected latents of shape (B, {self.unet_model.config.in_channels}, h, w), got "
-                             f"{tuple(latents_noisy.shape) if isinstance(latents_noisy, torch.Tensor) else latents_noisy!r}")
+        C = self.unet_model.config.in_channels
+        if not isinstance(latents_noisy, torch.Tensor) or latents_noisy.dim() != 4 or latents_noisy.shape[1] != C:
+            got = tuple(latents_noisy.shape) if isinstance(latents_noisy, torch.Tensor) else latents_noisy
+            raise ValueError(f"unet: expected latents of shape (B, {C}, h, w), got {got!r}")
         B = latents_noisy.shape[0]
         D = self.unet_model.config.cross_attention_dim
         if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[2] != D or \

@@ -35,7 +35,8 @@ EOS_TOKEN = "<|endoftext|>"
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP / GPT-2 reversible byte -> unicode map (printable bytes keep their code point)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -50,7 +51,8 @@ def _open_clip_bpe_path() -> Path:
     try:
         import open_clip.tokenizer as oct
     except ImportError as e:  # pragma: no cover - open_clip is a declared dependency of the models extra
-        raise ImportError("building the CLIP tokenizer files needs open_clip_torch (pip install 'weakseg[models]')") from e
+        raise ImportError("building the CLIP tokenizer files needs open_clip_torch "
+                          "(pip install 'weakseg[models]')") from e
     path = Path(oct.default_bpe())
     if not path.is_file():
         raise FileNotFoundError(f"open_clip's BPE table not found at {path} (expected bpe_simple_vocab_16e6.txt.gz "
