@@ -112,7 +112,9 @@ def make_clip_tokenizer(cache_dir: str | Path | None = None, *, pad_token: str =
                         model_max_length: int = 77):
     """A transformers ``CLIPTokenizer`` on the offline files.
 
-    pad_token: ``"<|endoftext|>"`` as SD v1.5's tokenizer, ``"!"`` (id 0) as SD 2.x's.
+    pad_token: ``"<|endoftext|>"`` as SD v1.5's tokenizer, ``"!"`` (id 0) as SD 2.x's. As with the hub's
+    SD 2.x tokenizer, "!" is then a special token, so a "!" inside a prompt becomes id 0 on its own
+    (open_clip would merge "!!" into one token); ids equal open_clip's on text without "!".
     """
     from transformers import CLIPTokenizer
 
