@@ -473,7 +473,8 @@ class DiskProposer:
 
     - ``.npz``: ``masks`` (M, H, W) bool/0-1 ints, possibly overlapping, and optional ``scores``
       (M,); made disjoint with :func:`paint_disjoint` (higher score wins).
-    - ``.png``: an id map (8-bit, 16-bit or 32-bit single channel), 0 = no region, 1..M = regions;
+    - ``.png``: a single-channel id map (8-bit, or 16-bit for more than 255 regions; PNG has no
+      32-bit grey), 0 = no region, 1..M = regions;
       scores from an optional sidecar ``<same name>.json`` holding a list (score of id k at
       position k - 1) or a dict {"k": score}; without a sidecar every region scores
       ``default_score``.
@@ -548,7 +549,7 @@ class DiskProposer:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise ValueError(f"DiskProposer: {path} is a {im.mode} image; expected a single-channel id map "
-                                 f"(8-, 16- or 32-bit)")
+                                 f"(8- or 16-bit)")
             ids = np.array(im)
         ids = ids.astype(np.int64)
         sidecar = path.with_suffix(".json")
