@@ -199,6 +199,8 @@ def test_disk_naming_and_errors(tmp_path):
     assert_raises_naming(lambda: DiskProposer(tmp_path)(key="bad"), KeyError, ["bad.npz", "'masks'"])
     np.savez(tmp_path / "bad2.npz", masks=np.ones((1, 3, 3), bool), scores=np.ones(2, np.float32))
     assert_raises_naming(lambda: DiskProposer(tmp_path)(key="bad2"), ValueError, ["bad2.npz", "scores"])
+    np.savez(tmp_path / "bad3.npz", masks=np.ones((1, 3, 3), np.float32))
+    assert_raises_naming(lambda: DiskProposer(tmp_path)(key="bad3"), TypeError, ["bad3.npz", "float32"])
     Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tmp_path / "rgb.png")
     assert_raises_naming(lambda: DiskProposer(tmp_path)(key="rgb"), ValueError, ["rgb.png", "single-channel"])
     assert_raises_naming(lambda: disk(_image(3, 3).float(), key="COCO_1"), TypeError, ["image", "uint8"])

@@ -541,7 +541,10 @@ class DiskProposer:
             scores = np.full(masks.shape[0], self.default_score, dtype=np.float32)
         elif scores.shape != (masks.shape[0],):
             raise ValueError(f"DiskProposer: {path}: 'scores' must be ({masks.shape[0]},), got shape {scores.shape}")
-        return paint_disjoint(torch.from_numpy(np.ascontiguousarray(masks)), torch.from_numpy(scores.astype(np.float32)),
+        if masks.dtype != np.bool_ and not np.issubdtype(masks.dtype, np.integer):
+            raise TypeError(f"DiskProposer: {path}: 'masks' must be bool or 0/1 integers, got {masks.dtype}")
+        return paint_disjoint(torch.from_numpy(np.ascontiguousarray(masks)),
+                              torch.from_numpy(scores.astype(np.float32)),
                               score_thresh=self.score_thresh, min_area=self.min_area)
 
     def _load_png(self, path: Path) -> Proposals:
