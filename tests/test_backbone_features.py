@@ -196,3 +196,23 @@ def test_tiny_is_deterministic():
     images = _images(1, 28, 28)
     torch.testing.assert_close(a(images).tokens, b(images).tokens)
     assert not torch.allclose(a(images).tokens, c(images).tokens)
+
+
+def test_clip_dense_features_pad_and_match_the_clip_forward():
+    from weakseg.backbones.features import CLIPDenseFeatures
+
+    ext = CLIPDenseFeatures.tiny(seed=0)
+    img = torch.randint(0, 256, (2, 3, 37, 50), dtype=torch.uint8)
+    feats = ext(img)
+    p = ext.patch_size
+    assert feats.grid_size == ((37 + p - 1) // p, (50 + p - 1) // p)
+    assert feats.padding == (0, 0, feats.padded_size[0] - 37, feats.padded_size[1] - 50)
+    assert feats.tokens.shape == (2, ext.dim) + feats.grid_size
+    padded = torch.zeros(2, 3, *feats.padded_size, dtype=torch.uint8)
+    padded[..., :37, :50] = img
+    want = ext.clip(padded).patch.permute(0, 3, 1, 2)
+    torch.testing.assert_close(feats.tokens, want)
+    surg = CLIPDenseFeatures(ext.clip, surgery_layers=1)(img)
+    assert not torch.allclose(surg.tokens, feats.tokens)
+    with pytest.raises(ValueError, match="one size"):
+        ext([img[0], img[1, :, :30]])

@@ -350,3 +350,55 @@ class DINOv2Features(torch.nn.Module):
                 out[i] = PatchFeatures(feats.tokens[j:j + 1], feats.patch_size, feats.image_size,
                                        feats.padded_size, feats.padding)
         return out  # type: ignore[return-value]
+
+
+@BACKBONES.register("clip-dense")
+class CLIPDenseFeatures:
+    """The CLIP backbone as a dense-feature extractor: the projected last-layer patch
+    features of :class:`weakseg.backbones.clip.CLIPBackbone` (optionally from DiCLIP's
+    surgery path) as :class:`PatchFeatures`. Images are padded bottom/right with black to
+    a multiple of the patch size, like :class:`DINOv2Features` with ``pad="zero"``.
+    """
+
+    def __init__(self, clip, surgery_layers: int = 0):
+        ph, pw = clip.patch_size
+        if ph != pw:
+            raise ValueError(f"CLIPDenseFeatures: needs square patches, got {ph}x{pw}")
+        self.clip = clip
+        self.patch_size = int(ph)
+        self.dim = int(clip.embed_dim)
+        self.surgery_layers = surgery_layers
+
+    @classmethod
+    def tiny(cls, seed: int = 0, surgery_layers: int = 0, **overrides) -> "CLIPDenseFeatures":
+        from weakseg.backbones.clip import CLIPBackbone
+
+        return cls(CLIPBackbone.tiny(seed=seed, **overrides), surgery_layers)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "ViT-B-16", *, surgery_layers: int = 0, **kw) -> "CLIPDenseFeatures":
+        from weakseg.backbones.clip import CLIPBackbone
+
+        return cls(CLIPBackbone.from_pretrained(name_or_path, **kw), surgery_layers)
+
+    def save_pretrained(self, path) -> None:
+        self.clip.save_pretrained(path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.dtype
+
+    def __call__(self, images) -> PatchFeatures:
+        items = check_images(images)
+        H, W = items[0].shape[-2:]
+        if any(im.shape[-2:] != (H, W) for im in items):
+            raise ValueError("images: CLIPDenseFeatures takes images of one size per call")
+        x = torch.stack(items)
+        x, padding = pad_to_patch_multiple(x.float(), self.patch_size, 0.0)
+        out = self.clip(x.round().to(torch.uint8), surgery_layers=self.surgery_layers)
+        tokens = out.patch.permute(0, 3, 1, 2).float().contiguous()  # (B, D, h, w)
+        return PatchFeatures(tokens, self.patch_size, (H, W), tuple(x.shape[-2:]), padding)
