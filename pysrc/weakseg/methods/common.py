@@ -1,0 +1,146 @@
+"""Pieces every method shares: per-class normalisation and resizing of score
+maps, the background rules of the references, the class convention of
+``Segmenter.segment`` and CLIP zero-shot tagging for the open-vocabulary
+setting. One place for them, so methods never reach into each other.
+
+Class convention: ``segment(images, class_names, image_labels)`` receives the
+C candidate names; when ``class_names[0]`` is a background name (see
+:func:`has_background`), channel 0 is the background, computed from the
+foreground maps by a background rule; otherwise every channel is a class and
+the label is the plain argmax (datasets without a background class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BACKGROUND_NAMES", "has_background", "minmax_per_class", "resize_maps", "background_channel",
+           "scores_to_labels", "image_label_mask", "clip_tag_classes", "BackgroundRule"]
+
+BACKGROUND_NAMES = ("background", "bg", "_background_", "backgroud")
+
+
+def has_background(class_names: Sequence[str]) -> bool:
+    """Whether channel 0 of ``class_names`` is the background class."""
+    return len(class_names) > 0 and str(class_names[0]).strip().lower() in BACKGROUND_NAMES
+
+
+def minmax_per_class(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(B, C, ...) -> each (b, c) map min-max normalised to [0, 1]: (x - min) / (max - min + eps).
+    (iSeg's and DiffSegmenter's per-class normalisation; a constant map becomes 0.)"""
+    flat = maps.flatten(2)
+    lo = flat.amin(dim=2, keepdim=True)
+    hi = flat.amax(dim=2, keepdim=True)
+    return ((flat - lo) / (hi - lo + eps)).view_as(maps)
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, H, W) with align_corners=False (the references' resampling)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if mode == "nearest":
+        return F.interpolate(maps, size=size, mode="nearest")
+    return F.interpolate(maps, size=size, mode=mode, align_corners=False)
+
+
+@dataclass(frozen=True)
+class BackgroundRule:
+    """How the background channel is made from the foreground maps (values in [0, 1]).
+
+    kind="power":     bg = (1 - max_c fg) ** power            (iSeg with bkg_thre = 0, power 2;
+                                                                DiCLIP's walk with power 1)
+    kind="threshold": fg values < value are set to 0; pixels whose every fg value is 0 go to
+                      the background (iSeg with bkg_thre > 0, e.g. COCO 0.45)
+    kind="constant":  bg = value everywhere                    (DiffSegmenter's tau)
+    """
+
+    kind: str = "power"
+    value: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("power", "threshold", "constant"):
+            raise ValueError(f"BackgroundRule.kind: expected 'power', 'threshold' or 'constant', got {self.kind!r}")
+        if self.kind == "power" and not self.value > 0:
+            raise ValueError(f"BackgroundRule.value: a power must be > 0, got {self.value}")
+        if self.kind in ("threshold", "constant") and not 0 <= self.value <= 1:
+            raise ValueError(f"BackgroundRule.value: a {self.kind} must lie in [0, 1], got {self.value}")
+
+
+def background_channel(fg: torch.Tensor, rule: BackgroundRule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, H, W) foreground maps in [0, 1] -> (maps used for the argmax, bg (B, 1, H, W))."""
+    if rule.kind == "power":
+        top = fg.amax(dim=1, keepdim=True) if fg.shape[1] else torch.zeros_like(fg[:, :1])
+        return fg, (1 - top).clamp_min(0) ** rule.value
+    if rule.kind == "constant":
+        return fg, torch.full_like(fg[:, :1], rule.value)
+    cut = torch.where(fg < rule.value, torch.zeros_like(fg), fg)
+    none = (cut.amax(dim=1, keepdim=True) <= 0) if fg.shape[1] else torch.ones_like(fg[:, :1], dtype=torch.bool)
+    # background wins exactly where nothing survived the threshold
+    return cut, none.to(fg.dtype)
+
+
+def image_label_mask(image_labels: torch.Tensor | None, B: int, C: int, device) -> torch.Tensor:
+    """(B, C) bool of the allowed classes: the image-level labels, or all classes when None."""
+    if image_labels is None:
+        return torch.ones(B, C, dtype=torch.bool, device=device)
+    if not isinstance(image_labels, torch.Tensor) or image_labels.shape != (B, C):
+        shape = tuple(image_labels.shape) if isinstance(image_labels, torch.Tensor) else type(image_labels).__name__
+        raise ValueError(f"image_labels: expected a (B, C) = ({B}, {C}) bool tensor, got {shape}")
+    return image_labels.to(device=device, dtype=torch.bool)
+
+
+def scores_to_labels(fg: torch.Tensor, class_names: Sequence[str], image_labels: torch.Tensor | None = None,
+                     rule: BackgroundRule = BackgroundRule()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class maps -> (scores (B, C, H, W), labels (B, H, W)).
+
+    ``fg``: (B, C_fg, H, W) maps in [0, 1] for the non-background classes, in the order of
+    ``class_names`` without its background entry. Classes absent from ``image_labels`` get 0
+    (they can never win). With a background class, channel 0 of ``scores`` comes from ``rule``.
+    """
+    B = fg.shape[0]
+    C = len(class_names)
+    bg_first = has_background(class_names)
+    if fg.shape[1] != C - int(bg_first):
+        raise ValueError(f"scores_to_labels: {fg.shape[1]} foreground maps for {C} class names "
+                         f"({'with' if bg_first else 'without'} a background class)")
+    allowed = image_label_mask(image_labels, B, C, fg.device)
+    fg_allowed = allowed[:, int(bg_first):, None, None]
+    fg = torch.where(fg_allowed, fg, torch.zeros_like(fg))
+    if not bg_first:
+        masked = torch.where(fg_allowed, fg, torch.full_like(fg, -1.0))
+        return fg, masked.argmax(dim=1)
+    fg_used, bg = background_channel(fg, rule)
+    scores = torch.cat([bg, fg_used], dim=1)
+    # the background is always a candidate; argmax takes the first maximum, so it wins ties
+    allowed = allowed.clone()
+    allowed[:, 0] = True
+    masked = torch.where(allowed[:, :, None, None], scores, torch.full_like(scores, -1.0))
+    return scores, masked.argmax(dim=1)
+
+
+def clip_tag_classes(clip, images, class_names: Sequence[str], topk: int = 3, threshold: float = 0.1,
+                     templates="ensemble", logit_scale: float = 100.0) -> torch.Tensor:
+    """Open-vocabulary candidate classes by CLIP zero-shot tagging: per image, the softmax over
+    the non-background classes of ``logit_scale * cos(image, text)``; the top ``topk`` classes
+    with probability >= ``threshold`` are kept (at least the top one). Returns (B, C) bool with
+    the background (if any) always on."""
+    bg_first = has_background(class_names)
+    fg_names = list(class_names[int(bg_first):])
+    if not fg_names:
+        raise ValueError("clip_tag_classes: class_names has no foreground class")
+    text = clip.class_embeddings(fg_names, templates=templates).embeddings
+    out = clip(images)
+    img = F.normalize(out.cls.float(), dim=-1)
+    probs = (logit_scale * img @ F.normalize(text.float(), dim=-1).T).softmax(dim=-1)  # (B, K)
+    k = min(topk, probs.shape[1])
+    top = probs.topk(k, dim=1)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    keep.scatter_(1, top.indices, top.values >= threshold)
+    keep[torch.arange(probs.shape[0]), top.indices[:, 0]] = True
+    if bg_first:
+        keep = torch.cat([torch.ones_like(keep[:, :1]), keep], dim=1)
+    return keep

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from weakseg.methods.common import (BackgroundRule, clip_tag_classes, has_background, minmax_per_class, resize_maps,
+                                    scores_to_labels)
+
+
+def test_minmax_and_resize():
+    x = torch.tensor([[[[1.0, 3.0], [2.0, 5.0]], [[4.0, 4.0], [4.0, 4.0]]]])
+    y = minmax_per_class(x)
+    torch.testing.assert_close(y[0, 0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]), atol=1e-4, rtol=0)
+    assert (y[0, 1] == 0).all()  # a constant map becomes 0
+    assert resize_maps(x, (2, 2)) is x and resize_maps(x, (4, 6)).shape == (1, 2, 4, 6)
+
+
+def test_power_rule_is_iseg_cam_to_label():
+    names = ["background", "cat", "dog"]
+    fg = torch.tensor([[[[0.9, 0.2]], [[0.1, 0.3]]]])  # (1, 2, 1, 2)
+    scores, labels = scores_to_labels(fg, names, rule=BackgroundRule("power", 2.0))
+    # pixel 0: bg = (1-0.9)^2 = 0.01 -> cat; pixel 1: bg = (1-0.3)^2 = 0.49 -> background
+    torch.testing.assert_close(scores[0, 0, 0], torch.tensor([0.01, 0.49]))
+    assert labels.tolist() == [[[1, 0]]]
+
+
+def test_image_labels_mask_absent_classes():
+    names = ["background", "cat", "dog"]
+    fg = torch.tensor([[[[0.9]], [[0.95]]]])
+    _, labels = scores_to_labels(fg, names, torch.tensor([[True, True, False]]))
+    assert labels.item() == 1  # dog is not in the image, cat wins
+    _, labels = scores_to_labels(fg, names, torch.tensor([[True, False, False]]))
+    assert labels.item() == 0  # only background allowed
+
+
+def test_threshold_and_constant_rules():
+    names = ["background", "a", "b"]
+    fg = torch.tensor([[[[0.5, 0.3, 0.0]], [[0.2, 0.44, 0.0]]]])
+    _, labels = scores_to_labels(fg, names, rule=BackgroundRule("threshold", 0.45))
+    assert labels.tolist() == [[[1, 0, 0]]]  # 0.3 and 0.44 fall below the threshold
+    _, labels = scores_to_labels(fg, names, rule=BackgroundRule("constant", 0.4))
+    assert labels.tolist() == [[[1, 2, 0]]]
+
+
+def test_no_background_datasets_take_the_argmax():
+    names = ["wall", "floor", "sky"]
+    assert not has_background(names) and has_background(["background", "x"])
+    fg = torch.tensor([[[[0.1]], [[0.7]], [[0.2]]]])
+    scores, labels = scores_to_labels(fg, names)
+    assert scores.shape == (1, 3, 1, 1) and labels.item() == 1
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="foreground maps"):
+        scores_to_labels(torch.zeros(1, 3, 2, 2), ["background", "a", "b"])
+    with pytest.raises(ValueError, match="image_labels"):
+        scores_to_labels(torch.zeros(1, 2, 2, 2), ["background", "a", "b"], torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="kind"):
+        BackgroundRule("magic")
+    with pytest.raises(ValueError, match="value"):
+        BackgroundRule("threshold", 1.5)
+
+
+def test_clip_tagging_keeps_topk_above_threshold():
+    from weakseg.backbones.clip import CLIPBackbone
+
+    clip = CLIPBackbone.tiny(seed=0)
+    imgs = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    names = ["background", "circle", "square", "star", "ring"]
+    keep = clip_tag_classes(clip, imgs, names, topk=2, threshold=0.0, templates="single")
+    assert keep.shape == (2, 5) and keep[:, 0].all() and (keep[:, 1:].sum(1) == 2).all()
+    keep = clip_tag_classes(clip, imgs, names, topk=3, threshold=1.01, templates="single")
+    assert (keep[:, 1:].sum(1) == 1).all()  # nothing passes the threshold: the top class stays
