@@ -130,3 +130,23 @@ def test_errors(tmp_path):
     assert main(["eval", "--method", "test-border-colour", "--dataset", "voc", "--out", str(tmp_path)]) == 2
     with pytest.raises(ValueError, match="limit"):
         evaluate(BorderColourSegmenter(BorderConfig()), ToyWorld(size=32, num_scenes=1), tmp_path, limit=-1)
+
+
+def test_cli_segment_writes_labels_overlays_and_scores(tmp_path, capsys):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    scene = ToyWorld(size=32, split="test").scene(0)
+    img_path = tmp_path / "scene.png"
+    Image.fromarray(scene.image.permute(1, 2, 0).numpy()).save(img_path)
+    rc = main(["segment", str(img_path), "--method", "test-border-colour", "--classes", "circle,square",
+               "--out", str(tmp_path / "out"), "--save-scores"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["class_names"] == ["background", "circle", "square"]
+    assert sum(printed["images"][0]["pixels"].values()) == 32 * 32
+    assert (tmp_path / "out" / "scene_labels.png").exists() and (tmp_path / "out" / "scene_overlay.png").exists()
+    saved = load_file(str(tmp_path / "out" / "scene_scores.safetensors"))
+    assert saved["scores"].shape == (3, 32, 32) and saved["labels"].shape == (32, 32)
+    assert main(["segment", str(tmp_path / "missing.png"), "--method", "test-border-colour", "--classes", "a"]) == 2
+    assert main(["segment", str(img_path), "--method", "test-border-colour", "--classes", " , "]) == 2

@@ -3,6 +3,8 @@
     weakseg info                 version, compiled ops and kernels, devices
     weakseg bench [--ops ...]    microbenchmarks of the ops (verify, then time)
     weakseg demo --out DIR       the demonstration job on generated data
+    weakseg segment IMAGE... --method M --classes a,b [--set k=v ...] --out DIR
+                                 segment images with a method: label PNGs and overlays
     weakseg eval --method M --dataset D [--root DIR] [--split S] [--set k=v ...] --out DIR
                                  score a method on a dataset (resumable, torchrun-shardable)
 """
@@ -65,6 +67,45 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import weakseg
+    from weakseg.eval.visualize import colorize, overlay_panel, save_png
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if not classes:
+        raise ValueError("--classes: expected a comma-separated list of class names, e.g. cat,dog")
+    names = classes if args.no_background else ["background"] + classes
+    method = weakseg.create(args.method, config_file=args.config, set_options=args.set or ())
+    out = Path(args.out)
+    results = []
+    for path in args.images:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"IMAGE: no such file {p}")
+        with Image.open(p) as im:
+            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        res = method.segment([image], names)
+        labels = res.labels[0].cpu()
+        save_png(colorize(labels), out / f"{p.stem}_labels.png")
+        save_png(overlay_panel(image, None, labels), out / f"{p.stem}_overlay.png")
+        if args.save_scores:
+            from safetensors.torch import save_file
+
+            save_file({"scores": res.scores[0].float().cpu().contiguous(), "labels": labels.contiguous()},
+                      str(out / f"{p.stem}_scores.safetensors"),
+                      metadata={"class_names": json.dumps(res.class_names), "method": args.method})
+        counts = torch.bincount(labels.flatten().clamp(0, 255), minlength=len(names))
+        results.append({"image": str(p), "pixels": {n: int(counts[i]) for i, n in enumerate(names)}})
+    print(json.dumps({"out": str(out), "class_names": names, "images": results}, indent=2))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import weakseg
     from weakseg.eval import evaluate, open_eval_dataset
@@ -103,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_demo)
+
+    s = sub.add_parser("segment", help="segment images with a method; writes label PNGs and overlays to --out")
+    s.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    s.add_argument("--method", required=True, help="a registered method (weakseg info lists them)")
+    s.add_argument("--classes", required=True, help="comma-separated candidate classes, e.g. cat,dog")
+    s.add_argument("--no-background", action="store_true", help="no background class: plain argmax over --classes")
+    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of method options")
+    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="method options")
+    s.add_argument("--out", default="outputs/segment", help="output directory (default: outputs/segment)")
+    s.add_argument("--save-scores", action="store_true", help="also write the per-class scores (safetensors)")
+    s.set_defaults(func=_segment)
 
     s = sub.add_parser("eval", help="score a method on a dataset: metrics.json, metrics.md, overlays; resumable")
     s.add_argument("--method", required=True, help="a registered method (weakseg info lists them)")
