@@ -250,8 +250,10 @@ class DiffSegmenterConfig(MethodConfig):
 
 def build_prompt(template: str, name: str, continuation: str = "") -> str:
     """The class prompt: ``template`` with ``{c}`` = ``name``, then the caption continuation (if any)
-    after one space."""
-    prompt = template.format(c=name)
+    after one space. A multi-word name followed by a weight (``{c}++``) is parenthesised, so Compel's
+    weight covers every word of it (``(potted plant)++``), not only the last."""
+    weighted = "{c}+" in template
+    prompt = template.format(c=f"({name})" if weighted and len(name.split()) > 1 else name)
     cont = continuation.strip()
     return f"{prompt} {cont}" if cont else prompt
 
