@@ -317,3 +317,40 @@ def test_fp16_on_gpu_matches_fp32(tok_dir):
     unfused = DiffSegmenter(_cfg(device="cuda", dtype="float16", propagation="reference"),
                             backbone=m.sd).class_maps(imgs, items)
     torch.testing.assert_close(half, unfused, atol=5e-3, rtol=0)
+
+
+def test_blip_captioner_from_a_local_directory(sd, tmp_path, monkeypatch):
+    """A tiny random BLIP, saved and read back offline; its caption continues the seeded prompt."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photograph", "of", "cat", "dog", "sitting", "on",
+             "mat", "the", "grass"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    cfg = BlipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, encoder_hidden_size=32, bos_token_id=tok.bos_token_id,
+                                      pad_token_id=0, sep_token_id=3),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=16), projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BlipForConditionalGeneration(cfg).save_pretrained(tmp_path / "blip")
+    proc.save_pretrained(tmp_path / "blip")
+
+    def no_network(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    m = DiffSegmenter(_cfg(captioner=str(tmp_path / "blip"), caption_max_new_tokens=4), backbone=sd)
+    img = _images(1)[0]
+    cont = m.caption(img, "cat")
+    assert cont == m.caption(img, "cat")  # greedy decoding: deterministic
+    assert 0 < len(cont.split()) <= 4 and set(cont.split()) <= set(words[5:])
+    prompts = []
+    monkeypatch.setattr(m, "class_maps", lambda imgs, items: prompts.extend(items) or torch.zeros(len(items), 8, 8))
+    m.segment([img], NAMES, torch.tensor([[True, True, False, False]]))
+    assert prompts == [(0, "cat", cont)]
+    assert_raises_naming(lambda: DiffSegmenter(_cfg(captioner=str(tmp_path / "none")), backbone=sd).caption(img, "cat"),
+                         OSError, ["captioner", "none"])
