@@ -90,7 +90,9 @@ def _segment(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"IMAGE: no such file {p}")
         with Image.open(p) as im:
             image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
-        res = method.segment([image], names)
+        # the given classes are the ones to segment; --open-vocab lets the method pick among them
+        given = None if args.open_vocab else torch.ones(1, len(names), dtype=torch.bool)
+        res = method.segment([image], names, given)
         labels = res.labels[0].cpu()
         save_png(colorize(labels), out / f"{p.stem}_labels.png")
         save_png(overlay_panel(image, None, labels), out / f"{p.stem}_overlay.png")
@@ -154,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="method options")
     s.add_argument("--out", default="outputs/segment", help="output directory (default: outputs/segment)")
     s.add_argument("--save-scores", action="store_true", help="also write the per-class scores (safetensors)")
+    s.add_argument("--open-vocab", action="store_true",
+                   help="treat --classes as a vocabulary: the method's tagger picks the classes present")
     s.set_defaults(func=_segment)
 
     s = sub.add_parser("eval", help="score a method on a dataset: metrics.json, metrics.md, overlays; resumable")
