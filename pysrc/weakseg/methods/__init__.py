@@ -3,3 +3,5 @@
 The methods of DESIGN.md (moduseg, synseg, diclip, diffsegmenter, iseg) land
 here with their issues; importing this package registers every one present.
 """
+
+from weakseg.methods import iseg  # noqa: F401,E402
