@@ -100,7 +100,7 @@ def build_class_prompt(tokenizer, names: Sequence[str], *, prefix: str = "a phot
     ids = tokenizer(text, add_special_tokens=True).input_ids
     for name, toks in zip(names, class_tokens):
         want = tokenizer(name, add_special_tokens=False).input_ids
-        if [ids[i] for i in toks] != want:
+        if [ids[i] if i < len(ids) else None for i in toks] != want:
             raise ValueError(f"build_class_prompt: class {name!r} is not at token positions {list(toks)} of {text!r} "
                              f"(BPE merged across pieces; prefix and joiner must end and start at word boundaries)")
     return ClassPrompt(text, tuple(names), tuple(class_tokens), tuple(selected))
