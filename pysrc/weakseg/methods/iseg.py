@@ -1,0 +1,493 @@
+"""iSeg (``weakseg.create("iseg")``): training-free segmentation from one Stable Diffusion 2.1 pass,
+by entropy-reduced self-attention and N-step iterative propagation of cross-attention maps
+(specs/diffsegmenter_iseg.md §1-§4, §7; the reference code's semantics and defaults).
+
+Per image (batched through the UNet, one prompt per image):
+
+1. Image -> 512x512 (bilinear), VAE posterior mean x 0.18215 -> latent z (4, 64, 64); noise drawn from
+   a generator re-seeded with ``seed`` (1101) for every image; ``z_t = add_noise(z, eps, t=100)``.
+2. Prompt ``"a photograph of A and B ... and other object and background, <stuff words>"`` with the
+   image's classes only (image-level labels, or the classes CLIP tags in the open-vocabulary setting).
+   Token bookkeeping: class 1 starts at position 4, every next class after "and"; multi-token names
+   are counted by the tokenizer; per-class token subsets from ``token_words`` ("potted plant" -> the
+   "plant" tokens). Category-enhanced cross-attention: the text-encoder output rows of the selected
+   class tokens are multiplied by ``gamma`` = 1.6 (so K and V of every cross-attention layer).
+3. One conditional UNet call capturing the cross-attention of the 32x32 layers (``down_blocks.1.
+   attentions.1``, ``up_blocks.2.attentions.0/1``) and 16x16 layers (``down_blocks.2.attentions.0/1``,
+   ``up_blocks.1.attentions.0/1/2``), heads concatenated in forward order (optional head subsets, the
+   VOC presets use the reference's 9 of 30 and 41 of 100), and of the self-attention layer
+   ``up_blocks.3.attentions.1.transformer_blocks.0.attn1`` (64x64), heads [1, 2].
+4. Cross fusion: per resolution, mean over the chosen heads, each token map divided by its sum over
+   pixels, bilinear to 64x64, weights 0.7 (16) / 0.3 (32), summed -> (77, 64, 64).
+5. KL clustering (``use_cluster``, on as in the code): the 4096 per-pixel 77-d vectors are clustered
+   by ``weakseg.ops.kl_kmeans`` (symmetric KL) from a grid of seeds (rows/cols 0, 11, ..., 55 at 64x64:
+   step ``side // sqrt(cluster_number)``, cluster_number 32), 20 iterations; each pixel's vector is
+   replaced by its cluster mean.
+6. Per class: mean of its selected token columns -> C0 (4096, K).
+7. Refinement (``weakseg.ops.refine_propagate``, exact code order): ``T = A / colmax(A)``,
+   ``T += ent * log10(e*T)`` (T > 0), clamp >= 0, row-normalise, then ``steps`` times
+   ``C = P @ C`` with per-class min/sum normalisation. ``fused_qk=True`` captures only q, k of the
+   self-attention layer and calls ``refine_propagate_qk`` (no P x P float32 matrix on CUDA);
+   ``fused_qk=False`` captures the head-mean probabilities and calls ``refine_propagate``.
+   ``use_ers=False``: the code's non-ERS path, one product with the all-head mean self-attention.
+   ``baseline=True``: no self-attention at all, the fused cross maps C0 are the output.
+8. Maps (K, 64, 64) -> bilinear to the image size -> per-class min-max -> background rule
+   (``(1 - max)^2``, or a threshold, ``methods.common.scores_to_labels``).
+
+Deliberate differences from the reference code: the maps are resized straight to the image size (the
+code goes through 512x512 and then to the mask size); the KL distance clamps at 1e-5 (the code
+replaces exact zeros by 1e-6); token counts come from the tokenizer rather than a hand-written table.
+
+Presets (:data:`PRESETS`, ``ISegConfig.from_preset(name)`` or ``create("iseg", preset=name)``):
+``voc-wsss``, ``coco-wsss`` (pseudo-masks with image-level labels), ``voc-ovs``, ``context-ovs``,
+``coco-ovs`` (open vocabulary). The OVS presets replicate the code's prompt "... and background" +
+stuff words without a separator (``background_separator=""``); set it to ", " to fix that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
+from weakseg.methods.common import (BackgroundRule, clip_tag_classes, has_background, image_label_mask,
+                                    minmax_per_class, resize_maps, scores_to_labels)
+from weakseg.methods.diffusion_common import (ClassPrompt, build_class_prompt, fuse_cross_attention,
+                                              select_token_maps)
+
+__all__ = ["ISeg", "ISegConfig", "PRESETS", "SELF_LAYER", "CROSS_LAYERS_16", "CROSS_LAYERS_32", "VOC_HEADS_16",
+           "VOC_HEADS_32", "cluster_seeds", "load_stable_diffusion"]
+
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+
+
+def _layer(block: str) -> str:
+    return f"{block}.transformer_blocks.0"
+
+
+SELF_LAYER = _layer("up_blocks.3.attentions.1") + ".attn1"
+# forward order (down -> mid -> up): the order in which the reference concatenates heads
+CROSS_LAYERS_32 = tuple(_layer(b) + ".attn2" for b in
+                        ("down_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"))
+CROSS_LAYERS_16 = tuple(_layer(b) + ".attn2" for b in
+                        ("down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
+                         "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"))
+# the reference's VOC head subsets (att_mean=False), indices into the heads of the layers above
+# concatenated in forward order (SD 2.1: 3 x 10 = 30 heads at 32x32, 5 x 20 = 100 at 16x16)
+VOC_HEADS_32 = (22, 5, 21, 13, 8, 27, 28, 6, 25)
+VOC_HEADS_16 = (76, 1, 43, 17, 81, 6, 44, 27, 2, 8, 22, 20, 60, 78, 12, 83, 94, 47, 88, 96, 3, 33, 46, 52, 77, 93,
+                51, 58, 0, 13, 14, 19, 34, 41, 59, 87, 16, 24, 28, 30, 32)
+
+VOC_STUFF = "ground, land, grass, tree, building, wall, sky, lake, water"
+COCO_STUFF = "ground, land, grass, tree, building, wall, sky, lake, water, river, sea, railway, "
+# dataset name -> the name iSeg writes in its prompt (voc_name20 / coco_name80)
+VOC_RENAMES = {"aeroplane": "plane", "diningtable": "dining table", "pottedplant": "potted plant",
+               "tvmonitor": "tv monitor"}
+COCO_RENAMES = {"person": "people", "airplane": "plane", "motorcycle": "motorbike", "couch": "sofa",
+                "tv": "tv monitor"}
+# prompt name -> indices of the words whose tokens make the class map (others: every token)
+TOKEN_WORDS = {"potted plant": [1], "tv monitor": [1], "traffic light": [1], "fire hydrant": [1],
+               "baseball bat": [1], "baseball glove": [1], "tennis racket": [1], "wine glass": [1]}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "voc-wsss": dict(ent=0.015, steps=10, background="power", background_value=2.0, heads_16=VOC_HEADS_16,
+                     heads_32=VOC_HEADS_32, background_words=VOC_STUFF, background_separator=", ",
+                     class_renames=VOC_RENAMES),
+    "coco-wsss": dict(ent=0.1, steps=10, background="threshold", background_value=0.45, heads_16=None, heads_32=None,
+                      background_words=COCO_STUFF, background_separator=", ", class_renames=COCO_RENAMES),
+    "voc-ovs": dict(ent=0.015, steps=8, background="power", background_value=2.0, heads_16=VOC_HEADS_16,
+                    heads_32=VOC_HEADS_32, background_words=VOC_STUFF, background_separator="",
+                    class_renames=VOC_RENAMES),
+    "context-ovs": dict(ent=0.002, steps=5, background="power", background_value=2.0, heads_16=None, heads_32=None,
+                        background_words="", background_separator="", class_renames={}),
+    "coco-ovs": dict(ent=0.2, steps=10, background="threshold", background_value=0.45, heads_16=None, heads_32=None,
+                     background_words=COCO_STUFF, background_separator="", class_renames=COCO_RENAMES),
+}
+
+TAGGERS = ("clip", "all")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class ISegConfig(MethodConfig):
+    """Every default is the reference code's (VOC WSSS, specs/diffsegmenter_iseg.md §7), except the
+    cross-attention head subsets (all heads here; the VOC presets use the reference's subsets).
+
+    model: SD 2.1-base hub name or a local diffusers directory; "tiny" / "tiny-sd15" build random tiny
+    models (tests; 4 heads per layer so heads [1, 2] exist); "toy" is reserved for the toy-world
+    weights. cache_dir: hub download folder. device: "cpu" / "cuda". dtype: "auto" (float16 on CUDA,
+    float32 on CPU), "float32", "float16" or "bfloat16" (reduced precision only on GPU).
+    seed: the noise seed, re-applied for every image (1101). t: the UNet timestep (100).
+    size: side the image is resized to before the VAE (512 -> 64x64 latents). batch_size: images per
+    UNet call.
+    prompt_prefix / class_joiner / background_prompt / background_separator / background_words: the
+    prompt is ``prefix + joiner.join(classes) + background_prompt + separator + words``.
+    class_renames: dataset name -> prompt name. token_words: prompt name -> word indices whose tokens
+    give the class map (others use all tokens). gamma: the class-token embedding scale (1 = off).
+    cross_layers_16 / cross_layers_32: the cross-attention layers of the 16x16 / 32x32 grids (names at
+    512 px input), in forward order. heads_16 / heads_32: head subsets, indices into the
+    concatenation of those layers' heads (None: all). cross_weight_16 / cross_weight_32: 0.7 / 0.3.
+    self_layer / self_heads: the self-attention layer and heads of the refinement ([1, 2]).
+    use_cluster / cluster_number / cluster_iterations: KL clustering smoothing (on, 32 -> a 6x6 grid of
+    seeds at 64x64, 20 iterations). use_ers / ent / steps: entropy-reduced self-attention and the
+    number of propagation steps (0.015, 10). baseline: no self-attention propagation. fused_qk: capture
+    q, k and use ``refine_propagate_qk`` (True) or the head-mean probabilities and ``refine_propagate``.
+    background / background_value: "power" with the exponent ((1 - max)^2) or "threshold" with the cut
+    (COCO 0.45). tagger: open-vocabulary candidates when no image labels are given: "clip" (zero-shot
+    tagging with clip_model / clip_pretrained, top tag_topk with probability >= tag_threshold, prompt
+    templates tag_templates) or "all" (every class in the prompt). preset: the preset these values
+    came from (see :data:`PRESETS`).
+    """
+
+    model: str = SD21_BASE
+    cache_dir: str | None = None
+    dtype: str = "auto"
+    seed: int = 1101
+    t: int = 100
+    size: int = 512
+    batch_size: int = 4
+    prompt_prefix: str = "a photograph of "
+    class_joiner: str = " and "
+    background_prompt: str = " and other object and background"
+    background_separator: str = ", "
+    background_words: str = VOC_STUFF
+    class_renames: dict = field(default_factory=lambda: dict(VOC_RENAMES))
+    token_words: dict = field(default_factory=lambda: {k: list(v) for k, v in TOKEN_WORDS.items()})
+    gamma: float = 1.6
+    cross_layers_16: tuple = CROSS_LAYERS_16
+    cross_layers_32: tuple = CROSS_LAYERS_32
+    heads_16: tuple | None = None
+    heads_32: tuple | None = None
+    cross_weight_16: float = 0.7
+    cross_weight_32: float = 0.3
+    self_layer: str = SELF_LAYER
+    self_heads: tuple = (1, 2)
+    use_cluster: bool = True
+    cluster_number: int = 32
+    cluster_iterations: int = 20
+    use_ers: bool = True
+    ent: float = 0.015
+    steps: int = 10
+    baseline: bool = False
+    fused_qk: bool = True
+    background: str = "power"
+    background_value: float = 2.0
+    tagger: str = "clip"
+    clip_model: str = "ViT-B-16"
+    clip_pretrained: str = "openai"
+    tag_topk: int = 3
+    tag_threshold: float = 0.1
+    tag_templates: str = "ensemble"
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"ISegConfig.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+            # direct construction: the preset fills the fields left at their defaults
+            defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                        for f in fields(self)}
+            for k, v in PRESETS[self.preset].items():
+                if getattr(self, k) == defaults[k]:
+                    setattr(self, k, v)
+        for name in ("cross_layers_16", "cross_layers_32", "self_heads"):
+            setattr(self, name, tuple(getattr(self, name)))
+        for name in ("heads_16", "heads_32"):
+            v = getattr(self, name)
+            setattr(self, name, None if v is None else tuple(int(h) for h in v))
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name, want):
+            raise ValueError(f"ISegConfig.{name}: expected {want}, got {getattr(self, name)!r}")
+
+        if self.dtype not in DTYPES:
+            bad("dtype", "one of " + ", ".join(DTYPES))
+        if self.dtype in ("float16", "bfloat16") and not str(self.device).startswith("cuda"):
+            raise ValueError(f"ISegConfig.dtype: {self.dtype} runs only on a GPU (device={self.device!r}); use "
+                             "float32 or 'auto' on the CPU")
+        if self.tagger not in TAGGERS:
+            bad("tagger", "one of " + ", ".join(TAGGERS))
+        for name in ("size", "batch_size", "cluster_number", "cluster_iterations", "tag_topk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "an int >= 1")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            bad("steps", "an int >= 0")
+        if not self.ent >= 0:
+            bad("ent", "a number >= 0")
+        if not self.gamma > 0:
+            bad("gamma", "a number > 0")
+        if self.cross_weight_16 == 0 and self.cross_weight_32 == 0:
+            raise ValueError("ISegConfig.cross_weight_16 / cross_weight_32: at least one must be non-zero")
+        if not self.self_heads:
+            bad("self_heads", "a non-empty list of head indices")
+        BackgroundRule(self.background, float(self.background_value))  # raises with the field named
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ISegConfig":
+        """Preset values (if ``values["preset"]`` names one), then every other value given."""
+        values = dict(values)
+        preset = values.pop("preset", None)
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"ISegConfig.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        merged = {**(PRESETS[preset] if preset else {}), **values}
+        cfg = super().from_dict(merged)
+        cfg.preset = preset
+        return cfg
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ISegConfig":
+        return cls.from_dict({"preset": name, **overrides})
+
+    @property
+    def background_rule(self) -> BackgroundRule:
+        return BackgroundRule(self.background, float(self.background_value))
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if str(self.device).startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)
+
+
+def load_stable_diffusion(config: ISegConfig):
+    """The backbone named by ``config.model`` on ``config.device`` in ``config.torch_dtype()``."""
+    from weakseg.backbones.diffusion import StableDiffusionBackbone
+
+    name, dtype = config.model, config.torch_dtype()
+    if name in ("tiny", "tiny-sd15"):
+        sd = StableDiffusionBackbone.tiny(seed=0, layout="sd21" if name == "tiny" else "sd15", heads=4)
+    elif name == "toy":
+        # hook for the toy-world weights: they will be a local diffusers directory
+        raise ValueError("ISegConfig.model='toy': the toy-world Stable Diffusion weights are not shipped yet; pass "
+                         "their local directory (a diffusers pipeline folder) as model instead")
+    else:
+        sd = StableDiffusionBackbone.from_pretrained(name, cache_dir=config.cache_dir, device=config.device, dtype=dtype)
+    sd.set_scheduler("ddim")
+    return _to(sd, config.device, dtype)
+
+
+def _to(sd, device, dtype: torch.dtype):
+    """Move/cast only when needed (diffusers warns on every dtype cast)."""
+    if sd.device != torch.device(device) or sd.dtype != dtype:
+        sd.to(device, dtype if sd.dtype != dtype else None)
+    return sd
+
+
+def _colnorm(c: torch.Tensor) -> torch.Tensor:
+    """(B, P, K): each column minus its minimum, divided by its sum (0 where the sum is 0)."""
+    c = c - c.amin(dim=1, keepdim=True)
+    s = c.sum(dim=1, keepdim=True)
+    return torch.where(s > 0, c / torch.where(s > 0, s, 1), torch.zeros_like(c))
+
+
+def cluster_seeds(h: int, w: int, number: int = 32, device=None) -> torch.Tensor:
+    """Row-major indices of the seed pixels of the KL clustering: rows and columns
+    ``0, s, 2s, ... < side`` with ``s = side // sqrt(number)`` (64x64, 32 -> s = 11, 36 seeds)."""
+    root = math.sqrt(number)
+    rows = torch.arange(0, h, max(1, int(h // root)))
+    cols = torch.arange(0, w, max(1, int(w // root)))
+    return (rows[:, None] * w + cols[None, :]).flatten().to(device)
+
+
+@METHODS.register("iseg", config=ISegConfig)
+class ISeg:
+    """iSeg segmenter (module docstring). ``ISeg(config, backbone=None, clip=None)``: ``backbone`` (a
+    ``StableDiffusionBackbone``) and ``clip`` (a ``CLIPBackbone`` for open-vocabulary tagging) replace
+    the models ``config`` names."""
+
+    def __init__(self, config: ISegConfig, backbone=None, clip=None):
+        if not isinstance(config, ISegConfig):
+            raise TypeError(f"ISeg: expected an ISegConfig, got {type(config).__name__}")
+        self.config = config
+        self.sd = load_stable_diffusion(config) if backbone is None else _to(backbone, config.device,
+                                                                              config.torch_dtype())
+        self._clip = clip
+        self._plan_cross = {16: self._head_plan(config.cross_layers_16, config.heads_16, "16"),
+                            32: self._head_plan(config.cross_layers_32, config.heads_32, "32")}
+        layers = self.sd.attention_layers()
+        if config.self_layer not in layers or layers[config.self_layer][0] != "self":
+            raise ValueError(f"ISegConfig.self_layer: {config.self_layer!r} is not a self-attention layer of the UNet")
+        n = layers[config.self_layer][1]
+        if max(config.self_heads) >= n or min(config.self_heads) < 0:
+            raise ValueError(f"ISegConfig.self_heads: {list(config.self_heads)} out of range for {config.self_layer!r}, "
+                             f"which has {n} heads")
+
+    # ------------------------------------------------------------------ plans
+    def _head_plan(self, layer_names: Sequence[str], heads, res: str) -> list[tuple[str, tuple[int, ...] | None]]:
+        """[(layer, local heads or None)] for one resolution; global head indices run over the layers'
+        heads concatenated in the given order."""
+        info = self.sd.attention_layers()
+        weight = getattr(self.config, f"cross_weight_{res}")
+        if weight == 0:
+            return []
+        if not layer_names:
+            raise ValueError(f"ISegConfig.cross_layers_{res}: expected at least one layer (its weight is {weight})")
+        counts = []
+        for name in layer_names:
+            if name not in info or info[name][0] != "cross":
+                raise ValueError(f"ISegConfig.cross_layers_{res}: {name!r} is not a cross-attention layer of the UNet")
+            counts.append(info[name][1])
+        if heads is None:
+            return [(n, None) for n in layer_names]
+        total = sum(counts)
+        bad = [h for h in heads if not 0 <= h < total]
+        if bad or not heads:
+            raise ValueError(f"ISegConfig.heads_{res}: head indices {bad or list(heads)} out of range; the layers "
+                             f"cross_layers_{res} have {total} heads in all ({counts})")
+        plan, start = [], 0
+        for name, c in zip(layer_names, counts):
+            local = tuple(sorted(h - start for h in heads if start <= h < start + c))
+            if local:
+                plan.append((name, local))
+            start += c
+        return plan
+
+    def capture_specs(self) -> list:
+        """The ``LayerCapture`` specs of one UNet call (what the spec names: layers, heads, store)."""
+        from weakseg.backbones.attention import LayerCapture
+
+        cfg = self.config
+        specs = [LayerCapture(name, store="probs", heads=heads)
+                 for res in (16, 32) for name, heads in self._plan_cross[res]]
+        if not cfg.baseline:
+            heads = tuple(cfg.self_heads) if cfg.use_ers else None
+            specs.append(LayerCapture(cfg.self_layer, store="qk" if cfg.fused_qk else "mean", heads=heads))
+        return specs
+
+    # ------------------------------------------------------------------ prompts and candidates
+    def prompt(self, names: Sequence[str]) -> ClassPrompt:
+        """The prompt of one image with the (dataset) class ``names`` (renamed by ``class_renames``)."""
+        cfg = self.config
+        words = [cfg.class_renames.get(n, n) for n in names]
+        suffix = cfg.background_prompt + cfg.background_separator + cfg.background_words
+        if not words:  # no class: "a photograph of other object and background, ..."
+            suffix = suffix[len(" and "):] if suffix.startswith(" and ") else suffix.lstrip()
+        return build_class_prompt(self.sd.tokenizer, words, prefix=cfg.prompt_prefix, joiner=cfg.class_joiner,
+                                  suffix=suffix, select_words=cfg.token_words)
+
+    def clip(self):
+        if self._clip is None:
+            from weakseg.backbones.clip import CLIPBackbone
+
+            cfg = self.config
+            if cfg.clip_model == "tiny":
+                self._clip = CLIPBackbone.tiny(seed=0, device=cfg.device)
+            else:
+                self._clip = CLIPBackbone.from_pretrained(cfg.clip_model, pretrained=cfg.clip_pretrained or None,
+                                                          cache_dir=cfg.cache_dir, device=cfg.device)
+        return self._clip
+
+    def candidates(self, images: list[torch.Tensor], class_names: Sequence[str],
+                   image_labels: torch.Tensor | None) -> torch.Tensor:
+        """(B, C) bool of the classes put in each image's prompt: the image-level labels (WSSS); else
+        CLIP zero-shot tagging (``tagger="clip"``) or every class (``"all"``)."""
+        B, C = len(images), len(class_names)
+        if image_labels is not None or self.config.tagger == "all":
+            return image_label_mask(image_labels, B, C, torch.device("cpu"))
+        cfg = self.config
+        return clip_tag_classes(self.clip(), images, class_names, topk=cfg.tag_topk, threshold=cfg.tag_threshold,
+                                templates=cfg.tag_templates).cpu()
+
+    # ------------------------------------------------------------------ the pipeline
+    @torch.no_grad()
+    def class_maps(self, images: list[torch.Tensor], names: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """Per image, the (K_b, h, w) float32 maps of its K_b classes ``names[b]`` on the latent grid,
+        before upsampling and min-max (step 7 of the module docstring)."""
+        out: list[torch.Tensor] = []
+        bs = self.config.batch_size
+        for i in range(0, len(images), bs):
+            out.extend(self._class_maps_batch(images[i:i + bs], names[i:i + bs]))
+        return out
+
+    def _noise(self, B: int, shape) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(self.config.seed))
+        one = torch.randn((1, *shape), generator=g)
+        return one.expand(B, *shape).contiguous()  # the same draw for every image: re-seeded per image
+
+    def _class_maps_batch(self, images, names) -> list[torch.Tensor]:
+        cfg, sd = self.config, self.sd
+        z = sd.encode_images(images, size=cfg.size, sample=False, resample="bilinear")
+        B, _, h, w = z.shape
+        noise = self._noise(B, z.shape[1:]).to(z)
+        zt, _ = sd.add_noise(z, cfg.t, noise)
+        prompts = [self.prompt(n) for n in names]
+        embeds, _ = sd.encode_prompt([p.text for p in prompts])
+        if cfg.gamma != 1:
+            embeds = sd.reweight(embeds, [p.selected_flat for p in prompts], cfg.gamma)
+        _, store = sd.unet(zt, cfg.t, embeds, capture=self.capture_specs())
+
+        per_res, weights = {}, {16: cfg.cross_weight_16, 32: cfg.cross_weight_32}
+        for res, plan in self._plan_cross.items():
+            if not plan:
+                continue
+            probs = torch.cat([store.probs(name) for name, _ in plan], dim=1)  # (B, heads, P, T)
+            gh, gw = store.grid(plan[0][0])
+            per_res[res] = probs.mean(1).transpose(1, 2).reshape(B, -1, gh, gw)
+        fused = fuse_cross_attention(per_res, weights, (h, w), norm="sum", order="norm-resize")  # (B, T, h, w)
+        x = fused.flatten(2).transpose(1, 2).contiguous()  # (B, P, T)
+        if cfg.use_cluster:
+            from weakseg.ops import kl_kmeans
+
+            seeds = cluster_seeds(h, w, cfg.cluster_number, device=x.device)
+            labels, cents = kl_kmeans(x, seeds, cfg.cluster_iterations)
+            x = torch.gather(cents.to(x.dtype), 1, labels[..., None].expand(-1, -1, x.shape[2]))
+        c0 = select_token_maps(x.transpose(1, 2), [p.selected for p in prompts]).transpose(1, 2)  # (B, P, K)
+        c = self._refine(store, c0, (h, w)) if not cfg.baseline else c0.float()
+        return [c[b, :, : len(names[b])].transpose(0, 1).reshape(-1, h, w).float() for b in range(B)]
+
+    def _refine(self, store, c0: torch.Tensor, hw) -> torch.Tensor:
+        from weakseg.ops import refine_propagate, refine_propagate_qk
+
+        cfg = self.config
+        if tuple(store.grid(cfg.self_layer)) != tuple(hw):
+            raise ValueError(f"ISegConfig.self_layer: {cfg.self_layer!r} runs on a {store.grid(cfg.self_layer)} grid, "
+                             f"not the {tuple(hw)} latent grid the cross maps are fused on")
+        c0 = c0.float()
+        if c0.shape[2] == 0:
+            return c0
+        if cfg.fused_qk:
+            q, k = store.qk(cfg.self_layer)
+            scale = store.scale(cfg.self_layer)
+            if cfg.use_ers:
+                return refine_propagate_qk(q, k, c0, float(cfg.ent), int(cfg.steps), scale).float()
+            # non-ERS: one product with the all-head mean attention = mean_h SDPA(q_h, k_h, C)
+            v = _colnorm(c0)[:, None].expand(-1, q.shape[1], -1, -1)
+            return F.scaled_dot_product_attention(q.float(), k.float(), v, scale=scale).mean(1)
+        attn = store.mean(cfg.self_layer)  # (B, P, P) head mean of the probabilities, rows = queries
+        if cfg.use_ers:
+            return refine_propagate(attn, c0, float(cfg.ent), int(cfg.steps)).float()
+        return attn.float() @ _colnorm(c0)
+
+    def segment(self, images, class_names: Sequence[str], image_labels: torch.Tensor | None = None
+                ) -> SegmentationOutput:
+        """images: RGB uint8 (B, 3, H, W) or a list of same-sized (3, H, W); class_names: the C classes
+        (background first if the dataset has one); image_labels: optional (B, C) bool. Returns scores
+        (B, C, H, W) (per-class min-max maps of the prompt classes, 0 for the others, the background
+        from the rule) and labels (B, H, W)."""
+        items = check_images(images)
+        sizes = {tuple(im.shape[-2:]) for im in items}
+        if len(sizes) != 1:
+            raise ValueError(f"images: one batch must share one size (scores are (B, C, H, W)), got sizes "
+                             f"{sorted(sizes)}; segment them separately")
+        class_names = list(class_names)
+        if not class_names:
+            raise ValueError("class_names: expected at least one class")
+        bg = int(has_background(class_names))
+        allowed = self.candidates(items, class_names, image_labels)
+        fg_idx = [torch.nonzero(allowed[b, bg:]).flatten().tolist() for b in range(len(items))]
+        names = [[class_names[bg + j] for j in idx] for idx in fg_idx]
+        maps = self.class_maps(items, names)
+        H, W = sizes.pop()
+        fg = torch.zeros(len(items), len(class_names) - bg, H, W)
+        for b, (m, idx) in enumerate(zip(maps, fg_idx)):
+            if idx:
+                # the maps live on a 1/P scale (propagated distributions): an eps of 1e-5 in the
+                # min-max would be a few % of their range, so use a negligible one (the code has none)
+                fg[b, idx] = minmax_per_class(resize_maps(m[None], (H, W)), eps=1e-12)[0].cpu()
+        scores, labels = scores_to_labels(fg, class_names, allowed, self.config.background_rule)
+        return SegmentationOutput(scores=scores, labels=labels, class_names=class_names)
