@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["BACKGROUND_NAMES", "has_background", "minmax_per_class", "resize_maps", "background_channel",
-           "scores_to_labels", "image_label_mask", "clip_tag_classes", "BackgroundRule"]
+           "scores_to_labels", "image_label_mask", "clip_tag_classes", "BackgroundRule", "StageTimer"]
 
 BACKGROUND_NAMES = ("background", "bg", "_background_", "backgroud")
 
@@ -144,3 +144,42 @@ def clip_tag_classes(clip, images, class_names: Sequence[str], topk: int = 3, th
     if bg_first:
         keep = torch.cat([torch.ones_like(keep[:, :1]), keep], dim=1)
     return keep
+
+
+class StageTimer:
+    """Wall time per named stage of a method's pipeline (e.g. "unet", "refine"), summed over
+    calls; on CUDA the device is synchronised at stage boundaries so the times are real.
+
+        with self.timer("unet"):
+            ...
+        self.timer.totals  # {"unet": seconds, ...}; self.timer.reset()
+    """
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.counts.clear()
+
+    def __call__(self, stage: str, device: torch.device | str | None = None):
+        import contextlib
+        import time
+
+        dev = torch.device(device) if device is not None else None
+
+        @contextlib.contextmanager
+        def ctx():
+            if dev is not None and dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                if dev is not None and dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - t0
+                self.counts[stage] = self.counts.get(stage, 0) + 1
+
+        return ctx()

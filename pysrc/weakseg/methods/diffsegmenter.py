@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from weakseg.backbones.attention import LayerCapture
 from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
-from weakseg.methods.common import (BackgroundRule, clip_tag_classes, has_background, image_label_mask,
+from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, has_background, image_label_mask,
                                     minmax_per_class, resize_maps, scores_to_labels)
 
 __all__ = ["DiffSegmenterConfig", "DiffSegmenter", "PRESETS", "SELF_ATTENTION_LAYERS", "CROSS_ATTENTION_LAYERS",
@@ -368,6 +368,7 @@ class DiffSegmenter:
 
     def __init__(self, config: DiffSegmenterConfig | None = None, backbone=None, clip=None, captioner=None):
         self.config = config if config is not None else DiffSegmenterConfig()
+        self.timer = StageTimer()  # seconds per stage: "unet", "refine"
         if not isinstance(self.config, DiffSegmenterConfig):
             raise TypeError(f"DiffSegmenter: expected a DiffSegmenterConfig, got {type(self.config).__name__}")
         self.sd = backbone if backbone is not None else _load_backbone(self.config)
@@ -490,25 +491,33 @@ class DiffSegmenter:
             embeds, _ = sd.encode_prompt([prompts[i] for i in chunk])
             acc = torch.zeros(len(chunk), *hw, dtype=torch.float32, device=sd.device)
             for t in cfg.timesteps:
-                zt, _ = sd.add_noise(z[idx], t, noise=eps[idx])
-                _, store = sd.unet(zt, t, embeds, capture=self.capture_specs())
-                cross = [store.resolution_mean("cross", r) for r in reversed(store.resolutions("cross"))]
-                x = fuse_cross_attention(cross, [tokens[i] for i in chunk], cfg.cross_weights, hw)
-                if not cfg.baseline:
-                    grids = {store.grid(n) for n in self_names}
-                    if grids != {hw}:
-                        raise ValueError(f"DiffSegmenter: the self-attention layers {self_names} run at "
-                                         f"{sorted(grids)}, not at the latent grid {hw}")
-                    flat = x.flatten(1)
-                    if cfg.propagation == "fused":
-                        m = propagate_fused([store.qk(n) for n in self_names], flat)
-                    else:
-                        m = propagate_reference(store.resolution_mean("self", hw), flat)
-                    x = m.view_as(x)
+                with self.timer("unet", sd.device):
+                    zt, _ = sd.add_noise(z[idx], t, noise=eps[idx])
+                    _, store = sd.unet(zt, t, embeds, capture=self.capture_specs())
+                with self.timer("refine", sd.device):
+                    x = self._refine(store, tokens, chunk, hw, self_names)
                 acc += x
                 store.reset()
             out[s:s + len(chunk)] = acc / len(cfg.timesteps)
         return out
+
+    def _refine(self, store, tokens, chunk, hw, self_names) -> torch.Tensor:
+        """Fused cross-attention maps of a chunk, propagated once by the 64x64 self-attention."""
+        cfg = self.config
+        cross = [store.resolution_mean("cross", r) for r in reversed(store.resolutions("cross"))]
+        x = fuse_cross_attention(cross, [tokens[i] for i in chunk], cfg.cross_weights, hw)
+        if cfg.baseline:
+            return x
+        grids = {store.grid(n) for n in self_names}
+        if grids != {hw}:
+            raise ValueError(f"DiffSegmenter: the self-attention layers {self_names} run at "
+                             f"{sorted(grids)}, not at the latent grid {hw}")
+        flat = x.flatten(1)
+        if cfg.propagation == "fused":
+            m = propagate_fused([store.qk(n) for n in self_names], flat)
+        else:
+            m = propagate_reference(store.resolution_mean("self", hw), flat)
+        return m.view_as(x)
 
     def segment(self, images, class_names: Sequence[str], image_labels: torch.Tensor | None = None,
                 captions: Sequence[str | None] | None = None) -> SegmentationOutput:

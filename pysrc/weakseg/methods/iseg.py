@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
-from weakseg.methods.common import (BackgroundRule, clip_tag_classes, has_background, image_label_mask,
+from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, has_background, image_label_mask,
                                     minmax_per_class, resize_maps, scores_to_labels)
 from weakseg.methods.diffusion_common import (ClassPrompt, build_class_prompt, fuse_cross_attention,
                                               select_token_maps)
@@ -304,6 +304,7 @@ class ISeg:
         if not isinstance(config, ISegConfig):
             raise TypeError(f"ISeg: expected an ISegConfig, got {type(config).__name__}")
         self.config = config
+        self.timer = StageTimer()  # seconds per stage: "unet", "refine"
         self.sd = load_stable_diffusion(config) if backbone is None else _to(backbone, config.device,
                                                                               config.torch_dtype())
         self._clip = clip
@@ -411,15 +412,21 @@ class ISeg:
 
     def _class_maps_batch(self, images, names) -> list[torch.Tensor]:
         cfg, sd = self.config, self.sd
-        z = sd.encode_images(images, size=cfg.size, sample=False, resample="bilinear")
-        B, _, h, w = z.shape
-        noise = self._noise(B, z.shape[1:]).to(z)
-        zt, _ = sd.add_noise(z, cfg.t, noise)
-        prompts = [self.prompt(n) for n in names]
-        embeds, _ = sd.encode_prompt([p.text for p in prompts])
-        if cfg.gamma != 1:
-            embeds = sd.reweight(embeds, [p.selected_flat for p in prompts], cfg.gamma)
-        _, store = sd.unet(zt, cfg.t, embeds, capture=self.capture_specs())
+        with self.timer("unet", sd.device):  # VAE, text encoder and the UNet pass with capture
+            z = sd.encode_images(images, size=cfg.size, sample=False, resample="bilinear")
+            B, _, h, w = z.shape
+            noise = self._noise(B, z.shape[1:]).to(z)
+            zt, _ = sd.add_noise(z, cfg.t, noise)
+            prompts = [self.prompt(n) for n in names]
+            embeds, _ = sd.encode_prompt([p.text for p in prompts])
+            if cfg.gamma != 1:
+                embeds = sd.reweight(embeds, [p.selected_flat for p in prompts], cfg.gamma)
+            _, store = sd.unet(zt, cfg.t, embeds, capture=self.capture_specs())
+        with self.timer("refine", sd.device):  # cross fusion, KL clustering, ERS + propagation
+            return self._refine_maps(store, names, prompts, B, h, w)
+
+    def _refine_maps(self, store, names, prompts, B: int, h: int, w: int) -> list[torch.Tensor]:
+        cfg = self.config
 
         per_res, weights = {}, {16: cfg.cross_weight_16, 32: cfg.cross_weight_32}
         for res, plan in self._plan_cross.items():
