@@ -28,6 +28,15 @@ TINY = {
 N_SCENES = 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train faster on one thread than on contended cores; restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("toywork")
@@ -116,11 +125,11 @@ def test_unet_stage_reduces_the_loss_on_a_fixed_batch(work, cache):
     sched = T._noise_scheduler()
     with torch.no_grad():
         l0 = float(T.unet_batch_loss(build_unet(0, TINY["unet"]), sched, z, cond, noise, t))
-    unet, rec = T.train_unet(cache, work / "u", _settings(10), vae, te, overrides=TINY["unet"], progress=False,
+    unet, rec = T.train_unet(cache, work / "u", _settings(8), vae, te, overrides=TINY["unet"], progress=False,
                              log=lambda m: None)
     with torch.no_grad():
         l1 = float(T.unet_batch_loss(unet, sched, z, cond, noise, t))
-    assert len(rec["losses"]) == 10 and l1 < 0.9 * l0, (l0, l1)
+    assert len(rec["losses"]) == 8 and l1 < 0.9 * l0, (l0, l1)
 
 
 # ------------------------------------------------------------------ resume
@@ -128,7 +137,7 @@ def test_unet_stage_reduces_the_loss_on_a_fixed_batch(work, cache):
 @pytest.mark.parametrize("stage", ["clip", "unet"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache, stage):
     def run(work, stop_at=None, resume=False):
-        st = _settings(6, batch=4, ckpt_every=2)
+        st = _settings(4, batch=4, ckpt_every=2)
         if stage == "clip":
             m, rec = T.train_clip(cache, work, st, overrides=TINY["clip"], progress=False, stop_at=stop_at,
                                   resume=resume)
@@ -142,12 +151,13 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache, stage)
     part, rec = run(tmp_path / "b", stop_at=3)
     assert rec["end_step"] == 3
     resumed, rec2 = run(tmp_path / "b", resume=True)
-    assert rec2["start_step"] == 3 and rec2["end_step"] == 6
+    assert rec2["start_step"] == 3 and rec2["end_step"] == 4
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert not torch.equal(part.state_dict()[k], a[k]) or stage  # the partial run differs (sanity of the setup)
+    # sanity of the set-up: the interrupted run's model at step 3 differs from the final one
+    assert any(not torch.equal(part.state_dict()[k], a[k]) for k in a)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, cache):
