@@ -10,8 +10,10 @@ The toy models use the component types of the real ones, so every real code path
   converted by :func:`text_tower_to_hf` (same weights, same hidden states), the offline CLIP BPE
   tokenizer with SD 2.x's "!" padding (ids equal open_clip's), and SD's scheduler configuration.
 
-The sizes keep the committed weights (fp16 storage) under 20 MB: the two copies of the 49,408-row token
-embedding dominate, so the text width is 32.
+The sizes keep the committed weights (fp16 storage) under 20 MB: CLIP ~5.0 MB (of which the 49,408 x 32
+token embedding is 3.2 MB), SD ~13.9 MB (UNet 2.8M parameters = 5.6 MB, text encoder 3.3 MB, tokenizer
+files 3.6 MB, VAE 0.7M parameters = 1.4 MB). The two copies of the token embedding dominate, hence the
+text width of 32.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ VAE_CONFIG: dict[str, Any] = dict(in_channels=3, out_channels=3, latent_channels
                                   scaling_factor=1.0)
 # diffusers UNet2DConditionModel with SD's block types (sd21-style: linear projections, per-level heads)
 UNET_CONFIG: dict[str, Any] = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                   block_out_channels=[64, 64, 96, 96],
+                                   block_out_channels=[64, 64, 64, 64],
                                    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-                                   attention_head_dim=[2, 2, 3, 3], cross_attention_dim=32, norm_num_groups=32,
+                                   attention_head_dim=[2, 2, 2, 2], cross_attention_dim=32, norm_num_groups=32,
                                    use_linear_projection=True)
 
 
