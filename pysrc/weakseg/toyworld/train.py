@@ -1,0 +1,646 @@
+"""Train the toy world's tiny CLIP and tiny Stable Diffusion: ``python -m weakseg.toyworld.train``.
+
+Stages (``--stage``; ``all`` runs them in this order, each one's result feeds the next):
+
+1. ``clip``: the open_clip CLIP of :data:`~weakseg.toyworld.models.CLIP_CONFIG`, contrastive (InfoNCE) loss
+   on (scene, caption) pairs; captions are randomly shortened (colours and the "on <stuff>" part dropped,
+   a final period added) so that "a photo of a circle." is in distribution; images get a random one of
+   the 8 flips/rotations (captions are invariant to them). Identical captions in a batch count as
+   positives of each other.
+2. ``vae``: the ``AutoencoderKL`` of :data:`~weakseg.toyworld.models.VAE_CONFIG` on the scenes (L1 + MSE
+   reconstruction of a posterior sample + a small KL term); its ``scaling_factor`` is then set to 1/std of
+   the training latents, as SD's.
+3. ``unet``: the ``UNet2DConditionModel`` of :data:`~weakseg.toyworld.models.UNET_CONFIG`, epsilon-prediction
+   loss with SD's scaled-linear DDPM noising, conditioned on the frozen text encoder (the toy CLIP's text
+   tower converted to a transformers ``CLIPTextModel``), 10% caption dropout (the empty prompt).
+
+Determinism: every model is initialised from ``--seed``; the batch of step ``s`` (scene indices,
+augmentations, caption variants, noise, timesteps, dropout) is drawn from generators seeded with
+``(seed, stage, s)`` only, and the learning rate is a function of ``s``. A checkpoint (every
+``--ckpt-every`` steps and at the end: model + AdamW state in safetensors, step and settings in JSON) is
+therefore all ``--resume`` needs to continue bit for bit.
+
+Data: the training scenes (``ToyWorld(64, "train")``, 1-3 objects) are generated once into
+``<work>/cache/`` (a safetensors file of uint8 images and open_clip token ids, captions in its metadata).
+
+Outputs: the fp32 result of each stage under ``<work>/final/<stage>``; the committed weights (fp16; the
+loaders restore fp32) under ``--out`` (default: the package's ``weights/``): ``clip/`` after the CLIP
+stage (``CLIPBackbone.save_pretrained``), ``sd/`` after the UNet stage (``StableDiffusionBackbone.save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from weakseg.data.toyworld import COLORS, STUFF, ToyWorld
+from weakseg.toyworld.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_sd, build_clip, build_unet,
+                                     build_vae, text_tower_to_hf)
+
+__all__ = ["STAGES", "StageSettings", "DEFAULT_SETTINGS", "default_work_dir", "default_weights_dir", "SceneCache",
+           "load_scene_cache", "caption_variant", "train_clip", "train_vae", "train_unet", "train", "main"]
+
+STAGES = ("clip", "vae", "unet")
+_STAGE_ID = {s: i for i, s in enumerate(STAGES)}
+IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """Optimisation settings of one stage (AdamW, linear warm-up then cosine decay to 10% of ``lr``)."""
+
+    steps: int
+    batch: int
+    lr: float
+    warmup: int
+    weight_decay: float
+    ckpt_every: int = 250
+
+
+# Step counts chosen for about two hours on 2 CPU cores in total, from seconds per step measured on a
+# lightly loaded 2-core machine (load average 2-5, fwd + bwd at these sizes): CLIP batch 64 ~1.3 s,
+# VAE batch 32 ~1.0 s, UNet batch 32 ~0.9 s (4.4M-parameter variant; the 2.8M one is smaller). On a
+# machine shared with other jobs, a single thread (--threads 1) is several times faster than two.
+DEFAULT_SETTINGS: dict[str, StageSettings] = {
+    "clip": StageSettings(steps=1400, batch=64, lr=1e-3, warmup=100, weight_decay=0.1),
+    "vae": StageSettings(steps=1200, batch=32, lr=1e-3, warmup=100, weight_decay=0.0),
+    "unet": StageSettings(steps=4000, batch=32, lr=5e-4, warmup=200, weight_decay=0.01),
+}
+NUM_SCENES = 20000
+CAPTION_DROPOUT = 0.1
+KL_WEIGHT = 1e-3
+
+
+def default_weights_dir() -> Path:
+    """The package's ``weights/`` folder (what the loaders read by default)."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def default_work_dir() -> Path:
+    """``$WEAKSEG_CACHE/toyworld`` if set, else ``~/.cache/weakseg/toyworld`` (scene cache, checkpoints)."""
+    root = os.environ.get("WEAKSEG_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "weakseg") / "toyworld"
+
+
+# --------------------------------------------------------------------------------------------------
+# the scene cache
+
+@dataclass
+class SceneCache:
+    """Training scenes: images (N, 3, S, S) uint8, tokens (N, 77) int64 (open_clip ids), captions."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def _make_chunk(args) -> tuple[np.ndarray, list[str]]:
+    size, seed, lo, hi = args
+    world = ToyWorld(size=size, split="train", num_scenes=hi, seed=seed)
+    imgs, caps = [], []
+    for i in range(lo, hi):
+        s = world.scene(i)
+        imgs.append(s.image.numpy())
+        caps.append(s.caption)
+    return np.stack(imgs), caps
+
+
+def load_scene_cache(work_dir: str | os.PathLike, num_scenes: int = NUM_SCENES, seed: int = 0,
+                     size: int = IMAGE_SIZE, workers: int | None = None, progress: bool = True) -> SceneCache:
+    """The first ``num_scenes`` training scenes of ``ToyWorld(size, "train", seed=seed)`` (1-3 objects),
+    generated once (in ``workers`` processes) into ``<work_dir>/cache/`` and read from there afterwards."""
+    from open_clip import SimpleTokenizer
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    if not isinstance(num_scenes, int) or num_scenes < 1:
+        raise ValueError(f"num_scenes must be a positive int, got {num_scenes!r}")
+    path = Path(work_dir) / "cache" / f"toyworld_train_s{size}_n{num_scenes}_seed{seed}.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            captions = json.loads(f.metadata()["captions"])
+        t = load_file(str(path))
+        return SceneCache(t["images"], t["tokens"].long(), captions)
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    chunk = 250
+    jobs = [(size, seed, lo, min(num_scenes, lo + chunk)) for lo in range(0, num_scenes, chunk)]
+    imgs, caps = [], []
+    bar = tqdm(total=num_scenes, desc="toy scenes", unit="scene", disable=not progress)
+    if workers == 1:
+        results = map(_make_chunk, jobs)
+    else:
+        pool = ProcessPoolExecutor(workers)
+        results = pool.map(_make_chunk, jobs)
+    for im, cp in results:
+        imgs.append(im)
+        caps.extend(cp)
+        bar.update(len(cp))
+    bar.close()
+    if workers != 1:
+        pool.shutdown()
+    images = torch.from_numpy(np.concatenate(imgs))
+    tokens = SimpleTokenizer(context_length=77)(caps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"images": images.contiguous(), "tokens": tokens.to(torch.int32).contiguous()}, str(tmp),
+              metadata={"captions": json.dumps(caps)})
+    os.replace(tmp, path)
+    return SceneCache(images, tokens.long(), caps)
+
+
+# --------------------------------------------------------------------------------------------------
+# per-step randomness, augmentation, captions
+
+def _step_rng(seed: int, stage: str, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _STAGE_ID[stage], step])
+
+
+def _step_gen(seed: int, stage: str, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + _STAGE_ID[stage] * 100_000_007 + int(step))
+
+
+def _dihedral(images: torch.Tensor, codes: np.ndarray) -> torch.Tensor:
+    """Apply one of the 8 flips/rotations per image (code: bits 0-1 = quarter turns, bit 2 = h-flip)."""
+    out = []
+    for im, c in zip(images, codes.tolist()):
+        im = torch.rot90(im, c & 3, dims=(-2, -1))
+        out.append(im.flip(-1) if c & 4 else im)
+    return torch.stack(out)
+
+
+_COLOR_RX = re.compile(r"\b(a|an) (" + "|".join(COLORS) + r") ")
+_STUFF_RX = re.compile(r" on (" + "|".join(STUFF) + r")$")
+
+
+def caption_variant(caption: str, rng: np.random.Generator) -> str:
+    """A random shortening of a toy caption: half the time unchanged; else each colour word dropped with
+    probability 1/2 and the " on <stuff>" part with probability 1/2; a final period added with probability
+    1/2. "a photo of an orange star on sand" -> e.g. "a photo of a star."."""
+    if rng.random() < 0.5:
+        out = caption
+    else:
+        out = _COLOR_RX.sub(lambda m: "a " if rng.random() < 0.5 else m.group(0), caption)
+        if rng.random() < 0.5:
+            out = _STUFF_RX.sub("", out)
+    return out + "." if rng.random() < 0.5 else out
+
+
+def _lr_at(step: int, s: StageSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    t = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _make_optimizer(params, s: StageSettings) -> torch.optim.AdamW:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+def _ckpt_dir(work_dir: Path, stage: str) -> Path:
+    return Path(work_dir) / "ckpt" / stage
+
+
+def save_checkpoint(work_dir: Path, stage: str, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    settings: StageSettings, seed: int, extra: dict | None = None) -> Path:
+    """Write ``<work>/ckpt/<stage>/state_<step>.safetensors`` (model + AdamW tensors) and then ``state.json``
+    (step, settings, seed, param groups) atomically; older tensor files are removed."""
+    from safetensors.torch import save_file
+
+    d = _ckpt_dir(work_dir, stage)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().clone()
+    name = f"state_{step:07d}.safetensors"
+    tmp = d / (name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, d / name)
+    meta = {"stage": stage, "step": step, "seed": seed, "settings": asdict(settings),
+            "param_groups": osd["param_groups"], "tensors": name, "extra": extra or {}}
+    tmpj = d / "state.json.tmp"
+    tmpj.write_text(json.dumps(meta, indent=1))
+    os.replace(tmpj, d / "state.json")
+    for old in d.glob("state_*.safetensors"):
+        if old.name != name:
+            old.unlink()
+    return d / name
+
+
+def load_checkpoint(work_dir: Path, stage: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict | None:
+    """Restore model and optimizer from the stage's checkpoint; returns its JSON (None if there is none)."""
+    from safetensors.torch import load_file
+
+    d = _ckpt_dir(work_dir, stage)
+    meta_path = d / "state.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(d / meta["tensors"]))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta
+
+
+def _settings_from(meta: dict, settings: StageSettings, stage: str) -> StageSettings:
+    saved = StageSettings(**meta["settings"])
+    if replace(saved, ckpt_every=settings.ckpt_every) != replace(settings, ckpt_every=settings.ckpt_every):
+        raise ValueError(f"--resume: the {stage} checkpoint was made with {saved}, but this run asks for {settings}; "
+                         f"resume with the same settings or start over without --resume")
+    return settings
+
+
+def _run_loop(stage: str, model: torch.nn.Module, step_fn: Callable[[int], torch.Tensor], settings: StageSettings,
+              work_dir: Path, seed: int, resume: bool, progress: bool, log: Callable[[str], None],
+              stop_at: int | None = None) -> dict:
+    """The shared optimisation loop with checkpoints; returns {"losses": [...], "seconds_per_step": ...,
+    "start_step", "end_step"}. ``stop_at``: stop (with a checkpoint) once that many steps are done, leaving
+    the rest to a later ``--resume``."""
+    from tqdm import tqdm
+
+    opt = _make_optimizer(model.parameters(), settings)
+    start = 0
+    d = _ckpt_dir(work_dir, stage)
+    if resume:
+        meta = load_checkpoint(work_dir, stage, model, opt)
+        if meta is not None:
+            _settings_from(meta, settings, stage)
+            start = int(meta["step"])
+            log(f"[{stage}] resumed at step {start}/{settings.steps}")
+    elif (d / "state.json").is_file():
+        (d / "state.json").unlink()
+        for old in d.glob("state_*.safetensors"):
+            old.unlink()
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    end = settings.steps if stop_at is None else max(start, min(settings.steps, int(stop_at)))
+    bar = tqdm(range(start, end), initial=start, total=settings.steps, desc=stage, disable=not progress)
+    for step in bar:
+        lr = _lr_at(step, settings)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr:.2e}")
+        if step % 100 == 0 and not progress:
+            log(f"[{stage}] step {step} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e}")
+        done = step + 1
+        if done % settings.ckpt_every == 0 or done == end:
+            save_checkpoint(work_dir, stage, done, model, opt, settings, seed)
+    bar.close()
+    n = end - start
+    sps = (time.perf_counter() - t0) / n if n else float("nan")
+    model.eval()
+    return {"losses": losses, "seconds_per_step": sps, "start_step": start, "end_step": end}
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+
+def _clip_images(clip, images_u8: torch.Tensor) -> torch.Tensor:
+    x = images_u8.float().div(255).to(clip.mean.device)
+    return (x - clip.mean) / clip.std
+
+
+def clip_batch_loss(clip, images_u8: torch.Tensor, captions: list[str], tokenizer) -> torch.Tensor:
+    """Symmetric InfoNCE of a batch (images uint8 (B, 3, S, S), B captions); identical captions are
+    positives of each other (the target row is uniform over them)."""
+    model = clip.model
+    device = clip.mean.device
+    img = model.encode_image(_clip_images(clip, images_u8), normalize=True)
+    txt = model.encode_text(tokenizer(captions).to(device), normalize=True)
+    logits = model.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=device)
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def vae_batch_loss(vae, images_u8: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE reconstruction of the posterior sample ``mean + std * eps`` plus ``KL_WEIGHT`` x the KL
+    per latent element; ``eps`` has the latents' shape (B, 4, S/4, S/4)."""
+    device = next(vae.parameters()).device
+    x = images_u8.float().div(127.5).sub(1).to(device)
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.mean + post.std * eps.to(device)).sample
+    kl = post.kl().mean() / post.mean[0].numel()
+    return F.l1_loss(rec, x) + F.mse_loss(rec, x) + KL_WEIGHT * kl
+
+
+def unet_batch_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """Epsilon-prediction MSE for latents (B, 4, h, w) (already scaled) noised to timesteps ``t``."""
+    device = next(unet.parameters()).device
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy.to(device), t.to(device), encoder_hidden_states=cond.to(device)).sample
+    return F.mse_loss(pred, noise.to(device))
+
+
+def train_clip(cache: SceneCache, work_dir: Path, settings: StageSettings, seed: int = 0, device: str = "cpu",
+               resume: bool = False, progress: bool = True, overrides: dict | None = None,
+               log: Callable[[str], None] = print, stop_at: int | None = None):
+    """Stage 1: returns the trained :class:`~weakseg.backbones.CLIPBackbone` (also written, fp32, to
+    ``<work>/final/clip``) and the loop's record."""
+    from open_clip import SimpleTokenizer
+
+    clip = build_clip(seed, overrides).to(device)
+    model = clip.model
+    tok = SimpleTokenizer(context_length=model.context_length)
+    N = len(cache)
+    B = min(settings.batch, N)
+
+    def step_fn(step: int) -> torch.Tensor:
+        rng = _step_rng(seed, "clip", step)
+        idx = rng.choice(N, B, replace=False)
+        imgs = _dihedral(cache.images[idx], rng.integers(0, 8, B))
+        caps = [caption_variant(cache.captions[i], rng) for i in idx]
+        return clip_batch_loss(clip, imgs, caps, tok)
+
+    rec = _run_loop("clip", model, step_fn, settings, work_dir, seed, resume, progress, log, stop_at)
+    if rec["end_step"] < settings.steps:
+        return clip, rec
+    with torch.no_grad():
+        model.logit_scale.clamp_(max=math.log(100))
+    clip.eval()
+    clip.save_pretrained(Path(work_dir) / "final" / "clip")
+    return clip, rec
+
+
+def train_vae(cache: SceneCache, work_dir: Path, settings: StageSettings, seed: int = 0, device: str = "cpu",
+              resume: bool = False, progress: bool = True, overrides: dict | None = None,
+              log: Callable[[str], None] = print, stop_at: int | None = None):
+    """Stage 2: returns the trained ``AutoencoderKL`` with ``scaling_factor`` = 1/std of the latents (also
+    written, fp32, to ``<work>/final/vae``) and the loop's record."""
+    vae = build_vae(seed, overrides).to(device)
+    N = len(cache)
+    B = min(settings.batch, N)
+
+    def step_fn(step: int) -> torch.Tensor:
+        rng = _step_rng(seed, "vae", step)
+        g = _step_gen(seed, "vae", step)
+        idx = rng.choice(N, B, replace=False)
+        imgs = _dihedral(cache.images[idx], rng.integers(0, 8, B))
+        S = imgs.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
+        eps = torch.randn((B, vae.config.latent_channels, S, S), generator=g)
+        return vae_batch_loss(vae, imgs, eps)
+
+    rec = _run_loop("vae", vae, step_fn, settings, work_dir, seed, resume, progress, log, stop_at)
+    if rec["end_step"] < settings.steps:
+        return vae, rec
+    with torch.no_grad():
+        n = min(N, 1024)
+        x = cache.images[:n].float().div(127.5).sub(1).to(device)
+        means = torch.cat([vae.encode(x[i:i + 128]).latent_dist.mean for i in range(0, n, 128)])
+        std = float(means.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    rec["latent_std"] = std
+    vae.save_pretrained(str(Path(work_dir) / "final" / "vae"), safe_serialization=True)
+    return vae, rec
+
+
+def _noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", clip_sample=False)
+
+
+@torch.no_grad()
+def _latent_moments(vae, images: torch.Tensor, device: str, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, images.shape[0], batch):
+        x = images[i:i + batch].float().div(127.5).sub(1).to(device)
+        d = vae.encode(x).latent_dist
+        means.append(d.mean.cpu())
+        stds.append(d.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def _text_states(text_encoder, tokens: torch.Tensor, device: str, batch: int = 512) -> torch.Tensor:
+    return torch.cat([text_encoder(tokens[i:i + batch].to(device))[0].cpu() for i in range(0, tokens.shape[0], batch)])
+
+
+def train_unet(cache: SceneCache, work_dir: Path, settings: StageSettings, vae, text_encoder, seed: int = 0,
+               device: str = "cpu", resume: bool = False, progress: bool = True, overrides: dict | None = None,
+               log: Callable[[str], None] = print, stop_at: int | None = None):
+    """Stage 3: returns the trained ``UNet2DConditionModel`` (also written, fp32, to ``<work>/final/unet``)
+    and the loop's record. ``vae`` and ``text_encoder`` are frozen."""
+    from open_clip import SimpleTokenizer
+
+    unet = build_unet(seed, overrides).to(device)
+    vae = vae.to(device).eval()
+    text_encoder = text_encoder.to(device).eval()
+    log("[unet] encoding the scenes and captions with the frozen VAE and text encoder")
+    mean, std = _latent_moments(vae, cache.images, device)
+    states = _text_states(text_encoder, cache.tokens, device)
+    empty = _text_states(text_encoder, SimpleTokenizer(context_length=77)([""]), device)
+    scale = float(vae.config.scaling_factor)
+    sched = _noise_scheduler()
+    N = len(cache)
+    B = min(settings.batch, N)
+
+    def step_fn(step: int) -> torch.Tensor:
+        rng = _step_rng(seed, "unet", step)
+        g = _step_gen(seed, "unet", step)
+        idx = torch.from_numpy(rng.choice(N, B, replace=False))
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=g)
+        drop = torch.from_numpy(rng.random(B) < CAPTION_DROPOUT)
+        cond = torch.where(drop[:, None, None], empty.expand(B, -1, -1), states[idx])
+        return unet_batch_loss(unet, sched, z, cond, noise, t)
+
+    rec = _run_loop("unet", unet, step_fn, settings, work_dir, seed, resume, progress, log, stop_at)
+    if rec["end_step"] < settings.steps:
+        return unet, rec
+    unet.save_pretrained(str(Path(work_dir) / "final" / "unet"), safe_serialization=True)
+    return unet, rec
+
+
+# --------------------------------------------------------------------------------------------------
+# final weights
+
+def write_clip_weights(clip, out_dir: Path) -> Path:
+    """``out_dir/clip``: the CLIP in open_clip's hf-hub layout, fp16 tensors."""
+    import copy
+
+    half = copy.deepcopy(clip).to(dtype=torch.float16)
+    half.save_pretrained(Path(out_dir) / "clip")
+    return Path(out_dir) / "clip"
+
+
+def write_sd_weights(vae, unet, text_encoder, out_dir: Path) -> Path:
+    """``out_dir/sd``: the diffusers pipeline layout (vae, unet, text_encoder, tokenizer, scheduler), fp16."""
+    import copy
+
+    sd = assemble_sd(copy.deepcopy(vae), copy.deepcopy(unet), copy.deepcopy(text_encoder)).to(dtype=torch.float16)
+    return sd.save_pretrained(Path(out_dir) / "sd")
+
+
+def _load_final_clip(work_dir: Path, device: str):
+    from weakseg.backbones.clip import CLIPBackbone
+
+    path = Path(work_dir) / "final" / "clip"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found: run the clip stage first (--stage clip)")
+    return CLIPBackbone.from_pretrained(str(path), device=device)
+
+
+def _load_final_vae(work_dir: Path, device: str):
+    from diffusers import AutoencoderKL
+
+    path = Path(work_dir) / "final" / "vae"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found: run the vae stage first (--stage vae)")
+    return AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def train(stage: str = "all", out_dir: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None,
+          steps: dict[str, int] | None = None, batch: dict[str, int] | None = None, device: str = "cpu",
+          resume: bool = False, seed: int = 0, num_scenes: int = NUM_SCENES, progress: bool = True,
+          overrides: dict[str, dict] | None = None, ckpt_every: int | None = None, stop_at: int | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``stage`` ("clip", "vae", "unet" or "all"); returns a summary (per stage: seconds per step,
+    first/last losses; output paths and sizes). ``steps``/``batch``: per-stage overrides of
+    :data:`DEFAULT_SETTINGS`; ``overrides``: per-stage model-config overrides (tests use tiny models).
+    ``stop_at``: each stage stops (checkpointed) after that many steps; an unfinished stage ends the run
+    (``summary["finished"]`` is False) and a later call with ``resume=True`` continues it."""
+    if stage not in STAGES + ("all",):
+        raise ValueError(f"stage must be one of {', '.join(STAGES + ('all',))}, got {stage!r}")
+    out_dir = Path(out_dir) if out_dir is not None else default_weights_dir()
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    todo = STAGES if stage == "all" else (stage,)
+    settings = {}
+    for s in STAGES:
+        st = DEFAULT_SETTINGS[s]
+        if steps and s in steps:
+            st = replace(st, steps=int(steps[s]), warmup=min(st.warmup, max(1, int(steps[s]) // 10)))
+        if batch and s in batch:
+            st = replace(st, batch=int(batch[s]))
+        if ckpt_every:
+            st = replace(st, ckpt_every=int(ckpt_every))
+        settings[s] = st
+    overrides = overrides or {}
+    cache = load_scene_cache(work_dir, num_scenes=num_scenes, seed=seed, progress=progress)
+    summary: dict[str, Any] = {"device": device, "num_scenes": num_scenes, "seed": seed, "stages": {},
+                               "threads": torch.get_num_threads(), "finished": True}
+
+    def record(name, rec, st):
+        summary["finished"] = rec["end_step"] >= st.steps
+        losses = rec["losses"]
+        summary["stages"][name] = {"settings": asdict(st), "seconds_per_step": rec["seconds_per_step"],
+                                   "start_step": rec["start_step"],
+                                   "loss_first50": float(np.mean(losses[:50])) if losses else None,
+                                   "loss_last50": float(np.mean(losses[-50:])) if losses else None}
+        if "latent_std" in rec:
+            summary["stages"][name]["latent_std"] = rec["latent_std"]
+        log(f"[{name}] done: {rec['seconds_per_step']:.3f} s/step, loss "
+            f"{summary['stages'][name]['loss_first50']} -> {summary['stages'][name]['loss_last50']}")
+
+    clip = vae = None
+    if "clip" in todo:
+        clip, rec = train_clip(cache, work_dir, settings["clip"], seed, device, resume, progress,
+                               overrides.get("clip"), log, stop_at)
+        record("clip", rec, settings["clip"])
+        if not summary["finished"]:
+            return summary
+        summary["clip_weights"] = str(write_clip_weights(clip, out_dir))
+    if "vae" in todo:
+        vae, rec = train_vae(cache, work_dir, settings["vae"], seed, device, resume, progress,
+                             overrides.get("vae"), log, stop_at)
+        record("vae", rec, settings["vae"])
+        if not summary["finished"]:
+            return summary
+    if "unet" in todo:
+        clip = clip if clip is not None else _load_final_clip(work_dir, device)
+        vae = vae if vae is not None else _load_final_vae(work_dir, device)
+        text_encoder = text_tower_to_hf(clip.model)
+        unet, rec = train_unet(cache, work_dir, settings["unet"], vae, text_encoder, seed, device, resume, progress,
+                               overrides.get("unet"), log, stop_at)
+        record("unet", rec, settings["unet"])
+        if not summary["finished"]:
+            return summary
+        summary["sd_weights"] = str(write_sd_weights(vae, unet, text_encoder, out_dir))
+    sizes = {p.name: dir_size(p) for p in (out_dir / "clip", out_dir / "sd") if p.is_dir()}
+    summary["weights_bytes"] = sizes
+    (work_dir / f"summary_{stage}.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m weakseg.toyworld.train", description=__doc__.split("\n")[0])
+    p.add_argument("--stage", default="all", choices=STAGES + ("all",))
+    p.add_argument("--out", default=None, help="weights folder (default: the package's weights/)")
+    p.add_argument("--work", default=None, help="scene cache and checkpoints (default: ~/.cache/weakseg/toyworld)")
+    p.add_argument("--steps", type=int, default=None, help="steps of the selected stage (default: DEFAULT_SETTINGS)")
+    p.add_argument("--batch", type=int, default=None, help="batch size of the selected stage")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-scenes", type=int, default=NUM_SCENES)
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop each stage after this many steps (checkpointed); continue later with --resume")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if a.threads is not None:
+        if a.threads < 1:
+            p.error(f"--threads must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
+    per = (STAGES if a.stage == "all" else (a.stage,))
+    steps = {s: a.steps for s in per} if a.steps is not None else None
+    batch = {s: a.batch for s in per} if a.batch is not None else None
+    summary = train(a.stage, a.out, a.work, steps, batch, a.device, a.resume, a.seed, a.num_scenes,
+                    progress=not a.no_progress, ckpt_every=a.ckpt_every, stop_at=a.stop_at,
+                    log=lambda m: print(m, flush=True))
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

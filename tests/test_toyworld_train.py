@@ -1,0 +1,277 @@
+"""Training of the toy world's models (weakseg.toyworld): each stage learns on tiny settings, resume is bit
+for bit, the CLIP text tower converts to transformers exactly, the loaders read what training wrote (offline),
+the signal checks run; and, once committed, the real toy CLIP classifies held-out scenes."""
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import assert_raises_naming
+
+pytest.importorskip("open_clip")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from weakseg.toyworld import TRAIN_COMMAND, load_toy_clip, load_toy_sd, toy_weights_available  # noqa: E402
+from weakseg.toyworld import train as T  # noqa: E402
+from weakseg.toyworld.models import (assemble_sd, build_clip, build_unet, build_vae,  # noqa: E402
+                                     text_tower_to_hf)
+from weakseg.toyworld.signal import best_threshold_iou, clip_zero_shot_accuracy, sd_attention_iou  # noqa: E402
+
+TINY = {
+    "clip": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32, "text_width": 32, "text_layers": 1},
+    "vae": {"block_out_channels": [8, 8, 16], "norm_num_groups": 8},
+    "unet": {"block_out_channels": [32, 32, 32, 32], "attention_head_dim": [1, 1, 1, 1]},
+}
+N_SCENES = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train faster on one thread than on contended cores; restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("toywork")
+
+
+@pytest.fixture(scope="module")
+def cache(work):
+    return T.load_scene_cache(work, num_scenes=N_SCENES, workers=1, progress=False)
+
+
+def _settings(steps, batch=N_SCENES, lr=3e-3, ckpt_every=100):
+    return T.StageSettings(steps=steps, batch=batch, lr=lr, warmup=1, weight_decay=0.0, ckpt_every=ckpt_every)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The whole pipeline (clip -> vae -> unet) on tiny models, written to out/."""
+    root = tmp_path_factory.mktemp("toyall")
+    summary = T.train("all", out_dir=root / "out", work_dir=root / "work", steps={"clip": 4, "vae": 3, "unet": 3},
+                      batch={"clip": 8, "vae": 4, "unet": 4}, num_scenes=N_SCENES, progress=False, overrides=TINY,
+                      log=lambda m: None)
+    return root, summary
+
+
+# ------------------------------------------------------------------ data
+
+def test_scene_cache_is_generated_once_and_matches_the_world(work, cache):
+    from weakseg.data.toyworld import ToyWorld
+
+    assert cache.images.shape == (N_SCENES, 3, 64, 64) and cache.images.dtype == torch.uint8
+    assert cache.tokens.shape == (N_SCENES, 77)
+    s = ToyWorld(64, "train", num_scenes=N_SCENES).scene(5)
+    assert torch.equal(cache.images[5], s.image) and cache.captions[5] == s.caption
+    again = T.load_scene_cache(work, num_scenes=N_SCENES, workers=1, progress=False)  # read back from the file
+    assert torch.equal(again.images, cache.images) and again.captions == cache.captions
+    assert torch.equal(again.tokens, cache.tokens)
+
+
+def test_caption_variants_keep_the_objects_and_are_seeded():
+    cap = "a photo of an orange star, a red circle and a blue ring on sand"
+    outs = {T.caption_variant(cap, np.random.default_rng([0, i])) for i in range(60)}
+    assert cap in outs and "a photo of a star, a circle and a ring." in outs
+    for o in outs:
+        assert all(w in o for w in ("star", "circle", "ring"))
+    assert T.caption_variant(cap, np.random.default_rng(3)) == T.caption_variant(cap, np.random.default_rng(3))
+
+
+# ------------------------------------------------------------------ stages learn
+
+def test_clip_stage_reduces_the_loss_on_a_fixed_batch(work, cache):
+    from open_clip import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    before = build_clip(0, TINY["clip"])
+    with torch.no_grad():
+        l0 = float(T.clip_batch_loss(before.train(), cache.images, cache.captions, tok))
+    clip, rec = T.train_clip(cache, work / "c", _settings(12), overrides=TINY["clip"], progress=False)
+    with torch.no_grad():
+        l1 = float(T.clip_batch_loss(clip, cache.images, cache.captions, tok))
+    assert len(rec["losses"]) == 12 and l1 < 0.8 * l0, (l0, l1)
+
+
+def test_vae_stage_reduces_the_loss_and_sets_the_scaling_factor(work, cache):
+    eps = torch.randn((N_SCENES, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        l0 = float(T.vae_batch_loss(build_vae(0, TINY["vae"]), cache.images, eps))
+    vae, rec = T.train_vae(cache, work / "v", _settings(10), overrides=TINY["vae"], progress=False)
+    with torch.no_grad():
+        l1 = float(T.vae_batch_loss(vae, cache.images, eps))
+        z = vae.encode(cache.images.float().div(127.5).sub(1)).latent_dist.mean
+    assert l1 < 0.8 * l0, (l0, l1)
+    assert vae.config.scaling_factor == pytest.approx(1 / rec["latent_std"])
+    assert float((z * vae.config.scaling_factor).std()) == pytest.approx(1.0, rel=0.05)
+
+
+def test_unet_stage_reduces_the_loss_on_a_fixed_batch(work, cache):
+    clip = build_clip(0, TINY["clip"])
+    te = text_tower_to_hf(clip.model)
+    vae = build_vae(0, TINY["vae"])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        z = vae.encode(cache.images.float().div(127.5).sub(1)).latent_dist.mean
+        cond = te(cache.tokens)[0]
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.randint(0, 1000, (N_SCENES,), generator=g)
+    sched = T._noise_scheduler()
+    with torch.no_grad():
+        l0 = float(T.unet_batch_loss(build_unet(0, TINY["unet"]), sched, z, cond, noise, t))
+    unet, rec = T.train_unet(cache, work / "u", _settings(8), vae, te, overrides=TINY["unet"], progress=False,
+                             log=lambda m: None)
+    with torch.no_grad():
+        l1 = float(T.unet_batch_loss(unet, sched, z, cond, noise, t))
+    assert len(rec["losses"]) == 8 and l1 < 0.9 * l0, (l0, l1)
+
+
+# ------------------------------------------------------------------ resume
+
+@pytest.mark.parametrize("stage", ["clip", "unet"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache, stage):
+    def run(work, stop_at=None, resume=False):
+        st = _settings(4, batch=4, ckpt_every=2)
+        if stage == "clip":
+            m, rec = T.train_clip(cache, work, st, overrides=TINY["clip"], progress=False, stop_at=stop_at,
+                                  resume=resume)
+            return m.model, rec
+        clip = build_clip(0, TINY["clip"])
+        return T.train_unet(cache, work, st, build_vae(0, TINY["vae"]), text_tower_to_hf(clip.model),
+                            overrides=TINY["unet"], progress=False, stop_at=stop_at, resume=resume,
+                            log=lambda m: None)
+
+    full, _ = run(tmp_path / "a")
+    part, rec = run(tmp_path / "b", stop_at=3)
+    assert rec["end_step"] == 3
+    resumed, rec2 = run(tmp_path / "b", resume=True)
+    assert rec2["start_step"] == 3 and rec2["end_step"] == 4
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # sanity of the set-up: the interrupted run's model at step 3 differs from the final one
+    assert any(not torch.equal(part.state_dict()[k], a[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, cache):
+    T.train_vae(cache, tmp_path, _settings(4, batch=2), overrides=TINY["vae"], progress=False, stop_at=2)
+    assert_raises_naming(lambda: T.train_vae(cache, tmp_path, _settings(5, batch=2), overrides=TINY["vae"],
+                                             progress=False, resume=True), ValueError, ["--resume", "steps=4"])
+
+
+# ------------------------------------------------------------------ text tower conversion
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_text_tower_conversion_gives_the_same_hidden_states(quick_gelu):
+    from weakseg.backbones.tokenizer import make_clip_tokenizer
+
+    clip = build_clip(3, dict(TINY["clip"], text_layers=2, quick_gelu=quick_gelu))
+    m = clip.model
+    hf = text_tower_to_hf(m)
+    assert hf.config.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+    caps = ["a photo of a red circle and a blue star on grass", "a photo of a ring.", ""]
+    toks = clip.tokenizer(caps)
+    # SD 2.x's tokenizer ("!" padding) gives open_clip's ids, so the converted tower sees the same input
+    ids = make_clip_tokenizer(pad_token="!")(caps, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ids, toks)
+    with torch.no_grad():
+        x = m.token_embedding(toks) + m.positional_embedding
+        ref = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        out = hf(toks).last_hidden_state
+        # the pooled end-of-text state through the projection is open_clip's text embedding
+        pooled = hf(toks).pooler_output @ m.text_projection
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, m.encode_text(toks), rtol=1e-5, atol=1e-5)
+
+
+def test_text_tower_conversion_rejects_what_clip_text_model_cannot_express():
+    clip = build_clip(0, dict(TINY["clip"]))
+    m = clip.model
+    m.attn_mask = None
+    assert_raises_naming(lambda: text_tower_to_hf(m), TypeError, ["causal"])
+    assert_raises_naming(lambda: text_tower_to_hf(torch.nn.Linear(2, 2)), TypeError, ["token_embedding"])
+
+
+# ------------------------------------------------------------------ loaders
+
+def test_loaders_read_what_training_wrote_offline(trained, monkeypatch):
+    root, summary = trained
+    out = root / "out"
+    assert summary["finished"] and set(summary["stages"]) == {"clip", "vae", "unet"}
+    assert summary["weights_bytes"]["clip"] > 0 and summary["weights_bytes"]["sd"] > 0
+
+    def no_network(*a, **k):
+        raise AssertionError("the toy loaders must not touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    clip = load_toy_clip(out / "clip")
+    sd = load_toy_sd(out / "sd")
+    assert clip.dtype == torch.float32 and sd.dtype == torch.float32
+    # the saved weights are the fp16 rounding of the trained fp32 ones
+    ref_clip = T._load_final_clip(root / "work", "cpu")
+    for k, v in ref_clip.model.state_dict().items():
+        torch.testing.assert_close(clip.model.state_dict()[k], v.half().float(), rtol=0, atol=0)
+    from diffusers import UNet2DConditionModel
+
+    ref_unet = UNet2DConditionModel.from_pretrained(str(root / "work" / "final" / "unet"), local_files_only=True)
+    for k, v in ref_unet.state_dict().items():
+        torch.testing.assert_close(sd.unet_model.state_dict()[k], v.half().float(), rtol=0, atol=0)
+    ref_vae = T._load_final_vae(root / "work", "cpu")
+    assert sd.vae.config.scaling_factor == pytest.approx(ref_vae.config.scaling_factor)
+    # SD's text encoder is the CLIP text tower
+    toks = clip.tokenizer(["a photo of a star"])
+    with torch.no_grad():
+        torch.testing.assert_close(sd.text_encoder(toks)[0], text_tower_to_hf(clip.model)(toks)[0])
+    assert sd.vae_scale_factor == 4 and sd.tokenizer.pad_token == "!"
+
+
+def test_loaders_name_the_missing_path_and_the_training_command(tmp_path):
+    assert not toy_weights_available("clip", tmp_path / "none")
+    assert_raises_naming(lambda: load_toy_clip(tmp_path / "none"), FileNotFoundError,
+                         [str(tmp_path / "none"), TRAIN_COMMAND, "open_clip_config.json"])
+    (tmp_path / "sd" / "vae").mkdir(parents=True)
+    assert_raises_naming(lambda: load_toy_sd(tmp_path / "sd"), FileNotFoundError,
+                         [str(tmp_path / "sd"), TRAIN_COMMAND, "unet"])
+    assert_raises_naming(lambda: toy_weights_available("dino"), ValueError, ["which"])
+
+
+# ------------------------------------------------------------------ signal
+
+def test_signal_runs_on_tiny_models(trained):
+    root, _ = trained
+    clip = load_toy_clip(root / "out" / "clip")
+    zs = clip_zero_shot_accuracy(clip, num_scenes=10)
+    assert 0.0 <= zs["accuracy"] <= 1.0 and zs["num_scenes"] == 10 and set(zs["per_class"]) >= {"circle", "ring"}
+    sd = load_toy_sd(root / "out" / "sd")
+    r = sd_attention_iou(sd, num_scenes=3)
+    assert r["resolution"] == [16, 16] and r["num_pairs"] >= 3
+    for k in ("cross", "propagated_1", "propagated_10"):
+        assert 0.0 <= r[k]["miou"] <= 1.0 and len(r[k]["curve"]) == 19
+        assert r[k]["miou"] == max(r[k]["curve"]) or abs(r[k]["miou"] - max(r[k]["curve"])) < 1e-4
+
+
+def test_best_threshold_iou_on_known_maps():
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:6, 2:6] = True
+    perfect = mask.float()
+    half = torch.zeros(8, 8)
+    half[2:6, 2:4] = 1.0
+    miou, th, curve = best_threshold_iou([perfect, half], [mask, mask])
+    assert miou == pytest.approx(0.75) and 0 < th <= 1 and max(curve) == miou
+    assert_raises_naming(lambda: best_threshold_iou([], []), ValueError, ["maps"])
+
+
+# ------------------------------------------------------------------ the committed weights
+
+@pytest.mark.skipif(not toy_weights_available("clip"),
+                    reason=f"the toy CLIP weights are not committed yet (run `{TRAIN_COMMAND} --stage clip`)")
+def test_committed_toy_clip_classifies_held_out_scenes():
+    res = clip_zero_shot_accuracy(load_toy_clip(), num_scenes=50)
+    assert res["accuracy"] >= 0.85, res
