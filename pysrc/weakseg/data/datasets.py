@@ -564,6 +564,22 @@ class Cityscapes(SegDataset):
         return _CITYSCAPES_LUT[np.clip(raw, 0, 255)] if self._is_label_ids[i] else raw
 
 
+def _image_annotation_pairs(root: Path, dataset: str, layout: str, split: str, prefixes: Sequence[str],
+                            label_name: str) -> list[tuple[str, Path, Path]]:
+    """The MMSegmentation layout ``images/<split>/<stem>.jpg`` + ``annotations/<split>/<label_name>``
+    (``label_name`` formats ``{stem}``), found under ``root`` or one of ``prefixes``: (stem, image, label)
+    items, every label checked to exist."""
+    base = _locate(root, "images", prefixes, dataset, layout)
+    img_dir = _require_dir(base / "images" / split, dataset, layout)
+    ann_dir = _require_dir(base / "annotations" / split, dataset, layout)
+    images = sorted(img_dir.glob("*.jpg"))
+    if not images:
+        raise _layout_error(dataset, f"{img_dir}/*.jpg", layout, "no images found")
+    labels = [ann_dir / label_name.format(stem=p.stem) for p in images]
+    _check_all_present(dataset, "label map", labels, layout, str(img_dir))
+    return [(p.stem, p, lab) for p, lab in zip(images, labels)]
+
+
 # ---------------------------------------------------------------------------------------- ADE20K
 class ADE20K(SegDataset):
     """ADE20K SceneParsing (150 classes): GT 0 -> 255, 1..150 -> 0..149."""
@@ -577,15 +593,8 @@ class ADE20K(SegDataset):
         super().__init__(root, split, **kw)
         split = _split_name("ade20k", split, {"train": "training", "val": "validation",
                                               "training": "training", "validation": "validation"})
-        base = _locate(self.root, "images", ["", "ADEChallengeData2016"], "ade20k", self.layout)
-        img_dir = _require_dir(base / "images" / split, "ade20k", self.layout)
-        ann_dir = _require_dir(base / "annotations" / split, "ade20k", self.layout)
-        images = sorted(img_dir.glob("*.jpg"))
-        if not images:
-            raise _layout_error("ade20k", f"{img_dir}/*.jpg", self.layout, "no images found")
-        labels = [ann_dir / f"{p.stem}.png" for p in images]
-        _check_all_present("ade20k", "label map", labels, self.layout, str(img_dir))
-        self._items = [(p.stem, p, lab) for p, lab in zip(images, labels)]
+        self._items = _image_annotation_pairs(self.root, "ade20k", self.layout, split, ["", "ADEChallengeData2016"],
+                                              "{stem}.png")
 
     def convert_label(self, raw: np.ndarray, i: int) -> np.ndarray:
         return np.where((raw == 0) | (raw == IGNORE_INDEX), IGNORE_INDEX, raw - 1)
@@ -604,15 +613,8 @@ class COCOStuff(SegDataset):
         super().__init__(root, split, **kw)
         split = _split_name("coco_stuff", split, {"train": "train2017", "val": "val2017",
                                                   "train2017": "train2017", "val2017": "val2017"})
-        base = _locate(self.root, "images", ["", "coco_stuff164k"], "coco_stuff", self.layout)
-        img_dir = _require_dir(base / "images" / split, "coco_stuff", self.layout)
-        ann_dir = _require_dir(base / "annotations" / split, "coco_stuff", self.layout)
-        images = sorted(img_dir.glob("*.jpg"))
-        if not images:
-            raise _layout_error("coco_stuff", f"{img_dir}/*.jpg", self.layout, "no images found")
-        labels = [ann_dir / f"{p.stem}_labelTrainIds.png" for p in images]
-        _check_all_present("coco_stuff", "label map", labels, self.layout, str(img_dir))
-        self._items = [(p.stem, p, lab) for p, lab in zip(images, labels)]
+        self._items = _image_annotation_pairs(self.root, "coco_stuff", self.layout, split, ["", "coco_stuff164k"],
+                                              "{stem}_labelTrainIds.png")
 
 
 # ---------------------------------------------------------------------------------------- folder

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["BACKGROUND_NAMES", "has_background", "minmax_per_class", "resize_maps", "background_channel",
-           "scores_to_labels", "image_label_mask", "clip_tag_classes", "BackgroundRule", "StageTimer"]
+           "scores_to_labels", "image_label_mask", "clip_tag_classes", "load_tagger_clip", "BackgroundRule",
+           "StageTimer"]
 
 BACKGROUND_NAMES = ("background", "bg", "_background_", "backgroud")
 
@@ -120,6 +121,16 @@ def scores_to_labels(fg: torch.Tensor, class_names: Sequence[str], image_labels:
     allowed[:, 0] = True
     masked = torch.where(allowed[:, :, None, None], scores, torch.full_like(scores, -1.0))
     return scores, masked.argmax(dim=1)
+
+
+def load_tagger_clip(model: str, pretrained: str | None, cache_dir: str | None, device):
+    """The CLIP backbone a method tags classes with: ``"tiny"`` builds the tiny random model (tests),
+    anything else goes to :meth:`CLIPBackbone.from_pretrained` (hub name or local directory)."""
+    from weakseg.backbones.clip import CLIPBackbone
+
+    if model == "tiny":
+        return CLIPBackbone.tiny(seed=0, device=device)
+    return CLIPBackbone.from_pretrained(model, pretrained=pretrained, cache_dir=cache_dir, device=device)
 
 
 def clip_tag_classes(clip, images, class_names: Sequence[str], topk: int = 3, threshold: float = 0.1,

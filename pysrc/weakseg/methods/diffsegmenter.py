@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from weakseg.backbones.attention import LayerCapture
 from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
 from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, has_background, image_label_mask,
-                                    minmax_per_class, resize_maps, scores_to_labels)
+                                    load_tagger_clip, minmax_per_class, resize_maps, scores_to_labels)
 
 __all__ = ["DiffSegmenterConfig", "DiffSegmenter", "PRESETS", "SELF_ATTENTION_LAYERS", "CROSS_ATTENTION_LAYERS",
            "MODEL_BUILDERS", "register_model", "build_prompt", "class_token_positions", "caption_continuation",
@@ -402,14 +402,8 @@ class DiffSegmenter:
 
     def _tagger(self):
         if self._clip is None:
-            from weakseg.backbones.clip import CLIPBackbone
-
             c = self.config
-            if c.clip_model == "tiny":
-                self._clip = CLIPBackbone.tiny(seed=0, device=c.device)
-            else:
-                self._clip = CLIPBackbone.from_pretrained(c.clip_model, pretrained=c.clip_pretrained,
-                                                          cache_dir=c.cache_dir, device=c.device)
+            self._clip = load_tagger_clip(c.clip_model, c.clip_pretrained, c.cache_dir, c.device)
         return self._clip
 
     def _blip(self):

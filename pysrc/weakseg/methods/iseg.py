@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
 from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, has_background, image_label_mask,
-                                    minmax_per_class, resize_maps, scores_to_labels)
+                                    load_tagger_clip, minmax_per_class, resize_maps, scores_to_labels)
 from weakseg.methods.diffusion_common import (ClassPrompt, build_class_prompt, fuse_cross_attention,
                                               select_token_maps)
 
@@ -373,14 +373,8 @@ class ISeg:
 
     def clip(self):
         if self._clip is None:
-            from weakseg.backbones.clip import CLIPBackbone
-
             cfg = self.config
-            if cfg.clip_model == "tiny":
-                self._clip = CLIPBackbone.tiny(seed=0, device=cfg.device)
-            else:
-                self._clip = CLIPBackbone.from_pretrained(cfg.clip_model, pretrained=cfg.clip_pretrained or None,
-                                                          cache_dir=cfg.cache_dir, device=cfg.device)
+            self._clip = load_tagger_clip(cfg.clip_model, cfg.clip_pretrained or None, cfg.cache_dir, cfg.device)
         return self._clip
 
     def candidates(self, images: list[torch.Tensor], class_names: Sequence[str],
