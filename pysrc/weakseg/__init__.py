@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from weakseg import ops  # noqa: E402  (registers the fake kernels of the compiled ops)
 from weakseg.core import (  # noqa: E402
     BACKBONES,
+    DemoEntry,
     METHODS,
     PROPOSERS,
     MethodConfig,
@@ -24,5 +25,5 @@ from weakseg.core import (  # noqa: E402
 
 __all__ = [
     "__version__", "ops", "create", "list_methods", "Segmenter", "SegmentationOutput", "MethodConfig",
-    "Registry", "METHODS", "BACKBONES", "PROPOSERS",
+    "Registry", "DemoEntry", "METHODS", "BACKBONES", "PROPOSERS",
 ]

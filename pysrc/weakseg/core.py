@@ -184,6 +184,22 @@ class Segmenter(Protocol):
         ...
 
 
+@dataclass
+class DemoEntry:
+    """How ``weakseg demo`` runs one method on the toy world (what a method's ``toy_demo`` returns).
+
+    method: the segmenter as the demo scores it (its toy configuration, on the committed toy weights);
+    baseline: the method's own unrefined starting point, scored the same way (its issue names it);
+    note: one line for the report saying what the baseline is.
+    The demo calls ``segment(images, class_names, image_labels)`` on held-out toy scenes (uint8 RGB,
+    the toy world's classes with background first, the scenes' image-level labels).
+    """
+
+    method: Segmenter
+    baseline: Segmenter
+    note: str = ""
+
+
 def check_images(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Validate RGB uint8 images and return them as a list of (3, H, W) tensors."""
     items = list(images) if not isinstance(images, torch.Tensor) or images.dim() == 4 else [images]

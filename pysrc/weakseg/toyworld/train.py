@@ -45,12 +45,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakseg.data.toyworld import COLORS, STUFF, ToyWorld
+from weakseg.data.toyworld import COLORS, OBJECT_CLASSES, STUFF, ToyWorld
 from weakseg.toyworld.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_sd, build_clip, build_unet,
                                      build_vae, text_tower_to_hf)
 
 __all__ = ["STAGES", "StageSettings", "DEFAULT_SETTINGS", "default_work_dir", "default_weights_dir", "SceneCache",
-           "load_scene_cache", "caption_variant", "train_clip", "train_vae", "train_unet", "train", "main"]
+           "load_scene_cache", "caption_variant", "shape_negative", "train_clip", "train_vae", "train_unet", "train", "main"]
 
 STAGES = ("clip", "vae", "unet")
 _STAGE_ID = {s: i for i, s in enumerate(STAGES)}
@@ -190,16 +190,37 @@ _STUFF_RX = re.compile(r" on (" + "|".join(STUFF) + r")$")
 
 
 def caption_variant(caption: str, rng: np.random.Generator) -> str:
-    """A random shortening of a toy caption: half the time unchanged; else each colour word dropped with
-    probability 1/2 and the " on <stuff>" part with probability 1/2; a final period added with probability
-    1/2. "a photo of an orange star on sand" -> e.g. "a photo of a star."."""
-    if rng.random() < 0.5:
+    """A random shortening of a toy caption: unchanged with probability 0.35; shape words only ("a photo
+    of a star and a ring", every colour and the " on <stuff>" part dropped) with probability 0.25; else
+    each colour word dropped with probability 1/2 and the " on <stuff>" part with probability 1/2. A final
+    period is added with probability 1/2. "a photo of an orange star on sand" -> e.g. "a photo of a star."."""
+    u = rng.random()
+    if u < 0.35:
         out = caption
+    elif u < 0.6:
+        out = _STUFF_RX.sub("", _COLOR_RX.sub("a ", caption))
     else:
         out = _COLOR_RX.sub(lambda m: "a " if rng.random() < 0.5 else m.group(0), caption)
         if rng.random() < 0.5:
             out = _STUFF_RX.sub("", out)
     return out + "." if rng.random() < 0.5 else out
+
+
+_SHAPE_RX = re.compile(r"\b(" + "|".join(OBJECT_CLASSES) + r")\b")
+
+
+def shape_negative(caption: str, rng: np.random.Generator) -> str:
+    """A hard negative of a toy caption: one of its shape words (chosen at random) replaced by a shape
+    the caption does not name (any other shape if it names them all). Contrastive training on scenes
+    whose colours and backgrounds already identify the caption within a batch otherwise learns little
+    about shape; these negatives differ from the positive in shape only."""
+    hits = list(_SHAPE_RX.finditer(caption))
+    if not hits:
+        raise ValueError(f"shape_negative: no shape word in {caption!r}")
+    m = hits[int(rng.integers(len(hits)))]
+    named = {h.group(1) for h in hits}
+    choices = [c for c in OBJECT_CLASSES if c not in named] or [c for c in OBJECT_CLASSES if c != m.group(1)]
+    return caption[:m.start()] + choices[int(rng.integers(len(choices)))] + caption[m.end():]
 
 
 def _lr_at(step: int, s: StageSettings) -> float:
@@ -338,17 +359,22 @@ def _clip_images(clip, images_u8: torch.Tensor) -> torch.Tensor:
     return (x - clip.mean) / clip.std
 
 
-def clip_batch_loss(clip, images_u8: torch.Tensor, captions: list[str], tokenizer) -> torch.Tensor:
+def clip_batch_loss(clip, images_u8: torch.Tensor, captions: list[str], tokenizer,
+                    negatives: list[str] | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of a batch (images uint8 (B, 3, S, S), B captions); identical captions are
-    positives of each other (the target row is uniform over them)."""
+    positives of each other (the target row is uniform over them). ``negatives``: extra captions that are
+    only negatives, appended to the image->text softmax (hard negatives, e.g. :func:`shape_negative`)."""
     model = clip.model
     device = clip.mean.device
     img = model.encode_image(_clip_images(clip, images_u8), normalize=True)
-    txt = model.encode_text(tokenizer(captions).to(device), normalize=True)
+    texts = list(captions) + list(negatives or [])
+    txt = model.encode_text(tokenizer(texts).to(device), normalize=True)
     logits = model.logit_scale.clamp(max=math.log(100)).exp() * img @ txt.T
+    B = len(captions)
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32, device=device)
     target = same / same.sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    i2t = F.cross_entropy(logits, F.pad(target, (0, len(texts) - B)))
+    return 0.5 * (i2t + F.cross_entropy(logits[:, :B].T, target))
 
 
 def vae_batch_loss(vae, images_u8: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -389,7 +415,8 @@ def train_clip(cache: SceneCache, work_dir: Path, settings: StageSettings, seed:
         idx = rng.choice(N, B, replace=False)
         imgs = _dihedral(cache.images[idx], rng.integers(0, 8, B))
         caps = [caption_variant(cache.captions[i], rng) for i in idx]
-        return clip_batch_loss(clip, imgs, caps, tok)
+        negs = [shape_negative(c, rng) for c in caps]
+        return clip_batch_loss(clip, imgs, caps, tok, negs)
 
     rec = _run_loop("clip", model, step_fn, settings, work_dir, seed, resume, progress, log, stop_at)
     if rec["end_step"] < settings.steps:
