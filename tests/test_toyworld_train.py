@@ -118,16 +118,37 @@ def test_hard_negatives_enter_only_the_image_to_text_side(cache):
 # ------------------------------------------------------------------ stages learn
 
 def test_clip_stage_reduces_the_loss_on_a_fixed_batch(work, cache):
+    """The training objective (InfoNCE with shape-swapped negatives + the class-prompt loss) on the fixed
+    batch of the 8 scenes falls after 20 steps."""
     from open_clip import SimpleTokenizer
 
     tok = SimpleTokenizer()
-    before = build_clip(0, TINY["clip"])
+    caps = list(cache.captions)
+    negs = [T.shape_negative(c, np.random.default_rng(i)) for i, c in enumerate(caps)]
+    targets = T.shape_targets(caps)
+
+    def objective(clip):
+        with torch.no_grad():
+            return float(T.clip_batch_loss(clip, cache.images, caps, tok, negs, targets))
+
+    l0 = objective(build_clip(0, TINY["clip"]).train())
+    clip, rec = T.train_clip(cache, work / "c", _settings(20), overrides=TINY["clip"], progress=False)
+    l1 = objective(clip)
+    assert len(rec["losses"]) == 20 and l1 < 0.85 * l0, (l0, l1)
+
+
+def test_prompt_loss_is_zero_weighted_for_captions_without_shapes_and_prefers_the_named_shape():
+    from open_clip import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    clip = build_clip(0, TINY["clip"]).eval()
+    imgs = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    caps = ["a photo of a circle", "a photo of a star"]
     with torch.no_grad():
-        l0 = float(T.clip_batch_loss(before.train(), cache.images, cache.captions, tok))
-    clip, rec = T.train_clip(cache, work / "c", _settings(12), overrides=TINY["clip"], progress=False)
-    with torch.no_grad():
-        l1 = float(T.clip_batch_loss(clip, cache.images, cache.captions, tok))
-    assert len(rec["losses"]) == 12 and l1 < 0.8 * l0, (l0, l1)
+        base = float(T.clip_batch_loss(clip, imgs, caps, tok))
+        none = float(T.clip_batch_loss(clip, imgs, caps, tok, prompt_targets=torch.zeros(2, 5)))
+        some = float(T.clip_batch_loss(clip, imgs, caps, tok, prompt_targets=T.shape_targets(caps)))
+    assert none == pytest.approx(base) and some > base  # the prompt term adds a positive cross-entropy
 
 
 def test_vae_stage_reduces_the_loss_and_sets_the_scaling_factor(work, cache):
