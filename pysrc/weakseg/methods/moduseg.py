@@ -281,6 +281,16 @@ def load_backbone(config: ModuSegConfig):
 
 def load_proposer(config: ModuSegConfig):
     """The mask proposer named by ``config.proposer`` (``proposer_options`` go to its constructor)."""
+    try:
+        return _load_proposer(config)
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise TypeError(f"ModuSegConfig.proposer_options: {dict(config.proposer_options)} do not fit proposer "
+                        f"{config.proposer!r} ({e})") from None
+
+
+def _load_proposer(config: ModuSegConfig):
     from weakseg.backbones import proposers as P
 
     opts = dict(config.proposer_options)
