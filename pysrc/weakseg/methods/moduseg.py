@@ -704,7 +704,9 @@ class ModuSeg:
         self.config = config if config is not None else ModuSegConfig()
         if not isinstance(self.config, ModuSegConfig):
             raise TypeError(f"ModuSeg: expected a ModuSegConfig, got {type(self.config).__name__}")
-        self.timer = StageTimer()  # seconds per stage: propose, backbone, encode, knn, paint (+ build stages)
+        # seconds per stage: propose, backbone, encode, knn, paint; building: data, pseudo, sbp, backbone,
+        # encode, write, merge
+        self.timer = StageTimer()
         if backbone is None:
             self.backbone, ident = load_backbone(self.config)
         else:
@@ -1031,7 +1033,8 @@ class ModuSeg:
         try:
             for i in tqdm(todo, desc=f"bank {out.name}" + (f" [rank {r}/{w}]" if w > 1 else ""),
                           disable=not progress):
-                sample = dataset[i]
+                with self.timer("data"):
+                    sample = dataset[i]
                 with self.timer("pseudo"):
                     lab = self.pseudo_labels(sample, names, pseudo)
                 vecs, labs = self.image_entries(sample.image, lab, names)
@@ -1044,7 +1047,8 @@ class ModuSeg:
                     with self.timer("write"):
                         flush()
         finally:
-            flush()  # finished images survive an interruption
+            with self.timer("write"):
+                flush()  # finished images survive an interruption
         if use_dist and w > 1:
             import torch.distributed as dist
 
@@ -1053,8 +1057,10 @@ class ModuSeg:
                 return None
         if not use_dist and w > 1 and len(_done_images(parts)) < n:
             return None  # other shards still running: the last one to finish merges
-        bank = _merge_parts(parts, n, names, self.backbone_id, expected_build, cfg, class_has_bg=has_background(names))
-        bank.save(out)
+        with self.timer("merge"):
+            bank = _merge_parts(parts, n, names, self.backbone_id, expected_build, cfg,
+                                class_has_bg=has_background(names))
+            bank.save(out)
         if w == 1 or use_dist:
             shutil.rmtree(parts, ignore_errors=True)
         self.set_bank(bank)
