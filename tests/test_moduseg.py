@@ -161,14 +161,20 @@ def test_unknown_option_is_named():
 
 # ----------------------------------------------------------------------------------------------- build pieces
 def test_purify_regions_is_sbp_then_area_floor():
-    g = torch.Generator().manual_seed(0)
     lab = torch.zeros(40, 50, dtype=torch.int64)
     lab[5:30, 8:40] = 1
     lab[12:20, 15:25] = 2  # a hole of class 2 inside class 1
     lab[0:40, 45:50] = 3   # a strip along the right border: borders do not erode
     lab[35, 0] = 255
     classes, masks = purify_regions(lab, 4, kernel=3, iterations=2, min_area=0)
-    eroded = erode_labels_reference(lab, 3, 2)
+    # the spec's definition: p keeps class c iff every in-image pixel within Chebyshev radius 2 has class c
+    eroded = torch.full_like(lab, 255)
+    for y in range(40):
+        for x in range(50):
+            win = lab[max(0, y - 2):y + 3, max(0, x - 2):x + 3]
+            if bool((win == lab[y, x]).all()):
+                eroded[y, x] = lab[y, x]
+    assert torch.equal(eroded, erode_labels_reference(lab, 3, 2))
     assert classes == [c for c in range(4) if bool((eroded == c).any())]
     for c, m in zip(classes, masks):
         assert torch.equal(m, eroded == c)
@@ -182,7 +188,6 @@ def test_purify_regions_is_sbp_then_area_floor():
     c3, m3 = purify_regions(lab, 4, sbp=False, min_area=0, skip=(0,))
     assert c3 == [1, 2, 3] and torch.equal(m3[1], lab == 2)
     assert int(m3.sum(0).max()) == 1
-    del g
 
 
 def test_purify_regions_rejects_bad_ids():
