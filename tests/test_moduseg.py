@@ -640,6 +640,8 @@ def test_create_with_tiny_clip_and_cli_eval(tmp_path):
     assert loaded.backbone == "clip-dense:tiny;surgery=0" and loaded.dim == 32 and len(loaded) > 5
     assert set(loaded.samples) == {train[i].name for i in range(5)}
     seg = weakseg.create("moduseg", bank=str(bank), backbone="clip-dense", set_options=opts)
+    # an extractor handed on to another segmenter keeps its id, so the bank still fits
+    assert ModuSeg(seg.config, backbone=seg.backbone).backbone_id == seg.backbone_id == loaded.backbone
     out = seg.segment([ToyWorld(64, "test", num_scenes=1)[0].image], list(train.class_names))
     assert out.labels.shape == (1, 64, 64) and int(out.labels.max()) < 6
     out_dir = tmp_path / "eval"
@@ -704,6 +706,9 @@ def test_toy_demo_with_injected_models(tmp_path, monkeypatch):
     # the cached bank is reused
     again = ModuSeg.toy_demo(tmp_path, progress=False, pseudo=pseudo, backbone=backbone, num_train=6)
     assert pseudo.calls == 6 and torch.equal(again.method.bank.vectors, entry.method.bank.vectors)
+    # no work_dir: a temporary folder, overrides go over the toy config
+    tmp_entry = ModuSeg.toy_demo(None, progress=False, pseudo=pseudo, backbone=backbone, num_train=2, k=1)
+    assert tmp_entry.method.config.k == 1 and Path(tmp_entry.method.config.bank).is_file()
     # without an injected pseudo method, the named method must offer a toy configuration
     from weakseg.core import METHODS
 
@@ -714,3 +719,16 @@ def test_toy_demo_with_injected_models(tmp_path, monkeypatch):
     assert_raises_naming(lambda: ModuSeg.toy_demo(tmp_path, progress=False, pseudo_method="_no_toy",
                                                   backbone=backbone, num_train=2),
                          ValueError, ["_no_toy", "toy_demo", "pseudo="])
+    # with one, its toy configuration makes the pseudo masks and is the baseline
+    seen = {}
+
+    class WithToy:
+        @classmethod
+        def toy_demo(cls, work_dir=None, progress=True):
+            seen["work_dir"] = work_dir
+            return DemoEntry(method=TinyPseudo(), baseline=TinyPseudo(), note="x")
+
+    monkeypatch.setitem(METHODS._items, "_with_toy", WithToy)
+    e = ModuSeg.toy_demo(tmp_path, progress=False, pseudo_method="_with_toy", backbone=backbone, num_train=2)
+    assert isinstance(e.baseline, TinyPseudo) and e.baseline.calls == 2 and seen["work_dir"] == tmp_path / "_with_toy"
+    assert "_with_toy" in e.note and "_with_toy" in Path(e.method.config.bank).name

@@ -262,7 +262,9 @@ def load_backbone(config: ModuSegConfig):
             model, cache_dir=config.cache_dir, device=config.device, **opts)
         ident = f"dinov2:{model};layer={config.backbone_layer};layernorm={int(config.backbone_layernorm)};" \
                 f"pad={config.backbone_pad}"
-        return ext.to(config.device), ident
+        ext = ext.to(config.device)
+        ext.backbone_id = ident  # a segmenter handed this extractor (backbone=...) keeps the id
+        return ext, ident
     from weakseg.backbones.features import CLIPDenseFeatures
 
     surgery = config.clip_surgery_layers
@@ -279,6 +281,7 @@ def load_backbone(config: ModuSegConfig):
         ext = CLIPDenseFeatures.from_pretrained(model, surgery_layers=surgery, pretrained=config.clip_pretrained,
                                                 cache_dir=config.cache_dir, device=config.device)
         ident = f"clip-dense:{model};pretrained={config.clip_pretrained};surgery={surgery}"
+    ext.backbone_id = ident  # a segmenter handed this extractor (backbone=...) keeps the id
     return ext, ident
 
 
@@ -1071,8 +1074,8 @@ class ModuSeg:
 
     # ------------------------------------------------------------------ toy world
     @classmethod
-    def toy_demo(cls, work_dir: Path, progress: bool = True, *, pseudo_method: str = "iseg", pseudo=None,
-                 backbone=None, num_train: int = 200, **overrides) -> "DemoEntry":
+    def toy_demo(cls, work_dir: Path | None = None, progress: bool = True, *, pseudo_method: str = "iseg",
+                 pseudo=None, backbone=None, num_train: int = 200, **overrides) -> "DemoEntry":
         """The demo's ModuSeg on the toy world: a bank from ``pseudo_method``'s pseudo masks (run with the
         image-level labels) on ``num_train`` toy training scenes (``ToyWorld(64, "train")``), the toy
         CLIP's dense features as the backbone, superpixel proposals; the bank is cached under
@@ -1081,11 +1084,14 @@ class ModuSeg:
 
         ``pseudo`` (a segmenter) and ``backbone`` (a dense extractor) may be injected (tests); otherwise
         the pseudo method is the ``method`` of ``METHODS[pseudo_method].toy_demo(...)`` and the backbone
-        the toy CLIP. ``overrides``: ModuSegConfig values over :data:`TOY_CONFIG`."""
+        the toy CLIP. ``overrides``: ModuSegConfig values over :data:`TOY_CONFIG`. ``work_dir=None``: a fresh
+        temporary folder (nothing cached)."""
+        import tempfile
+
         from weakseg.core import DemoEntry
         from weakseg.data.toyworld import ToyWorld
 
-        work_dir = Path(work_dir)
+        work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="moduseg_toy_"))
         work_dir.mkdir(parents=True, exist_ok=True)
         if pseudo is None:
             pseudo = _toy_pseudo_method(pseudo_method, work_dir, progress)
