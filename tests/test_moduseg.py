@@ -732,3 +732,30 @@ def test_toy_demo_with_injected_models(tmp_path, monkeypatch):
     e = ModuSeg.toy_demo(tmp_path, progress=False, pseudo_method="_with_toy", backbone=backbone, num_train=2)
     assert isinstance(e.baseline, TinyPseudo) and e.baseline.calls == 2 and seen["work_dir"] == tmp_path / "_with_toy"
     assert "_with_toy" in e.note and "_with_toy" in Path(e.method.config.bank).name
+
+
+def test_toy_demo_on_the_toy_architectures(tmp_path):
+    """The toy configuration on the toy world's model architectures (random weights; the demo uses the trained
+    ones): iSeg's toy configuration makes the pseudo masks, the toy CLIP's dense features fill the bank,
+    superpixels are labelled by retrieval; the vote sees only the image's classes."""
+    from weakseg.backbones.features import CLIPDenseFeatures
+    from weakseg.data.toyworld import CLASSES as TOY_CLASSES, ToyWorld
+    from weakseg.methods.iseg import ISeg
+    from weakseg.toyworld.models import assemble_sd, build_clip, build_unet, build_vae, text_tower_to_hf
+
+    clip = build_clip(3)
+    sd = assemble_sd(build_vae(1), build_unet(2), text_tower_to_hf(clip.model))
+    pseudo = ISeg.toy_demo(tmp_path / "iseg", progress=False, backbone=sd).method
+    backbone = CLIPDenseFeatures(clip)
+    backbone.backbone_id = "clip-dense:toy-architecture-random"
+    entry = ModuSeg.toy_demo(tmp_path, progress=False, pseudo=pseudo, backbone=backbone, num_train=6)
+    assert entry.baseline is pseudo and entry.method.bank.dim == 64 and len(entry.method.bank) >= 6
+    assert entry.method.bank.class_names == list(TOY_CLASSES)
+    scenes = [ToyWorld(64, "val", num_scenes=2)[i] for i in range(2)]
+    labels = torch.zeros(2, len(TOY_CLASSES), dtype=torch.bool)
+    for i, s in enumerate(scenes):
+        labels[i, s.image_labels] = True
+    out = entry.method.segment([s.image for s in scenes], list(TOY_CLASSES), labels)
+    assert out.scores.shape == (2, 6, 64, 64) and out.labels.shape == (2, 64, 64)
+    for i, s in enumerate(scenes):
+        assert set(out.labels[i].unique().tolist()) <= set(s.image_labels)
