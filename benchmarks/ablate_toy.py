@@ -4,6 +4,7 @@ here does not touch the figures the demo reports.
 
     python benchmarks/ablate_toy.py iseg [--images 60] [--out benchmarks/results]
     python benchmarks/ablate_toy.py diffsegmenter
+    python benchmarks/ablate_toy.py moduseg
 
 Each row is the method's toy preset with the overrides named in the row (``ABLATIONS``); the result is
 a markdown table and a JSON file ``ablate_<method>_toy.{md,json}`` under ``--out``.
@@ -38,6 +39,16 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
         ("paper: timesteps 1/50/100/150", {"timesteps": (1, 50, 100, 150)}),
         ("reference propagation (P x P map)", {"propagation": "reference"}),
     ],
+    # ModuSeg: every row builds its bank from iSeg's toy pseudo masks on 200 toy train scenes
+    "moduseg": [
+        ("toy config (SBP, SMFA, outlier filter, K = 5, image-label vote)", {}),
+        ("SBP off", {"sbp": False}),
+        ("hard (binary, nearest) pooling instead of SMFA", {"pooling": "hard"}),
+        ("outlier filter off", {"outlier_filter": False}),
+        ("K = 1", {"k": 1}),
+        ("K = 25 (reference)", {"k": 25}),
+        ("vote over the whole bank (reference: no image labels)", {"use_image_labels": False}),
+    ],
 }
 
 
@@ -54,7 +65,7 @@ def run(method: str, images: int, out: Path | None, progress: bool = True) -> li
     rows, backbone = [], None
     for label, overrides in ABLATIONS[method]:
         entry = cls.toy_demo(None, progress, backbone=backbone, **overrides)
-        backbone = entry.method.sd
+        backbone = entry.method.sd if hasattr(entry.method, "sd") else entry.method.backbone
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             m = evaluate(entry.method, world, tmp, overlays=0, resume=False, progress=progress,
