@@ -21,11 +21,11 @@ __all__ = ["toy_demo", "ablation_ladder", "TOY_CACHE", "TOY_TRAIN", "prepare_toy
 
 # cache build on the toy world: 64 px images from the toy SD with a short prompt (the toy text encoder
 # knows captions like "a photo of a red circle on grass", not the paper's long template)
-TOY_CACHE: dict[str, Any] = dict(source="generated", images_per_class=8, gen_prompt="a photo of a {c}", gen_steps=20,
+TOY_CACHE: dict[str, Any] = dict(source="generated", images_per_class=6, gen_prompt="a photo of a {c}", gen_steps=15,
                                  gen_guidance=7.5, gen_size=64, gen_resize=None, gen_batch=20, fg_centroids=4,
                                  bg_centroids=6, batch_size=8)
 # a short run that fits the demo's budget on a 2-core CPU
-TOY_TRAIN: dict[str, Any] = dict(iterations=240, batch_size=4, warmup_iters=10, caa_seg_from=120, save_every=40,
+TOY_TRAIN: dict[str, Any] = dict(iterations=120, batch_size=4, warmup_iters=10, caa_seg_from=60, save_every=40,
                                  log_every=20, scale_range=(0.75, 1.5))
 TOY_TRAIN_SCENES = 400
 
