@@ -204,6 +204,10 @@ def _train_diclip(args: argparse.Namespace) -> int:
     res = train_diclip(method, dataset, list(dataset.class_names), args.out, cfg, resume=not args.no_resume,
                        progress=not args.quiet)
     last = res["losses"][-1] if res["losses"] else {}
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     print(json.dumps({"out": args.out, "step": res["step"], "model": res["model"], "checkpoint": res["checkpoint"],
                       "last": last}, indent=2))
     return 0
