@@ -53,7 +53,8 @@ class DiCLIPTrainConfig:
     20000, 4, 2e-4, ×10 for the adapter and head, 0.01, (0.9, 0.999), 50, 1e-6, 1.0.
     scale_range / flip: the augmentation; crops have the method's ``size``.
     seg_weight / aff_weight / dyn_weight: 1.0 / 0.1 / 0.1. aff_radius: 8.
-    caa_threshold / walk_steps: the pseudo-label pipeline (0.79, 5). caa_seg_from: the iteration from
+    caa_threshold / walk_steps: the pseudo-label pipeline (0.79, 5). refine: its steps ("caa", "walk";
+    "par" as an option, the paper's PAR refinement). caa_seg_from: the iteration from
     which the head's attn_pred gates the CAA affinity (4000). dynamic_from: the iteration from which the
     pseudo labels come from the dynamic CAM (0 for VOC). adapter_target: "dynamic" (the code) or
     "static" (the paper). save_every / log_every: iterations between checkpoints / log lines.
@@ -80,6 +81,7 @@ class DiCLIPTrainConfig:
     caa_seg_from: int = 4000
     dynamic_from: int = 0
     adapter_target: str = "dynamic"
+    refine: tuple = ("caa", "walk")
     save_every: int = 1000
     log_every: int = 50
     max_images: int | None = None
@@ -88,6 +90,9 @@ class DiCLIPTrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         self.scale_range = tuple(float(s) for s in self.scale_range)
+        self.refine = tuple(self.refine)
+        if any(st not in ("caa", "walk", "par") for st in self.refine):
+            raise ValueError(f"DiCLIPTrainConfig.refine: expected steps from caa, walk, par, got {self.refine!r}")
         for n in ("iterations", "batch_size", "save_every", "log_every"):
             v = getattr(self, n)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -321,7 +326,7 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
 
             def pseudo(src):
                 cams = method.cams(fwd, names, src, adapter_logits=ad_logits.detach())
-                maps = method.refine_maps(cams, fwd, allowed, sized, steps=("caa", "walk"),
+                maps = method.refine_maps(cams, fwd, allowed, sized, steps=cfg.refine,
                                           caa_threshold=cfg.caa_threshold, walk_steps=cfg.walk_steps,
                                           seg_attn=seg_attn)
                 _, lab = method.labels_from_maps(maps, allowed, names, (S, S))

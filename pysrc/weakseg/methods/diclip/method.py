@@ -452,7 +452,7 @@ class DiCLIP:
         """The SD pass (when VCE or the walk needs it) and the CLIP forward on ``sized`` uint8 (B, 3, S, S)."""
         cfg = self.config
         vce = cfg.vce if vce is None else vce
-        need_sd = (vce or "walk" in cfg.refine) if need_sd is None else need_sd
+        need_sd = bool(vce or "walk" in cfg.refine) if need_sd is None else bool(need_sd or vce)
         sda, bias = None, None
         if need_sd:
             self._check_sd()
