@@ -187,6 +187,10 @@ def test_training_loss_falls(models, world, cache_file, tmp_path):
     assert out.labels.shape == (1, 64, 64) and head._sd is None
     torch.testing.assert_close(out.scores.sum(1), torch.ones(1, 64, 64))
     assert_raises_naming(lambda: head.segment([world[0].image], ["background", "cat"]), ValueError, ["trained on"])
+    masked = make(models, mode="head", checkpoint=r["model"], head_use_image_labels=True)
+    lab = torch.zeros(1, len(world.class_names), dtype=torch.bool)
+    lab[0, [0, 2]] = True
+    assert set(masked.segment([world[0].image], world.class_names, lab).labels.unique().tolist()) <= {0, 2}
 
 
 def test_resume_equals_uninterrupted(models, world, cache_file, tmp_path):

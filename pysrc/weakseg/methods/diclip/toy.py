@@ -73,11 +73,12 @@ def toy_demo(work_dir: Path, progress: bool = True, clip=None, sd=None, preset: 
     the raw patch-text CAM without VCE and cache. ``clip`` / ``sd`` replace the toy-world models (tests
     pass tiny random ones with ``preset="tiny"``)."""
     p = prepare_toy(work_dir, progress, clip, sd, preset, cache_options, train_options, train_scenes)
-    method = _method(p["clip"], p["sd"], preset, mode="head", checkpoint=p["checkpoint"])
+    method = _method(p["clip"], p["sd"], preset, mode="head", checkpoint=p["checkpoint"], head_use_image_labels=True)
     baseline = _method(p["clip"], p["sd"], preset, vce=False, cam_source="patch", refine=())
     return DemoEntry(method=method, baseline=baseline,
                      note="baseline: DiCLIP's raw patch-text CAM (CLIP surgery, no SD attention, no cache, no "
-                          "refinement); method: the segmentation head trained on DiCLIP pseudo labels")
+                          "refinement); method: the segmentation head trained on DiCLIP pseudo labels (VCE, "
+                          "cache, adapter, CAA + SD walk), argmax over the image's classes like the baseline")
 
 
 RUNGS = ("raw", "+vce", "+static cache", "+adapter", "+caa/walk (pseudo labels)", "head")
@@ -87,8 +88,9 @@ def ablation_ladder(work_dir: Path, num_scenes: int = 40, progress: bool = True,
                     preset: str = "toy", split: str = "test", **prepare_kw) -> dict[str, float]:
     """mIoU (%, "present" convention, image-level labels given) of each rung on ``num_scenes`` toy scenes:
     raw patch-text CAM -> + VCE -> + static cache -> + dynamic adapter (all without refinement) -> the
-    dynamic CAM through CAA + the SD walk (the training pseudo labels) -> the trained head. Also the
-    training-free full pipeline ("static + caa/walk")."""
+    dynamic CAM through CAA + the SD walk (the training pseudo labels) -> the trained head (its argmax
+    restricted to the image's classes, as the CAM rungs are). Also the training-free full pipeline
+    ("static + caa/walk")."""
     from tqdm.auto import tqdm
 
     from weakseg.data.toyworld import ToyWorld
@@ -103,7 +105,7 @@ def ablation_ladder(work_dir: Path, num_scenes: int = 40, progress: bool = True,
         "+adapter": dict(vce=True, cam_source="dynamic", checkpoint=ck, refine=()),
         "+caa/walk (pseudo labels)": dict(vce=True, cam_source="dynamic", checkpoint=ck, caa_threshold=0.79,
                                           walk_steps=5),
-        "head": dict(mode="head", checkpoint=ck),
+        "head": dict(mode="head", checkpoint=ck, head_use_image_labels=True),
         "static + caa/walk (training-free)": dict(vce=True, cam_source="static", cache=cache),
     }
     world = ToyWorld(split=split, num_scenes=num_scenes)
@@ -121,3 +123,22 @@ def ablation_ladder(work_dir: Path, num_scenes: int = 40, progress: bool = True,
         v = cm.miou("present")
         out[name] = round(100 * v, 2) if not math.isnan(v) else float("nan")
     return out
+
+
+def main(argv=None) -> int:
+    """``python -m weakseg.methods.diclip.toy --work DIR [--scenes N]``: the ablation ladder on the toy
+    world (the committed toy weights), printed as JSON."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m weakseg.methods.diclip.toy", description=main.__doc__)
+    ap.add_argument("--work", required=True, help="work directory (cache and training run are kept there)")
+    ap.add_argument("--scenes", type=int, default=40, help="held-out toy scenes to score")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    print(json.dumps(ablation_ladder(Path(args.work), num_scenes=args.scenes, progress=not args.quiet), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
