@@ -217,8 +217,16 @@ def _item_path(work: Path, key: str) -> Path:
     return work / "items" / f"{key}.safetensors"
 
 
+# method options that do not change the pooled features (left out of a build's fingerprint)
+_NOT_FINGERPRINTED = ("device", "dtype", "cache", "checkpoint", "mode", "cam_source", "static_weight", "dynamic_weight",
+                      "test_scales", "flip", "merge_scale", "head_use_image_labels", "preset", "cache_dir")
+
+
 def _fingerprint(method_cfg: dict, build_cfg: dict, class_names: Sequence[str]) -> str:
-    blob = json.dumps({"m": method_cfg, "b": build_cfg, "c": list(class_names)}, sort_keys=True, default=str)
+    m = {k: v for k, v in method_cfg.items()
+         if k not in _NOT_FINGERPRINTED and not k.startswith(("crf", "head_", "adapter_"))}
+    b = {k: v for k, v in build_cfg.items() if k not in ("gen_batch", "batch_size")}
+    blob = json.dumps({"m": m, "b": b, "c": list(class_names)}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -265,7 +273,9 @@ def build_cache(method, class_names: Sequence[str], out: str | os.PathLike, conf
         raise ValueError(f"work_dir {str(work)!r} holds a build with other settings (fingerprint "
                          f"{stamp.read_text().strip()} != {fp}); use another work_dir or delete it")
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fp + "\n")
+    tmp = stamp.with_name(stamp.name + f".tmp{os.getpid()}")
+    tmp.write_text(fp + "\n")
+    os.replace(tmp, stamp)
     fg = names[1:]
     C = len(names)
 
