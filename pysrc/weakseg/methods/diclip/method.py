@@ -59,9 +59,11 @@ TOY_STUFF = ("grass", "sky", "sand", "water", "brick")
 PRESETS: dict[str, dict[str, Any]] = {
     "voc": {},
     "coco": dict(class_prompts={}, walk_steps=10, caa_threshold=0.88),
-    # the toy world (weakseg.toyworld): 64 px scenes, CLIP 8x8 patches, SD 16x16 latents with 2 heads per layer
+    # the toy world (weakseg.toyworld): 64 px scenes, CLIP 8x8 patches, SD 16x16 latents with 2 heads per layer;
+    # VCE from the 8x8 self-attention (on CLIP's grid: the SD-analogous 4x4 one is too coarse for 8-14 px
+    # objects), the walk on the 16x16 (full latent) one as SD's 40x40
     "toy": dict(clip_model="toy", sd_model="toy", size=64, templates="a photo of a {}.", class_prompts={},
-                background_words=TOY_STUFF, vce_layer="up_blocks.1.attentions.1.transformer_blocks.0.attn1",
+                background_words=TOY_STUFF, vce_layer="up_blocks.2.attentions.1.transformer_blocks.0.attn1",
                 vce_heads=(0, 1), walk_heads=(0, 1), test_scales=(1.0, 1.5), head_dim=64, head_heads=4,
                 gen_model=None),
     # tiny random models (tests): 64 px, CLIP 8x8 patches, SD 8x8 latents with 4 heads per layer
@@ -335,6 +337,11 @@ class DiCLIP:
         self.head_classes: list[str] | None = None
         if config.checkpoint:
             self.load_checkpoint(config.checkpoint)
+        if config.cam_source == "static" and config.mode == "cam" and self.cache is None:
+            import warnings
+
+            warnings.warn("DiCLIP: cam_source='static' without a cache (DiCLIPConfig.cache): the CAM is the patch-text "
+                          "CAM alone; build a cache with `weakseg cache build`", stacklevel=2)
         if config.cam_source == "dynamic" and config.mode == "cam" and self.adapter is None:
             raise ValueError("DiCLIPConfig.cam_source='dynamic' needs a checkpoint with a trained adapter")
         ph, pw = self.clip.patch_size

@@ -47,7 +47,7 @@ def prepare_toy(work_dir: Path, progress: bool = True, clip=None, sd=None, prese
 
     root = Path(work_dir) / "diclip"
     root.mkdir(parents=True, exist_ok=True)
-    base = _method(clip, sd, preset)
+    base = _method(clip, sd, preset, cam_source="patch")
     clip, sd = base.clip, base.sd
     world = ToyWorld(split="train", num_scenes=train_scenes)
     names = list(world.class_names)
