@@ -111,16 +111,45 @@ def test_cli_bench_quick_verifies_and_writes(tmp_path, capsys):
     assert main(["bench", "--ops", "nope"]) == 2
 
 
-def test_demo_runs_and_segments(tmp_path):
+def test_demo_scores_every_entry_with_the_eval_loop(tmp_path):
+    """run_demo with injected tiny entries: the report has the issue's schema, its figures are those of the
+    per-method metrics written by the eval loop, and the overlays exist."""
+    from weakseg.core import DemoEntry
     from weakseg.demo import run_demo
+    from weakseg.methods.iseg import ISeg, ISegConfig
+    from weakseg.backbones.diffusion import StableDiffusionBackbone
 
-    summary = run_demo(tmp_path / "demo", train_scenes=6)
-    files = set(summary["outputs"])
-    assert {"bank.safetensors", "test_prediction.png", "train_labels_purified.png"} <= files
-    assert (tmp_path / "demo" / "summary.json").exists()
-    # the ops really segment: far above the all-background baseline
-    assert summary["miou"] > 0.6
-    from safetensors.torch import load_file
+    sd = StableDiffusionBackbone.tiny(seed=0, layout="sd21", heads=4)
+    calls = []
 
-    bank = load_file(str(tmp_path / "demo" / "bank.safetensors"))
-    torch.testing.assert_close(bank["vectors"].norm(dim=1), torch.ones(bank["vectors"].shape[0]))
+    def factory(work_dir, progress):
+        calls.append(work_dir)
+        mk = lambda **kw: ISeg(ISegConfig(model="tiny", size=64, tagger="all", cluster_iterations=2, **kw), backbone=sd)
+        return DemoEntry(method=mk(steps=2), baseline=mk(baseline=True), note="raw cross-attention")
+
+    report = run_demo(tmp_path / "demo", num_images=3, entries={"iseg": factory}, overlays=2, progress=False)
+    assert calls == [tmp_path / "demo" / "work" / "iseg"]
+    assert report["dataset"] == "toyworld" and report["num_images"] == 3
+    r = report["methods"]["iseg"]
+    on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert on_disk["methods"]["iseg"]["miou"] == r["miou"]
+    m = json.loads((tmp_path / "demo" / "iseg" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "demo" / "iseg" / "baseline" / "metrics.json").read_text())
+    assert r["miou"] == m["percent"]["miou_all"] and r["baseline_miou"] == b["percent"]["miou_all"]
+    assert m["num_images"] == 3 and m["image_labels_given"] and r["seconds_per_image"] > 0
+    assert len(list((tmp_path / "demo" / "iseg" / "overlays").glob("*.png"))) == 2
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "| iseg |" in md and "raw cross-attention" in md
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
+    from weakseg.demo import run_demo, toy_demo_methods
+
+    with pytest.raises(ValueError, match="num_images"):
+        run_demo(tmp_path, num_images=0, entries={"x": None})
+    with pytest.raises(ValueError, match="unknown method"):
+        toy_demo_methods(["no-such-method"])
+    with pytest.raises(ValueError, match="no method"):
+        run_demo(tmp_path, num_images=1, entries={})
+    with pytest.raises(TypeError, match="DemoEntry"):
+        run_demo(tmp_path, num_images=1, entries={"x": lambda w, p: object()}, progress=False)

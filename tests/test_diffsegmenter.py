@@ -80,7 +80,7 @@ def test_prompt_construction_and_token_bookkeeping(sd):
 
 
 # ---------------------------------------------------------------------------------------------- config
-def test_config_defaults_presets_and_errors(sd, tmp_path):
+def test_config_defaults_presets_and_errors(sd, tmp_path, monkeypatch):
     c = DiffSegmenterConfig()
     assert (c.model, c.timesteps, c.cross_weights, c.image_size) == ("runwayml/stable-diffusion-v1-5", (100,),
                                                                     (0.3, 0.5, 0.1, 0.1), 512)
@@ -103,7 +103,11 @@ def test_config_defaults_presets_and_errors(sd, tmp_path):
     assert_raises_naming(lambda: DiffSegmenterConfig(bg_threshold=1.5), ValueError, ["bg_threshold"])
     assert_raises_naming(lambda: DiffSegmenterConfig(timesteps=(1000,)), ValueError, ["timesteps"])
     assert_raises_naming(lambda: DiffSegmenterConfig(image_size=60), ValueError, ["image_size", "multiple of 8"])
-    assert_raises_naming(lambda: DiffSegmenter(DiffSegmenterConfig(model="toy")), ValueError, ["toy", "register_model"])
+    import weakseg.toyworld
+
+    monkeypatch.setattr(weakseg.toyworld, "WEIGHTS_DIR", tmp_path / "no-weights")
+    assert_raises_naming(lambda: DiffSegmenter(DiffSegmenterConfig(model="toy")), FileNotFoundError,
+                         ["no-weights", "python -m weakseg.toyworld.train"])
     missing = str(tmp_path / "nope")
     assert_raises_naming(lambda: DiffSegmenter(DiffSegmenterConfig(model=missing)), FileNotFoundError, [missing])
     m = DiffSegmenter(_cfg(cross_weights=(0.5, 0.5)), backbone=sd)

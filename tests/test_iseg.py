@@ -357,13 +357,17 @@ def test_presets_and_registration():
     assert_raises_naming(lambda: ISegConfig.from_dict({"stepz": 3}), ValueError, ["stepz"])
 
 
-def test_model_errors(sd21):
+def test_model_errors(sd21, tmp_path, monkeypatch):
     assert_raises_naming(lambda: make(sd21, heads_16=(0, 40)), ValueError, ["heads_16", "40", "20 heads"])
     assert_raises_naming(lambda: make(sd21, self_heads=(1, 4)), ValueError, ["self_heads", SELF_LAYER, "4 heads"])
     assert_raises_naming(lambda: make(sd21, self_layer=CROSS_LAYERS_16[0]), ValueError, ["self_layer"])
     assert_raises_naming(lambda: make(sd21, cross_layers_32=("up_blocks.9.x",)), ValueError,
                          ["cross_layers_32", "up_blocks.9.x"])
-    assert_raises_naming(lambda: ISeg(ISegConfig(model="toy")), ValueError, ["toy"])
+    import weakseg.toyworld
+
+    monkeypatch.setattr(weakseg.toyworld, "WEIGHTS_DIR", tmp_path / "no-weights")
+    assert_raises_naming(lambda: ISeg(ISegConfig(model="toy")), FileNotFoundError,
+                         ["no-weights", "python -m weakseg.toyworld.train"])
     m = make(sd21)
     assert_raises_naming(lambda: m.segment([torch.zeros(3, 64, 64, dtype=torch.uint8),
                                             torch.zeros(3, 32, 64, dtype=torch.uint8)], NAMES), ValueError,

@@ -125,11 +125,16 @@ def scores_to_labels(fg: torch.Tensor, class_names: Sequence[str], image_labels:
 
 def load_tagger_clip(model: str, pretrained: str | None, cache_dir: str | None, device):
     """The CLIP backbone a method tags classes with: ``"tiny"`` builds the tiny random model (tests),
-    anything else goes to :meth:`CLIPBackbone.from_pretrained` (hub name or local directory)."""
+    ``"toy"`` loads the toy world's trained CLIP (:func:`weakseg.toyworld.load_toy_clip`), anything else
+    goes to :meth:`CLIPBackbone.from_pretrained` (hub name or local directory)."""
     from weakseg.backbones.clip import CLIPBackbone
 
     if model == "tiny":
         return CLIPBackbone.tiny(seed=0, device=device)
+    if model == "toy":
+        from weakseg.toyworld import load_toy_clip
+
+        return load_toy_clip(device=device)
     return CLIPBackbone.from_pretrained(model, pretrained=pretrained, cache_dir=cache_dir, device=device)
 
 

@@ -78,6 +78,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"timesteps": (1, 50, 100, 150)},
     # the issue's baseline: fused cross-attention maps, no self-attention propagation
     "baseline": {"baseline": True},
+    # the toy world's SD (weakseg.toyworld: 64 px, 16x16 latents, cross-attention at 2/4/8/16): its text
+    # encoder knows the caption form "a photo of a red circle ..." (no "photograph", no Compel weight);
+    # the 2x2 and 4x4 grids are too coarse for 8-14 px objects, so the finer grids carry the weight
+    "toy": {"model": "toy", "image_size": 64, "prompt_template": "a photo of a {c}",
+            "cross_weights": (0.0, 0.2, 0.4, 0.4), "clip_model": "toy", "clip_pretrained": None},
 }
 
 # ----------------------------------------------------------------------------------------- backbone hook
@@ -123,12 +128,15 @@ def _load_backbone(config: "DiffSegmenterConfig"):
     if config.model in MODEL_BUILDERS:
         sd = MODEL_BUILDERS[config.model](config)
         return sd.to(config.device, dtype)
-    if config.model == "toy":
-        raise ValueError("DiffSegmenterConfig.model='toy': no toy-world diffusion weights are registered yet; "
-                         "register a builder with weakseg.methods.diffsegmenter.register_model('toy'), or pass a "
-                         "hub name / a local diffusers directory")
     return StableDiffusionBackbone.from_pretrained(config.model, cache_dir=config.cache_dir, device=config.device,
                                                    dtype=dtype)
+
+
+@register_model("toy")
+def _toy_sd(config: "DiffSegmenterConfig"):
+    from weakseg.toyworld import load_toy_sd
+
+    return load_toy_sd(device=config.device)
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -374,6 +382,18 @@ class DiffSegmenter:
         self.sd = backbone if backbone is not None else _load_backbone(self.config)
         self._clip = clip
         self._captioner = captioner
+
+    @classmethod
+    def toy_demo(cls, work_dir=None, progress: bool = True, backbone=None, **overrides: Any):
+        """The demo's DiffSegmenter (:func:`weakseg.demo.run_demo`): the "toy" preset on the toy world's
+        trained SD (or ``backbone``), and its baseline, the fused cross-attention maps without the
+        self-attention propagation (same background threshold). Nothing to set up."""
+        from weakseg.core import DemoEntry
+
+        method = cls(DiffSegmenterConfig.from_preset("toy", **overrides), backbone=backbone)
+        base = cls(DiffSegmenterConfig.from_preset("toy", **{**overrides, "baseline": True}), backbone=method.sd)
+        return DemoEntry(method=method, baseline=base,
+                         note="fused cross-attention maps, no self-attention propagation")
 
     # ------------------------------------------------------------------ helpers
     def _renamed(self, names: Sequence[str]) -> list[str]:

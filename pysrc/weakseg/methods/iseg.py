@@ -109,6 +109,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                      background_words=COCO_STUFF, background_separator="", class_renames=COCO_RENAMES),
 }
 
+# The toy world's Stable Diffusion (weakseg.toyworld: 64 px images, 16x16 latents, cross-attention at 16/8/4,
+# 2 heads per layer). Its text encoder was trained on captions "a photo of a red circle and a blue star on
+# grass", so the prompt keeps that form; the cross-attention grids are the toy's 8x8 and 16x16 ones (1/8 and
+# 1/4 of the image, as SD's 64/512 and 128/512 are not: at 64 px the SD-analogous 4x4 grid is too coarse
+# for objects of 8-14 px), the refinement uses the 16x16 (full latent) self-attention, as SD's 64x64.
+TOY_CROSS_8 = tuple(_layer(b) + ".attn2" for b in
+                    ("down_blocks.1.attentions.0", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"))
+TOY_CROSS_16 = tuple(_layer(b) + ".attn2" for b in
+                     ("down_blocks.0.attentions.0", "up_blocks.3.attentions.0", "up_blocks.3.attentions.1"))
+PRESETS["toy"] = dict(model="toy", size=64, batch_size=8, prompt_prefix="a photo of a ", class_joiner=" and a ",
+                      background_prompt="", background_separator="", background_words="", class_renames={},
+                      token_words={}, cross_layers_16=TOY_CROSS_8, cross_layers_32=TOY_CROSS_16, heads_16=None,
+                      heads_32=None, self_layer=SELF_LAYER, self_heads=(0, 1), ent=0.015, steps=10,
+                      background="power", background_value=2.0, clip_model="toy", clip_pretrained=None,
+                      tag_templates="single")
+
 TAGGERS = ("clip", "all")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -262,9 +278,9 @@ def load_stable_diffusion(config: ISegConfig):
     if name in ("tiny", "tiny-sd15"):
         sd = StableDiffusionBackbone.tiny(seed=0, layout="sd21" if name == "tiny" else "sd15", heads=4)
     elif name == "toy":
-        # hook for the toy-world weights: they will be a local diffusers directory
-        raise ValueError("ISegConfig.model='toy': the toy-world Stable Diffusion weights are not shipped yet; pass "
-                         "their local directory (a diffusers pipeline folder) as model instead")
+        from weakseg.toyworld import load_toy_sd
+
+        sd = load_toy_sd(device=config.device, dtype=dtype)
     else:
         sd = StableDiffusionBackbone.from_pretrained(name, cache_dir=config.cache_dir, device=config.device, dtype=dtype)
     sd.set_scheduler("ddim")
@@ -317,6 +333,18 @@ class ISeg:
         if max(config.self_heads) >= n or min(config.self_heads) < 0:
             raise ValueError(f"ISegConfig.self_heads: {list(config.self_heads)} out of range for {config.self_layer!r}, "
                              f"which has {n} heads")
+
+    @classmethod
+    def toy_demo(cls, work_dir=None, progress: bool = True, backbone=None, **overrides: Any):
+        """The demo's iSeg (:func:`weakseg.demo.run_demo`): the "toy" preset on the toy world's trained SD
+        (or ``backbone``), and its baseline, the fused 8x8/16x16 cross-attention without the self-attention
+        propagation (same prompt, same KL smoothing and background rule). Nothing to set up."""
+        from weakseg.core import DemoEntry
+
+        method = cls(ISegConfig.from_preset("toy", **overrides), backbone=backbone)
+        base = cls(ISegConfig.from_preset("toy", **{**overrides, "baseline": True}), backbone=method.sd)
+        return DemoEntry(method=method, baseline=base,
+                         note="fused cross-attention maps, no self-attention propagation")
 
     # ------------------------------------------------------------------ plans
     def _head_plan(self, layer_names: Sequence[str], heads, res: str) -> list[tuple[str, tuple[int, ...] | None]]:
