@@ -383,3 +383,22 @@ def test_registered():
     voc = DiCLIPConfig()
     assert voc.templates == "origami" and voc.class_prompts["person"] == "person with clothes,people,human"
     assert voc.vce_layer.startswith("up_blocks.1.attentions.2") and voc.walk_layer.startswith("up_blocks.3.attentions.1")
+
+
+def test_toy_preset_fits_the_toy_architecture():
+    """The "toy" preset's sizes, layers and heads exist in the toy world's models (random weights here)."""
+    from weakseg.data.toyworld import ToyWorld
+    from weakseg.toyworld.models import assemble_sd, build_clip, build_unet, build_vae, text_tower_to_hf
+
+    clip = build_clip(3)
+    sd = assemble_sd(build_vae(1), build_unet(2), text_tower_to_hf(clip.model))
+    m = DiCLIP(DiCLIPConfig.from_dict({"preset": "toy"}), clip=clip, sd=sd)
+    w = ToyWorld(64, "val", num_scenes=1)
+    sc = w[0]
+    lab = torch.zeros(1, len(w.class_names), dtype=torch.bool)
+    lab[0, sc.image_labels] = True
+    fwd = m.forward(sc.image[None])
+    assert fwd.grid == (8, 8) and fwd.sd.vce_grid == (8, 8) and fwd.sd.walk_grid == (16, 16)
+    out = m.segment([sc.image], w.class_names, lab)
+    assert out.labels.shape == (1, 64, 64)
+    assert set(out.labels.unique().tolist()) <= set(sc.image_labels)
