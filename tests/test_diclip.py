@@ -344,6 +344,7 @@ def test_segment_shapes_and_allowed_classes(models):
     assert out.scores.shape == (2, 3, 64, 64) and out.labels.shape == (2, 64, 64)
     assert set(out.labels[0].unique().tolist()) <= {0, 1} and set(out.labels[1].unique().tolist()) <= {0, 2}
     assert out.scores[0, 2].abs().sum() == 0
+    assert set(m.timer.totals) == {"unet", "vce", "clip", "refine"} and all(v > 0 for v in m.timer.totals.values())
     again = m.segment(x, NAMES, labels)
     assert torch.equal(again.labels, out.labels)  # seeded noise: deterministic
     # other image sizes come back at their size

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from weakseg.backbones.text import DICLIP_BACKGROUND_WORDS, DICLIP_VOC20, VOC20
 from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
-from weakseg.methods.common import BackgroundRule, has_background, image_label_mask, minmax_per_class, scores_to_labels
+from weakseg.methods.common import (BackgroundRule, StageTimer, has_background, image_label_mask, minmax_per_class,
+                                    scores_to_labels)
 from weakseg.methods.diclip import cam as camlib
 from weakseg.methods.diclip import refine as reflib
 from weakseg.methods.diclip import vce as vcelib
@@ -327,6 +328,7 @@ class DiCLIP:
         if not isinstance(config, DiCLIPConfig):
             raise TypeError(f"DiCLIP: expected a DiCLIPConfig, got {type(config).__name__}")
         self.config = config
+        self.timer = StageTimer()  # seconds per stage: "unet" (SD pass), "vce" (affinity + ACR), "clip", "refine"
         self.clip = (load_clip(config) if clip is None else clip.to(config.device)).eval()
         self._sd = sd
         self._gen_sd = gen_sd
@@ -463,16 +465,19 @@ class DiCLIP:
         sda, bias = None, None
         if need_sd:
             self._check_sd()
-            sda = vcelib.sd_pass(self.sd, sized, vce_layer=cfg.vce_layer, vce_heads=cfg.vce_heads,
-                                 walk_layer=cfg.walk_layer, walk_heads=cfg.walk_heads, t=cfg.t, prompt=cfg.sd_prompt,
-                                 generator=self._generator(generator))
+            with self.timer("unet", self.sd.device):
+                sda = vcelib.sd_pass(self.sd, sized, vce_layer=cfg.vce_layer, vce_heads=cfg.vce_heads,
+                                     walk_layer=cfg.walk_layer, walk_heads=cfg.walk_heads, t=cfg.t,
+                                     prompt=cfg.sd_prompt, generator=self._generator(generator))
         grid = self.grid
         if vce:
-            bias = self.vce_bias(sda, grid)
-        out = self.clip(sized.to(self.clip.device), surgery_layers=cfg.surgery_layers,
-                        attn_bias=None if bias is None else cfg.vce_weight * bias.to(self.clip.device),
-                        return_attn=return_attn, return_layers=return_layers, pos_interp=cfg.pos_interp)
-        feats = camlib.token_features(out.cls, out.patch, cfg.feature_norm)
+            with self.timer("vce", self.clip.device):
+                bias = self.vce_bias(sda, grid)
+        with self.timer("clip", self.clip.device):
+            out = self.clip(sized.to(self.clip.device), surgery_layers=cfg.surgery_layers,
+                            attn_bias=None if bias is None else cfg.vce_weight * bias.to(self.clip.device),
+                            return_attn=return_attn, return_layers=return_layers, pos_interp=cfg.pos_interp)
+            feats = camlib.token_features(out.cls, out.patch, cfg.feature_norm)
         return Forward(feats=feats, out=out, grid=tuple(out.grid), sd=sda, bias=bias)
 
     def vce_bias(self, sda: vcelib.SDAttention, grid: tuple[int, int]) -> torch.Tensor:
@@ -663,9 +668,10 @@ class DiCLIP:
             return self._segment_head(items, class_names, allowed if image_labels is not None else None)
         _, sized = self.resize_batch(items)
         fwd = self.forward(sized)
-        cams = self.cams(fwd, class_names)
-        maps = self.refine_maps(cams, fwd, allowed[:, 1:], sized)
-        scores, labels = self.labels_from_maps(maps, allowed[:, 1:], class_names, (H, W))
+        with self.timer("refine", self.clip.device):  # CAMs, CAA, walk / PAR, labels
+            cams = self.cams(fwd, class_names)
+            maps = self.refine_maps(cams, fwd, allowed[:, 1:], sized)
+            scores, labels = self.labels_from_maps(maps, allowed[:, 1:], class_names, (H, W))
         return SegmentationOutput(scores=scores, labels=labels, class_names=class_names)
 
     def _segment_head(self, items, class_names, allowed) -> SegmentationOutput:
