@@ -667,7 +667,7 @@ class DiCLIP:
         if self.config.mode == "head":
             return self._segment_head(items, class_names, allowed if image_labels is not None else None)
         _, sized = self.resize_batch(items)
-        fwd = self.forward(sized)
+        fwd = self.forward(sized, return_attn="caa" in self.config.refine)
         with self.timer("refine", self.clip.device):  # CAMs, CAA, walk / PAR, labels
             cams = self.cams(fwd, class_names)
             maps = self.refine_maps(cams, fwd, allowed[:, 1:], sized)
