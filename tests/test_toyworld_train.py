@@ -84,6 +84,37 @@ def test_caption_variants_keep_the_objects_and_are_seeded():
     assert T.caption_variant(cap, np.random.default_rng(3)) == T.caption_variant(cap, np.random.default_rng(3))
 
 
+def test_shape_negatives_differ_from_the_caption_in_one_shape_word_only():
+    cap = "a photo of an orange star, a red circle and a blue ring on sand"
+    for i in range(40):
+        neg = T.shape_negative(cap, np.random.default_rng(i))
+        a, b = cap.split(), neg.split()
+        diff = [(x, y) for x, y in zip(a, b) if x != y]
+        assert len(a) == len(b) and len(diff) == 1, neg
+        old, new = diff[0][0].strip(","), diff[0][1].strip(",")
+        assert old in ("star", "circle", "ring") and new in ("square", "triangle")  # a shape not named
+    # every shape named: the replacement is still another shape
+    full = "a photo of a star, a circle, a ring, a square and a triangle"
+    neg = T.shape_negative(full, np.random.default_rng(0))
+    assert neg != full and sorted(neg.split()) != sorted(full.split())
+    with pytest.raises(ValueError, match="no shape word"):
+        T.shape_negative("a photo of grass", np.random.default_rng(0))
+
+
+def test_hard_negatives_enter_only_the_image_to_text_side(cache):
+    """With negatives that are far from every image, the loss barely moves; with negatives equal to the
+    positives' text, the image->text side gets harder, so the loss grows."""
+    from open_clip import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    clip = build_clip(0, TINY["clip"]).eval()
+    caps = list(cache.captions)
+    with torch.no_grad():
+        plain = float(T.clip_batch_loss(clip, cache.images, caps, tok))
+        same = float(T.clip_batch_loss(clip, cache.images, caps, tok, negatives=caps))
+    assert same > plain
+
+
 # ------------------------------------------------------------------ stages learn
 
 def test_clip_stage_reduces_the_loss_on_a_fixed_batch(work, cache):
