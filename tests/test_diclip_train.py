@@ -281,10 +281,17 @@ def test_toy_demo_with_tiny_models(models, tmp_path):
     for seg in (entry.method, entry.baseline):
         out = seg.segment([sc.image], w.class_names, lab)
         assert out.labels.shape == (1, *sc.label.shape)
-    model = tmp_path / "diclip" / "train" / "model.safetensors"
+    model = tmp_path / "train" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
     DiCLIP.toy_demo(tmp_path, progress=False, clip=clip, sd=sd, **opts)  # reuses the trained run
     assert model.stat().st_mtime_ns == stamp
+    from weakseg.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", num_images=2, overlays=1, progress=False,
+                      entries={"diclip": lambda w, p: DiCLIP.toy_demo(w, p, clip=clip, sd=sd, **opts)})
+    r = report["methods"]["diclip"]
+    assert 0 <= r["miou"] <= 100 and 0 <= r["baseline_miou"] <= 100 and "patch-text" in r["baseline"]
+    assert (tmp_path / "demo" / "work" / "diclip" / "train" / "model.safetensors").exists()
     ladder = ablation_ladder(tmp_path, num_scenes=2, progress=False, clip=clip, sd=sd, **opts)
     assert list(ladder)[:6] == ["raw", "+vce", "+static cache", "+adapter", "+caa/walk (pseudo labels)", "head"]
     assert all(0 <= v <= 100 for v in ladder.values())
