@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     labels = torch.randint(0, 16, (B, P), generator=g).to(dev)
     fast = vcelib.cluster_mean_rows(a, labels)
     ref = vcelib.acr_reference(a.cpu(), labels.cpu(), 3)
-    rows.append({"step": "K2 ACR refinement (B,400,400), 16 clusters", "max_rel_err": float((fast.cpu() - ref).abs().max() / ref.abs().max()),
+    rows.append({"step": "K2 ACR refinement (B,400,400), 16 clusters",
+                 "max_rel_err": float((fast.cpu() - ref).abs().max() / ref.abs().max()),
                  "fused_ms": _time(lambda: vcelib.cluster_mean_rows(a, labels), reps, dev),
                  "reference_ms": _time(lambda: vcelib.acr_reference(a.cpu(), labels.cpu(), 3), 1, "cpu")})
 

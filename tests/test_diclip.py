@@ -121,7 +121,8 @@ def test_sd_affinity_matches_reference_chain_and_mean():
     q, k = torch.randn(2, 2, 16, 5, generator=g), torch.randn(2, 2, 16, 5, generator=g)
     for mode in ("chain", "mean"):
         for thr in (0.2, 5e-4):
-            torch.testing.assert_close(vcelib.sd_affinity(q, k, thr, mode), vcelib.sd_affinity_reference(q, k, thr, mode),
+            torch.testing.assert_close(vcelib.sd_affinity(q, k, thr, mode),
+                                       vcelib.sd_affinity_reference(q, k, thr, mode),
                                        rtol=1e-4, atol=1e-6)
     a = vcelib.sd_affinity(q, k, 0.2, "mean")
     s = a.sum(-1)
@@ -383,7 +384,8 @@ def test_registered():
     assert cfg.size == 64 and cfg.vce_heads == (0, 1) and cfg.clip_model == "toy"
     voc = DiCLIPConfig()
     assert voc.templates == "origami" and voc.class_prompts["person"] == "person with clothes,people,human"
-    assert voc.vce_layer.startswith("up_blocks.1.attentions.2") and voc.walk_layer.startswith("up_blocks.3.attentions.1")
+    assert voc.vce_layer.startswith("up_blocks.1.attentions.2")
+    assert voc.walk_layer.startswith("up_blocks.3.attentions.1")
 
 
 def test_toy_preset_fits_the_toy_architecture():

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,7 +100,8 @@ class DiCLIPTrainConfig:
             raise ValueError(f"DiCLIPTrainConfig.adapter_target: expected 'dynamic' or 'static', got "
                              f"{self.adapter_target!r}")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise ValueError(f"DiCLIPTrainConfig.scale_range: expected (lo, hi) with 0 < lo <= hi, got {self.scale_range}")
+            raise ValueError(f"DiCLIPTrainConfig.scale_range: expected (lo, hi) with 0 < lo <= hi, got "
+                             f"{self.scale_range}")
         if not self.lr > 0:
             raise ValueError(f"DiCLIPTrainConfig.lr: expected a number > 0, got {self.lr!r}")
 
@@ -203,7 +203,8 @@ def _load(path: Path, module: DiCLIPTrainable, optimizer) -> dict[str, Any]:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file "
+                         f"({type(e).__name__}: {e})") from e
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {str(path)!r}: format {meta.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
     info = {k: json.loads(v) for k, v in meta.items() if k != "format"}

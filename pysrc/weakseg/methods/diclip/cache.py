@@ -38,9 +38,9 @@ __all__ = ["KVCache", "CacheError", "CacheBuildConfig", "build_cache", "kmeans_c
 
 FORMAT = "weakseg-diclip-cache"
 VERSION = "1"
-GENERATION_PROMPT = ("a realistic photograph of a fully visible, entire {c} with natural colors, centered in the image, "
-                     "with a clear and distinct background, high color contrast, and the {c} not occupying the entire "
-                     "frame, ensuring it is completely visible without cropping.")
+GENERATION_PROMPT = ("a realistic photograph of a fully visible, entire {c} with natural colors, centered in the "
+                     "image, with a clear and distinct background, high color contrast, and the {c} not occupying "
+                     "the entire frame, ensuring it is completely visible without cropping.")
 
 
 class CacheError(ValueError):
@@ -196,7 +196,8 @@ class CacheBuildConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"CacheBuildConfig: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"CacheBuildConfig: unknown option(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
         return cls(**values)
 
 

@@ -135,5 +135,6 @@ def combine_cams(cam_pt: torch.Tensor, extra: torch.Tensor | None, weight: float
     if extra is None:
         return cam_pt
     if extra.shape != cam_pt.shape:
-        raise ValueError(f"combine_cams: the extra CAM {tuple(extra.shape)} does not match cam_pt {tuple(cam_pt.shape)}")
+        raise ValueError(f"combine_cams: the extra CAM {tuple(extra.shape)} does not match cam_pt "
+                         f"{tuple(cam_pt.shape)}")
     return minmax_tokens(cam_pt + float(weight) * extra)

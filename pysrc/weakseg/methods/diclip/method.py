@@ -40,7 +40,7 @@ from weakseg.methods.common import (BackgroundRule, StageTimer, has_background, 
 from weakseg.methods.diclip import cam as camlib
 from weakseg.methods.diclip import refine as reflib
 from weakseg.methods.diclip import vce as vcelib
-from weakseg.methods.diclip.cache import CacheError, KVCache
+from weakseg.methods.diclip.cache import KVCache
 from weakseg.methods.diclip.modules import KVAdapter, SegHead
 
 __all__ = ["DiCLIP", "DiCLIPConfig", "PRESETS", "VCE_LAYER", "WALK_LAYER", "CAM_SOURCES", "REFINE_STEPS",
@@ -405,7 +405,8 @@ class DiCLIP:
         head_sd = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
         if head_sd:
             L = int(arch["head_layers"])
-            head = SegHead(int(arch["head_in_width"]), L, C1, dim=int(arch["head_dim"]), blocks=int(arch["head_blocks"]),
+            head = SegHead(int(arch["head_in_width"]), L, C1, dim=int(arch["head_dim"]),
+                           blocks=int(arch["head_blocks"]),
                            heads=int(arch["head_heads"]), dropout=float(arch.get("head_dropout", 0.1)))
             head.load_state_dict(head_sd)
             self.head = head.to(self.config.device).eval()
@@ -660,7 +661,8 @@ class DiCLIP:
             raise ValueError(f"images: one batch must share one size, got {sorted(sizes)}; segment them separately")
         class_names = [str(c) for c in class_names]
         if not has_background(class_names) or len(class_names) < 2:
-            raise ValueError(f"class_names: DiCLIP needs the background first and at least one class, got {class_names}")
+            raise ValueError(f"class_names: DiCLIP needs the background first and at least one class, got "
+                             f"{class_names}")
         B, C = len(items), len(class_names)
         allowed = image_label_mask(image_labels, B, C, torch.device("cpu"))
         H, W = sizes.pop()

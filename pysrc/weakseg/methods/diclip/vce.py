@@ -160,7 +160,8 @@ def cluster_mean_rows(a: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     K = int(labels.max()) + 1 if labels.numel() else 0
     sums = torch.zeros(B, K, Q, dtype=a.dtype, device=a.device)
     sums.scatter_add_(1, labels[..., None].expand(-1, -1, Q), a)
-    counts = torch.zeros(B, K, dtype=a.dtype, device=a.device).scatter_add_(1, labels, torch.ones_like(labels, dtype=a.dtype))
+    ones = torch.ones_like(labels, dtype=a.dtype)
+    counts = torch.zeros(B, K, dtype=a.dtype, device=a.device).scatter_add_(1, labels, ones)
     means = sums / counts.clamp_min(1)[..., None]
     return torch.gather(means, 1, labels[..., None].expand(-1, -1, Q))
 
