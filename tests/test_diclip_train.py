@@ -230,6 +230,9 @@ def test_paper_variant_static_adapter_target_and_dynamic_cam(models, world, cach
                      world.class_names, tmp_path, cfg, progress=False)
     dyn = make(models, cam_source="dynamic", checkpoint=r["model"])
     assert dyn.adapter is not None and dyn.segment([world[0].image], world.class_names).labels.shape == (1, 64, 64)
+    assert_raises_naming(lambda: dyn.segment([world[0].image], ["background", "circle"]), ValueError, ["trained on"])
+    exp = make(models, cache=str(cache_file), cache_activation="exp", cache_beta=2.0)
+    assert exp.segment([world[0].image], world.class_names).labels.shape == (1, 64, 64)
 
 
 # ------------------------------------------------------------------------------------------- CLI, demo, ladder

@@ -398,6 +398,9 @@ class DiCLIP:
             M = int(arch.get("adapter_keys", 0))
             P = int(arch.get("adapter_prompts", adapter_sd["fc1.weight"].shape[0] - M))
             D = adapter_sd["fc1.weight"].shape[1]
+            if D != self.clip.embed_dim:
+                raise ValueError(f"checkpoint {str(path)!r}: the adapter takes {D}-d features, this CLIP gives "
+                                 f"{self.clip.embed_dim}-d ones")
             ad = KVAdapter(torch.zeros(M, D), torch.eye(C1)[torch.zeros(M, dtype=torch.long)], prompts=P,
                            dropout=float(arch.get("adapter_dropout", 0.1)))
             ad.load_state_dict(adapter_sd)
@@ -519,6 +522,9 @@ class DiCLIP:
             if adapter_logits is None:
                 if self.adapter is None:
                     raise ValueError("the dynamic CAM needs a trained adapter (checkpoint=...)")
+                if self.head_classes is not None and list(class_names) != self.head_classes:
+                    raise ValueError(f"class_names: the adapter was trained on {self.head_classes}, got "
+                                     f"{list(class_names)}")
                 adapter_logits = self.adapter(fwd.feats[:, 1:].to(next(self.adapter.parameters()).device))
             return camlib.combine_cams(cam_pt, adapter_logits[..., 1:].float().clamp_min(0).to(cam_pt.device),
                                        cfg.dynamic_weight)
