@@ -10,6 +10,10 @@
     weakseg bank build (--pseudo-masks DIR | --pseudo-method M) --dataset D --out BANK [--set k=v ...]
                                  ModuSeg's feature bank (resumable, torchrun-shardable)
     weakseg bank info BANK       what a feature bank holds
+    weakseg cache build --out FILE [--dataset D --root DIR | --classes voc|toyworld|a,b] [--set k=v ...]
+                                 build DiCLIP's key-value cache (generated or real images; resumable)
+    weakseg train diclip --dataset D [--root DIR] --cache FILE --out DIR [--set k=v] [--train k=v]
+                                 DiCLIP's single-stage training (adapter + head; resumable, torchrun DDP)
 """
 
 from __future__ import annotations
@@ -160,6 +164,87 @@ def _bank_info(args: argparse.Namespace) -> int:
     print(json.dumps({"bank": args.bank, "rows": len(bank), "dim": bank.dim, "backbone": bank.backbone,
                       "images": len(bank.samples), "per_class": bank.counts(), "build": bank.build,
                       "filter_report": bank.report}, indent=2))
+
+
+def _class_names_arg(spec: str) -> list[str]:
+    """--classes: "voc", "coco", "toyworld" or a comma-separated list (the background is put first)."""
+    from weakseg.data.classnames import COCO_OBJECT_CLASSES, VOC_CLASSES
+
+    named = {"voc": list(VOC_CLASSES), "coco": list(COCO_OBJECT_CLASSES)}
+    if spec == "toyworld":
+        from weakseg.data.toyworld import CLASSES
+
+        return list(CLASSES)
+    if spec in named:
+        return named[spec]
+    items = [c.strip() for c in spec.split(",") if c.strip()]
+    if not items:
+        raise ValueError("--classes: expected voc, coco, toyworld or a comma-separated list of class names")
+    return items if items[0] == "background" else ["background"] + items
+
+
+def _open_train_dataset(name: str, root: str | None, split: str | None, limit: int | None):
+    if name == "toyworld":
+        from weakseg.data.toyworld import ToyWorld
+
+        return ToyWorld(split=split or "train", num_scenes=limit if limit is not None else 1000)
+    from weakseg.data import open_dataset
+
+    if root is None:
+        raise ValueError(f"--dataset {name}: --root DIR is required")
+    return open_dataset(name, root, split or "train")
+
+
+def _cache_build(args: argparse.Namespace) -> int:
+    import weakseg
+    from weakseg.core import parse_set_options
+    from weakseg.methods.diclip.cache import CacheBuildConfig, build_cache
+
+    method = weakseg.create("diclip", config_file=args.config, set_options=args.set or ())
+    opts = parse_set_options(args.build or (), CacheBuildConfig)
+    dataset = None
+    if args.dataset:
+        dataset = _open_train_dataset(args.dataset, args.root, args.split, args.limit)
+        opts.setdefault("source", "dataset")
+        names = list(dataset.class_names)
+        if args.classes:
+            raise ValueError("--classes: the class names come from --dataset; give one of the two")
+    else:
+        if not args.classes:
+            raise ValueError("cache build: give --dataset (real images) or --classes (generated images)")
+        opts.setdefault("source", "generated")
+        names = _class_names_arg(args.classes)
+    if args.images_per_class is not None:
+        opts["images_per_class"] = args.images_per_class
+    if args.limit is not None and args.dataset:
+        opts["max_images"] = args.limit
+    cache = build_cache(method, names, args.out, CacheBuildConfig.from_dict(opts), dataset=dataset,
+                        work_dir=args.work_dir, progress=not args.quiet)
+    print(json.dumps({"out": args.out, "keys": cache.num_keys, "embed_dim": cache.embed_dim,
+                      "class_names": cache.class_names, "counts": cache.meta.get("counts")}, indent=2))
+    return 0
+
+
+def _train_diclip(args: argparse.Namespace) -> int:
+    import weakseg
+    from weakseg.core import parse_set_options
+    from weakseg.train.diclip import DiCLIPTrainConfig, train_diclip
+
+    sets = list(args.set or ())
+    if args.cache:
+        sets.append(f"cache={args.cache}")
+    method = weakseg.create("diclip", config_file=args.config, set_options=sets)
+    dataset = _open_train_dataset(args.dataset, args.root, args.split, args.limit)
+    cfg = DiCLIPTrainConfig.from_dict(parse_set_options(args.train or (), DiCLIPTrainConfig))
+    res = train_diclip(method, dataset, list(dataset.class_names), args.out, cfg, resume=not args.no_resume,
+                       progress=not args.quiet)
+    last = res["losses"][-1] if res["losses"] else {}
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    print(json.dumps({"out": args.out, "step": res["step"], "model": res["model"], "checkpoint": res["checkpoint"],
+                      "last": last}, indent=2))
     return 0
 
 
@@ -239,6 +324,38 @@ def build_parser() -> argparse.ArgumentParser:
     s = bsub.add_parser("info", help="what a feature bank holds")
     s.add_argument("bank", metavar="BANK")
     s.set_defaults(func=_bank_info)
+    c = sub.add_parser("cache", help="DiCLIP's key-value cache").add_subparsers(dest="cache_command", metavar="ACTION")
+    s = c.add_parser("build", help="build the cache from SD-generated images (--classes) or a dataset (--dataset)")
+    s.add_argument("--out", required=True, help="the cache file to write (.safetensors)")
+    s.add_argument("--classes", default=None, help="voc, coco, toyworld or a,b,c (generated images)")
+    s.add_argument("--dataset", default=None, help="build from real images: voc, coco_object, ..., toyworld")
+    s.add_argument("--root", default=None, help="dataset root directory")
+    s.add_argument("--split", default=None, help="dataset split (default: train)")
+    s.add_argument("--limit", type=int, default=None, help="use only the first N dataset images")
+    s.add_argument("--images-per-class", type=int, default=None, help="generated images per class (default 100)")
+    s.add_argument("--work-dir", default=None, help="per-image results (default: <out>.work); reruns resume there")
+    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of DiCLIP options")
+    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="DiCLIP options (e.g. preset=voc)")
+    s.add_argument("--build", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="build options (fg_centroids, bg_centroids, gen_steps, ...; see CacheBuildConfig)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cache_build)
+
+    t = sub.add_parser("train", help="training loops").add_subparsers(dest="train_command", metavar="METHOD")
+    s = t.add_parser("diclip", help="DiCLIP's single-stage training (adapter + segmentation head)")
+    s.add_argument("--dataset", required=True, help="voc, coco_object, ..., or toyworld")
+    s.add_argument("--root", default=None, help="dataset root directory (not needed for toyworld)")
+    s.add_argument("--split", default=None, help="split (default: train; VOC: train_aug)")
+    s.add_argument("--limit", type=int, default=None, help="toyworld: number of scenes (default 1000)")
+    s.add_argument("--cache", default=None, help="the key-value cache (weakseg cache build)")
+    s.add_argument("--out", required=True, help="output directory (checkpoints, log)")
+    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of DiCLIP options")
+    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="DiCLIP options (e.g. preset=voc)")
+    s.add_argument("--train", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="training options (iterations, batch_size, lr, ...; see DiCLIPTrainConfig)")
+    s.add_argument("--no-resume", action="store_true", help="start over even if out/last.safetensors exists")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_train_diclip)
     return p
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["BACKGROUND_NAMES", "has_background", "minmax_per_class", "resize_maps", "background_channel",
            "scores_to_labels", "image_label_mask", "clip_tag_classes", "load_tagger_clip", "BackgroundRule",
-           "StageTimer"]
+           "StageTimer", "grid_seeds"]
 
 BACKGROUND_NAMES = ("background", "bg", "_background_", "backgroud")
 
@@ -199,3 +199,18 @@ class StageTimer:
                 self.counts[stage] = self.counts.get(stage, 0) + 1
 
         return ctx()
+
+
+def grid_seeds(h: int, w: int, number: int, device=None) -> torch.Tensor:
+    """Row-major indices of a grid of k-means seeds on an h x w grid: rows and columns
+    ``0, s, 2s, ... < side`` with ``s = side // sqrt(number)`` (at least 1). The references' seeding:
+    iSeg's KL clustering (64x64, 32 -> s = 11, 36 seeds) and DiCLIP's ACR (20x20, 9 -> s = 6,
+    {0, 6, 12, 18}^2 = 16 seeds, not 9)."""
+    import math
+
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        raise ValueError(f"grid_seeds: number must be an int >= 1, got {number!r}")
+    root = math.sqrt(number)
+    rows = torch.arange(0, h, max(1, int(h // root)))
+    cols = torch.arange(0, w, max(1, int(w // root)))
+    return (rows[:, None] * w + cols[None, :]).flatten().to(device)

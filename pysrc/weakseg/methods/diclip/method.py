@@ -1,0 +1,704 @@
+"""The registered ``"diclip"`` segmenter and its config (specs/diclip.md; the code's semantics and
+defaults, the paper's variants as options).
+
+``mode="cam"`` (training-free, the code's LAM inference): per image, resized to ``size``² —
+
+1. one SD pass (null prompt, t = 101) -> q, k of the VCE layer and of the walk layer
+   (:mod:`.vce`); the ACR-refined SD affinity A_ref is added (weight 1.0, every head, after the
+   softmaxes) to the surgery attention of the last 3 CLIP blocks;
+2. the CLIP token features F (original-path CLS + surgery patches, divided by the norm over the token
+   axis) -> the patch-text CAM (feature surgery against the class texts + background words, min-max);
+3. ``cam_source``: "static" adds 0.5 × the static cache CAM (needs ``cache``), "dynamic" adds
+   0.1 × relu of the trained adapter's foreground logits (needs ``checkpoint``), "patch" neither;
+4. ``refine`` steps on the present classes: "caa" (CLIP-attention affinity with box masks, 0.88),
+   "walk" (random walk on SD attention, 10 steps), "par" (PAR on the image);
+5. upsample, per-class min-max, background = 1 − max, argmax.
+
+``mode="head"``: the trained segmentation head on the frozen CLIP layers (no SD), multi-scale
+(0.7 / 1.0 / 1.2 / 1.5 of ``size``) with flips (the code flips only the scales ≠ 1), optional DenseCRF.
+
+Models: ``clip_model`` / ``sd_model`` are hub names or local directories, ``"tiny"`` (random tiny
+models for tests) or ``"toy"`` (the toy-world weights). Presets: ``voc`` (the defaults), ``coco``,
+``toy``, ``tiny``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from weakseg.backbones.text import DICLIP_BACKGROUND_WORDS, DICLIP_VOC20, VOC20
+from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
+from weakseg.methods.common import (BackgroundRule, StageTimer, has_background, image_label_mask, minmax_per_class,
+                                    scores_to_labels)
+from weakseg.methods.diclip import cam as camlib
+from weakseg.methods.diclip import refine as reflib
+from weakseg.methods.diclip import vce as vcelib
+from weakseg.methods.diclip.cache import KVCache
+from weakseg.methods.diclip.modules import KVAdapter, SegHead
+
+__all__ = ["DiCLIP", "DiCLIPConfig", "PRESETS", "VCE_LAYER", "WALK_LAYER", "CAM_SOURCES", "REFINE_STEPS",
+           "load_clip", "load_sd", "read_checkpoint_weights"]
+
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+SD15 = "runwayml/stable-diffusion-v1-5"
+VCE_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn1"
+WALK_LAYER = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
+CAM_SOURCES = ("static", "dynamic", "patch")
+REFINE_STEPS = ("caa", "walk", "par")
+MODES = ("cam", "head")
+FLIPS = ("code", "all", "none")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+TOY_STUFF = ("grass", "sky", "sand", "water", "brick")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "voc": {},
+    "coco": dict(class_prompts={}, walk_steps=10, caa_threshold=0.88),
+    # the toy world (weakseg.toyworld): 64 px scenes, CLIP 8x8 patches, SD 16x16 latents with 2 heads per layer;
+    # VCE from the 8x8 self-attention (on CLIP's grid: the SD-analogous 4x4 one is too coarse for 8-14 px
+    # objects), the walk on the 16x16 (full latent) one as SD's 40x40
+    "toy": dict(clip_model="toy", sd_model="toy", size=64, templates="a photo of a {}.", class_prompts={},
+                background_words=TOY_STUFF, vce_layer="up_blocks.2.attentions.1.transformer_blocks.0.attn1",
+                vce_heads=(0, 1), walk_heads=(0, 1), test_scales=(1.0, 1.5), head_dim=64, head_heads=4,
+                gen_model=None),
+    # tiny random models (tests): 64 px, CLIP 8x8 patches, SD 8x8 latents with 4 heads per layer
+    "tiny": dict(clip_model="tiny", sd_model="tiny", size=64, templates="a photo of a {}.", class_prompts={},
+                 background_words=("grass", "sky"), test_scales=(1.0,), head_dim=32, head_heads=4, head_blocks=1,
+                 gen_model=None),
+}
+
+
+@dataclass
+class DiCLIPConfig(MethodConfig):
+    """Defaults: the reference code on VOC (specs/diclip.md §6).
+
+    mode: "cam" (training-free CAM pipeline) or "head" (the trained head; needs ``checkpoint``).
+    clip_model / clip_pretrained / sd_model / gen_model / cache_dir / dtype: the models ("tiny", "toy",
+    hub names, local folders); ``gen_model`` generates the cache images (the code loads SD v1.5; None =
+    ``sd_model``, the paper's 2.1). size: the square input side of CLIP and SD (320 -> a 20x20 grid).
+    pos_interp: position-embedding resampling ("bilinear"). feature_norm: "tokens" (the code's norm over
+    the token axis), "channels" or "none". surgery_layers: 3.
+    templates / class_prompts / synonym_sep / background_words: text rows (the "a clean origami {}."
+    template; dataset name -> prompt name, VOC's with the reference's synonyms, formatted whole as the
+    code does when ``synonym_sep`` is None; DiCLIP's 25 background words).
+    vce / vce_layer / vce_heads / vce_head_mode / vce_threshold / vce_weight: VCE on, the SD layer and
+    heads (1, 2), "chain" (Â₁Â₂, the code) or "mean" (paper), 0.2 (paper 5e-4), weight 1.0.
+    acr / acr_clusters / acr_kmeans_iterations / acr_iterations / acr_recluster / acr_exact_seeds: ACR on,
+    9 requested clusters (the code's grid gives 16 seeds; ``acr_exact_seeds`` gives 9), 5 k-means
+    iterations, 3 passes (idempotent unless ``acr_recluster``, the paper's recursive variant).
+    t / sd_prompt: 101, "". cache / static_weight / cache_activation / cache_beta: the key-value cache
+    file, 0.5, "relu" (the code) or "exp" (the paper's exp(−β(1 − s))).
+    cam_source: "static", "dynamic" or "patch" (see the module docstring; "static" without a cache is
+    "patch"). dynamic_weight: 0.1 (paper 0.5). checkpoint: a trained adapter + head (``weakseg train
+    diclip``). refine: the steps in order ("caa", "walk"; "par" as an option). caa_threshold / caa_layers /
+    caa_surgery: 0.88 (LAM inference; training uses 0.79), the last 6 blocks, surgery blocks as their
+    head-summed M. walk_layer / walk_heads / walk_ent / walk_steps: the 40x40 layer, heads (1, 2), 0.02,
+    10. par_dilations / par_iterations: PAR. adapter_prompts / adapter_dropout / adapter_zero_bias /
+    adapter_text_values: 92 prompts, 0.1, the code's default biases and one-hot fc2 (paper: zero biases,
+    text-weighted values). head_dim / head_blocks / head_heads / head_dropout: 256, 3, 8, 0.1.
+    test_scales / flip / merge_scale / head_use_image_labels: multi-scale inference of the head, the
+    code's flips, logits merged at 0.4 × the image size; the head ignores image-level labels unless set.
+    crf + crf_*: DenseCRF (pydensecrf2) on the head's softmax (the code's parameters).
+    """
+
+    mode: str = "cam"
+    clip_model: str = "ViT-B-16"
+    clip_pretrained: str | None = "openai"
+    sd_model: str = SD21_BASE
+    gen_model: str | None = SD15
+    cache_dir: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    size: int = 320
+    pos_interp: str = "bilinear"
+    feature_norm: str = "tokens"
+    surgery_layers: int = 3
+    templates: Any = "origami"
+    class_prompts: dict = field(default_factory=lambda: dict(zip(VOC20, DICLIP_VOC20)))
+    synonym_sep: str | None = None
+    background_words: tuple = DICLIP_BACKGROUND_WORDS
+    vce: bool = True
+    vce_layer: str = VCE_LAYER
+    vce_heads: tuple = (1, 2)
+    vce_head_mode: str = "chain"
+    vce_threshold: float = 0.2
+    vce_weight: float = 1.0
+    acr: bool = True
+    acr_clusters: int = 9
+    acr_kmeans_iterations: int = 5
+    acr_iterations: int = 3
+    acr_recluster: bool = False
+    acr_exact_seeds: bool = False
+    t: int = 101
+    sd_prompt: str = ""
+    cache: str | None = None
+    static_weight: float = 0.5
+    cache_activation: str = "relu"
+    cache_beta: float = 1.0
+    cam_source: str = "static"
+    dynamic_weight: float = 0.1
+    checkpoint: str | None = None
+    refine: tuple = ("caa", "walk")
+    caa_threshold: float = 0.88
+    caa_layers: int = 6
+    caa_surgery: bool = True
+    walk_layer: str = WALK_LAYER
+    walk_heads: tuple = (1, 2)
+    walk_ent: float = 0.02
+    walk_steps: int = 10
+    par_dilations: tuple = (1, 2, 4, 8, 12, 24)
+    par_iterations: int = 20
+    adapter_prompts: int = 92
+    adapter_dropout: float = 0.1
+    adapter_zero_bias: bool = False
+    adapter_text_values: bool = False
+    head_dim: int = 256
+    head_blocks: int = 3
+    head_heads: int = 8
+    head_dropout: float = 0.1
+    test_scales: tuple = (0.7, 1.0, 1.2, 1.5)
+    flip: str = "code"
+    merge_scale: float = 0.4
+    head_use_image_labels: bool = False
+    crf: bool = False
+    crf_iterations: int = 10
+    crf_pos_xy: float = 1.0
+    crf_pos_w: float = 3.0
+    crf_bi_xy: float = 67.0
+    crf_bi_rgb: float = 3.0
+    crf_bi_w: float = 4.0
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"DiCLIPConfig.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
+            defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                        for f in fields(self)}
+            for k, v in PRESETS[self.preset].items():
+                if getattr(self, k) == defaults[k]:
+                    setattr(self, k, v)
+        for n in ("vce_heads", "walk_heads", "refine", "par_dilations", "test_scales", "background_words"):
+            setattr(self, n, tuple(getattr(self, n)))
+        if isinstance(self.templates, list):
+            self.templates = tuple(self.templates)
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name, want):
+            raise ValueError(f"DiCLIPConfig.{name}: expected {want}, got {getattr(self, name)!r}")
+
+        if self.mode not in MODES:
+            bad("mode", " or ".join(MODES))
+        if self.cam_source not in CAM_SOURCES:
+            bad("cam_source", "one of " + ", ".join(CAM_SOURCES))
+        if self.dtype not in DTYPES:
+            bad("dtype", "one of " + ", ".join(DTYPES))
+        if self.dtype in ("float16", "bfloat16") and not str(self.device).startswith("cuda"):
+            raise ValueError(f"DiCLIPConfig.dtype: {self.dtype} runs only on a GPU (device={self.device!r})")
+        if self.vce_head_mode not in ("chain", "mean"):
+            bad("vce_head_mode", "'chain' or 'mean'")
+        if self.feature_norm not in ("tokens", "channels", "none"):
+            bad("feature_norm", "'tokens', 'channels' or 'none'")
+        if self.cache_activation not in ("relu", "exp"):
+            bad("cache_activation", "'relu' or 'exp'")
+        if self.flip not in FLIPS:
+            bad("flip", "one of " + ", ".join(FLIPS))
+        if any(s not in REFINE_STEPS for s in self.refine):
+            bad("refine", "a list of steps from " + ", ".join(REFINE_STEPS))
+        for n in ("size", "surgery_layers", "acr_clusters", "acr_kmeans_iterations", "acr_iterations", "caa_layers",
+                  "head_dim", "head_blocks", "head_heads", "par_iterations", "crf_iterations"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(n, "an int >= 1")
+        for n in ("walk_steps", "adapter_prompts", "t"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(n, "an int >= 0")
+        if not self.vce_heads or not self.walk_heads:
+            raise ValueError("DiCLIPConfig.vce_heads / walk_heads: expected at least one head index")
+        if not self.test_scales or any(not s > 0 for s in self.test_scales):
+            bad("test_scales", "a non-empty list of positive scales")
+        if self.mode == "head" and not self.checkpoint:
+            raise ValueError("DiCLIPConfig.checkpoint: mode='head' needs a trained checkpoint (weakseg train diclip)")
+        if not isinstance(self.class_prompts, dict):
+            bad("class_prompts", "a mapping of dataset class name -> prompt name")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DiCLIPConfig":
+        """Preset values (if ``values["preset"]`` names one), then every other value given."""
+        values = dict(values)
+        preset = values.pop("preset", None)
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"DiCLIPConfig.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        cfg = super().from_dict({**(PRESETS[preset] if preset else {}), **values})
+        cfg.preset = preset
+        return cfg
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if str(self.device).startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)
+
+
+# ----------------------------------------------------------------------------------------- models
+
+def load_clip(config: DiCLIPConfig):
+    """The CLIP backbone ``config.clip_model`` names (always float32: the CAM maths is small)."""
+    from weakseg.backbones.clip import CLIPBackbone
+
+    name = config.clip_model
+    if name == "tiny":
+        clip = CLIPBackbone.tiny(seed=0, pos_interp=config.pos_interp)
+    elif name == "toy":
+        from weakseg.toyworld import load_toy_clip
+
+        clip = load_toy_clip()
+    else:
+        clip = CLIPBackbone.from_pretrained(name, pretrained=config.clip_pretrained, cache_dir=config.cache_dir,
+                                            pos_interp=config.pos_interp)
+    return clip.to(config.device)
+
+
+def load_sd(name: str, config: DiCLIPConfig):
+    """A Stable Diffusion backbone by name ("tiny" = random, 4 heads per layer; "toy" = the toy world)."""
+    from weakseg.backbones.diffusion import StableDiffusionBackbone
+
+    if name == "tiny":
+        sd = StableDiffusionBackbone.tiny(seed=0, layout="sd21", heads=4)
+    elif name == "toy":
+        from weakseg.toyworld import load_toy_sd
+
+        sd = load_toy_sd()
+    else:
+        sd = StableDiffusionBackbone.from_pretrained(name, cache_dir=config.cache_dir, device=config.device,
+                                                     dtype=config.torch_dtype())
+    dtype = config.torch_dtype()
+    if sd.device != torch.device(config.device) or sd.dtype != dtype:
+        sd.to(config.device, dtype if sd.dtype != dtype else None)
+    return sd
+
+
+def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) of a DiCLIP training checkpoint, with clear errors."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file {str(p)!r}; train one with `weakseg train diclip`")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("adapter.", "head."))}
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(p)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if meta.get("format") != "weakseg-diclip-checkpoint":
+        raise ValueError(f"checkpoint {str(p)!r}: format {meta.get('format')!r} is not 'weakseg-diclip-checkpoint'")
+    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    return tensors, info
+
+
+@dataclass
+class Forward:
+    """One CAM forward: features, CLIP outputs, SD attention (or None), the patch grid."""
+
+    feats: torch.Tensor
+    out: Any
+    grid: tuple[int, int]
+    sd: Any
+    bias: torch.Tensor | None
+
+
+# ----------------------------------------------------------------------------------------- segmenter
+
+@METHODS.register("diclip", config=DiCLIPConfig)
+class DiCLIP:
+    """DiCLIP (module docstring). ``DiCLIP(config, clip=None, sd=None)``: ``clip`` (a CLIPBackbone) and
+    ``sd`` (a StableDiffusionBackbone) replace the models ``config`` names; SD is loaded only when a step
+    needs it (VCE, the walk, cache generation)."""
+
+    def __init__(self, config: DiCLIPConfig | None = None, clip=None, sd=None, gen_sd=None):
+        config = config or DiCLIPConfig()
+        if not isinstance(config, DiCLIPConfig):
+            raise TypeError(f"DiCLIP: expected a DiCLIPConfig, got {type(config).__name__}")
+        self.config = config
+        self.timer = StageTimer()  # seconds per stage: "unet" (SD pass), "vce" (affinity + ACR), "clip", "refine"
+        self.clip = (load_clip(config) if clip is None else clip.to(config.device)).eval()
+        self._sd = sd
+        self._gen_sd = gen_sd
+        self._text_cache: dict[Any, Any] = {}
+        self.cache: KVCache | None = KVCache.load(config.cache) if config.cache else None
+        self.adapter: KVAdapter | None = None
+        self.head: SegHead | None = None
+        self.head_classes: list[str] | None = None
+        if config.checkpoint:
+            self.load_checkpoint(config.checkpoint)
+        if config.cam_source == "static" and config.mode == "cam" and self.cache is None:
+            import warnings
+
+            warnings.warn("DiCLIP: cam_source='static' without a cache (DiCLIPConfig.cache): the CAM is the patch-text "
+                          "CAM alone; build a cache with `weakseg cache build`", stacklevel=2)
+        if config.cam_source == "dynamic" and config.mode == "cam" and self.adapter is None:
+            raise ValueError("DiCLIPConfig.cam_source='dynamic' needs a checkpoint with a trained adapter")
+        ph, pw = self.clip.patch_size
+        if config.size % ph or config.size % pw:
+            raise ValueError(f"DiCLIPConfig.size: {config.size} is not a multiple of CLIP's patch size {ph}x{pw}")
+        self._par = None
+
+    # ------------------------------------------------------------------ models
+    @property
+    def sd(self):
+        if self._sd is None:
+            self._sd = load_sd(self.config.sd_model, self.config)
+        return self._sd
+
+    def generation_sd(self):
+        """The model that generates cache images (``gen_model``; None = the VCE model)."""
+        if self.config.gen_model is None or self.config.gen_model == self.config.sd_model:
+            return self.sd if self._gen_sd is None else self._gen_sd
+        if self._gen_sd is None:
+            self._gen_sd = load_sd(self.config.gen_model, self.config)
+        return self._gen_sd
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        ph, pw = self.clip.patch_size
+        return self.config.size // ph, self.config.size // pw
+
+    def _check_sd(self) -> None:
+        layers = self.sd.attention_layers()
+        cfg = self.config
+        for what, name, heads in (("vce_layer", cfg.vce_layer, cfg.vce_heads), ("walk_layer", cfg.walk_layer,
+                                                                              cfg.walk_heads)):
+            if name not in layers or layers[name][0] != "self":
+                sample = [n for n, (k, _) in layers.items() if k == "self"][:6]
+                raise ValueError(f"DiCLIPConfig.{what}: {name!r} is not a self-attention layer of the UNet "
+                                 f"(self-attention layers: {sample} ...)")
+            if max(heads) >= layers[name][1] or min(heads) < 0:
+                raise ValueError(f"DiCLIPConfig.{what.replace('layer', 'heads')}: {list(heads)} out of range for "
+                                 f"{name!r}, which has {layers[name][1]} heads")
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Load the trained adapter and head of ``weakseg train diclip`` (weights + their metadata)."""
+        tensors, info = read_checkpoint_weights(path)
+        names = info.get("class_names")
+        if not names:
+            raise ValueError(f"checkpoint {str(path)!r}: metadata lacks class_names")
+        self.head_classes = list(names)
+        C1 = len(names)
+        arch = info.get("arch", {})
+        adapter_sd = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+        if adapter_sd:
+            M = int(arch.get("adapter_keys", 0))
+            P = int(arch.get("adapter_prompts", adapter_sd["fc1.weight"].shape[0] - M))
+            D = adapter_sd["fc1.weight"].shape[1]
+            if D != self.clip.embed_dim:
+                raise ValueError(f"checkpoint {str(path)!r}: the adapter takes {D}-d features, this CLIP gives "
+                                 f"{self.clip.embed_dim}-d ones")
+            ad = KVAdapter(torch.zeros(M, D), torch.eye(C1)[torch.zeros(M, dtype=torch.long)], prompts=P,
+                           dropout=float(arch.get("adapter_dropout", 0.1)))
+            ad.load_state_dict(adapter_sd)
+            self.adapter = ad.to(self.config.device).eval()
+        head_sd = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+        if head_sd:
+            L = int(arch["head_layers"])
+            head = SegHead(int(arch["head_in_width"]), L, C1, dim=int(arch["head_dim"]),
+                           blocks=int(arch["head_blocks"]),
+                           heads=int(arch["head_heads"]), dropout=float(arch.get("head_dropout", 0.1)))
+            head.load_state_dict(head_sd)
+            self.head = head.to(self.config.device).eval()
+            if L != self.clip.num_layers or int(arch["head_in_width"]) != self.clip.width:
+                raise ValueError(f"checkpoint {str(path)!r}: the head was trained on a CLIP with {L} layers of width "
+                                 f"{arch['head_in_width']}, this CLIP has {self.clip.num_layers} of {self.clip.width}")
+
+    # ------------------------------------------------------------------ text
+    def prompt_name(self, name: str) -> str:
+        return self.config.class_prompts.get(name, name)
+
+    def text_rows(self, fg_names: Sequence[str]):
+        """(rows (C + G, D) float32, ClassEmbeddings) for the foreground classes + background words."""
+        key = tuple(fg_names)
+        if key not in self._text_cache:
+            cfg = self.config
+            emb = self.clip.class_embeddings([self.prompt_name(n) for n in fg_names], templates=cfg.templates,
+                                             background_words=list(cfg.background_words) or None,
+                                             synonym_sep=cfg.synonym_sep)
+            self._text_cache[key] = emb
+        emb = self._text_cache[key]
+        return emb.embeddings.float(), emb
+
+    def text_weights_for(self, keys: torch.Tensor, values: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+        """The text-weighted values of a cache (§3b step 2) with this model's text rows."""
+        _, emb = self.text_rows(list(class_names)[1:])
+        t21 = camlib.cache_text_rows(emb.classes.float(), emb.background.float())
+        return camlib.text_weighted_values(keys.float().cpu(), values.float().cpu(), t21.cpu())
+
+    # ------------------------------------------------------------------ the CAM pipeline
+    def resize_batch(self, images) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Images -> (the originals, uint8 (B, 3, size, size) bilinear + antialias, what CLIP and SD see)."""
+        items = check_images(images)
+        s = self.config.size
+        sized = torch.cat([F.interpolate(im[None].float(), size=(s, s), mode="bilinear", align_corners=False,
+                                         antialias=True) if tuple(im.shape[-2:]) != (s, s) else im[None].float()
+                           for im in items]).round().clamp(0, 255).to(torch.uint8)
+        return items, sized
+
+    def _generator(self, generator):
+        if generator is not None:
+            return generator
+        return torch.Generator().manual_seed(int(self.config.seed))
+
+    def needs_sd(self) -> bool:
+        cfg = self.config
+        return cfg.mode == "cam" and (cfg.vce or "walk" in cfg.refine)
+
+    @torch.no_grad()
+    def forward(self, sized: torch.Tensor, *, vce: bool | None = None, need_sd: bool | None = None,
+                generator: torch.Generator | None = None, return_attn: bool = True,
+                return_layers: bool = False) -> Forward:
+        """The SD pass (when VCE or the walk needs it) and the CLIP forward on ``sized`` uint8 (B, 3, S, S)."""
+        cfg = self.config
+        vce = cfg.vce if vce is None else vce
+        need_sd = bool(vce or "walk" in cfg.refine) if need_sd is None else bool(need_sd or vce)
+        sda, bias = None, None
+        if need_sd:
+            self._check_sd()
+            with self.timer("unet", self.sd.device):
+                sda = vcelib.sd_pass(self.sd, sized, vce_layer=cfg.vce_layer, vce_heads=cfg.vce_heads,
+                                     walk_layer=cfg.walk_layer, walk_heads=cfg.walk_heads, t=cfg.t,
+                                     prompt=cfg.sd_prompt, generator=self._generator(generator))
+        grid = self.grid
+        if vce:
+            with self.timer("vce", self.clip.device):
+                bias = self.vce_bias(sda, grid)
+        with self.timer("clip", self.clip.device):
+            out = self.clip(sized.to(self.clip.device), surgery_layers=cfg.surgery_layers,
+                            attn_bias=None if bias is None else cfg.vce_weight * bias.to(self.clip.device),
+                            return_attn=return_attn, return_layers=return_layers, pos_interp=cfg.pos_interp)
+            feats = camlib.token_features(out.cls, out.patch, cfg.feature_norm)
+        return Forward(feats=feats, out=out, grid=tuple(out.grid), sd=sda, bias=bias)
+
+    def vce_bias(self, sda: vcelib.SDAttention, grid: tuple[int, int]) -> torch.Tensor:
+        """A_ref (B, P, P) on CLIP's grid from the SD pass (§2b)."""
+        cfg = self.config
+        q = vcelib.upsample_tokens(sda.vce_q, sda.vce_grid, grid)
+        k = vcelib.upsample_tokens(sda.vce_k, sda.vce_grid, grid)
+        a = vcelib.sd_affinity(q, k, cfg.vce_threshold, cfg.vce_head_mode)
+        if cfg.acr:
+            a, _ = vcelib.acr(a, grid, cfg.acr_clusters, cfg.acr_kmeans_iterations, cfg.acr_iterations,
+                              cfg.acr_recluster, cfg.acr_exact_seeds)
+        return a
+
+    def patch_cam(self, feats: torch.Tensor, fg_names: Sequence[str]) -> torch.Tensor:
+        """cam_pt (B, N, C) (§1)."""
+        rows, _ = self.text_rows(fg_names)
+        return camlib.patch_text_cam(feats, rows.to(feats.device), len(fg_names))
+
+    def static_cam(self, feats: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+        """The static cache CAM (B, N, C) (§3b); class_names with the background first."""
+        if self.cache is None:
+            raise ValueError("DiCLIPConfig.cache: the static CAM needs a key-value cache file (weakseg cache build)")
+        self.cache.check(class_names, feats.shape[-1])
+        c = self.cache
+        return camlib.static_cache_cam(feats, c.keys.to(feats.device), c.text_weights.to(feats.device),
+                                       self.config.cache_activation, self.config.cache_beta)
+
+    def cams(self, fwd: Forward, class_names: Sequence[str], source: str | None = None,
+             adapter_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The CAM (B, N, C_fg) of ``source`` ("static" falls back to "patch" without a cache)."""
+        cfg = self.config
+        source = source or cfg.cam_source
+        fg = list(class_names)[1:]
+        cam_pt = self.patch_cam(fwd.feats, fg)
+        if source == "static" and self.cache is not None:
+            return camlib.combine_cams(cam_pt, self.static_cam(fwd.feats, class_names), cfg.static_weight)
+        if source == "dynamic":
+            if adapter_logits is None:
+                if self.adapter is None:
+                    raise ValueError("the dynamic CAM needs a trained adapter (checkpoint=...)")
+                if self.head_classes is not None and list(class_names) != self.head_classes:
+                    raise ValueError(f"class_names: the adapter was trained on {self.head_classes}, got "
+                                     f"{list(class_names)}")
+                adapter_logits = self.adapter(fwd.feats[:, 1:].to(next(self.adapter.parameters()).device))
+            return camlib.combine_cams(cam_pt, adapter_logits[..., 1:].float().clamp_min(0).to(cam_pt.device),
+                                       cfg.dynamic_weight)
+        return cam_pt
+
+    def refine_maps(self, cams: torch.Tensor, fwd: Forward, allowed: torch.Tensor, sized: torch.Tensor, *,
+                    steps: Sequence[str] | None = None, caa_threshold: float | None = None,
+                    walk_steps: int | None = None, seg_attn: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per image, the maps (K_b, h, w) of its allowed classes after the refinement ``steps`` (§4),
+        on the grid of the last step (CLIP's, the walk layer's, or the image for PAR)."""
+        cfg = self.config
+        steps = cfg.refine if steps is None else tuple(steps)
+        caa_threshold = cfg.caa_threshold if caa_threshold is None else caa_threshold
+        walk_steps = cfg.walk_steps if walk_steps is None else walk_steps
+        B, N, C = cams.shape
+        h, w = fwd.grid
+        aff = None
+        if "caa" in steps:
+            aff = reflib.caa_attention(fwd.out.attn, fwd.out.surgery_attn, cfg.caa_layers, cfg.caa_surgery, seg_attn)
+        out = []
+        for b in range(B):
+            idx = torch.nonzero(allowed[b]).flatten().tolist()
+            m = cams[b][:, idx].T.reshape(len(idx), h, w).float()
+            for st in steps:
+                if not idx:
+                    break
+                if st == "caa":
+                    if m.shape[-2:] != (h, w):
+                        m = F.interpolate(m[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+                    m = reflib.caa_refine(m, aff[b].cpu(), caa_threshold)
+                elif st == "walk":
+                    sda = fwd.sd
+                    gh, gw = sda.walk_grid
+                    x = F.interpolate(m[None], size=(gh, gw), mode="bilinear", align_corners=False)[0]
+                    x = x.flatten(1).T[None].to(sda.walk_q.device)
+                    r = reflib.sd_walk(sda.walk_q[b:b + 1], sda.walk_k[b:b + 1], x, walk_steps, cfg.walk_ent,
+                                       sda.walk_scale)
+                    m = r[0].T.reshape(len(idx), gh, gw).cpu()
+                else:  # par
+                    if self._par is None:
+                        self._par = reflib.PAR(cfg.par_dilations, cfg.par_iterations)
+                    img = (sized[b:b + 1].float() / 255.0 - self.clip.mean.cpu()) / self.clip.std.cpu()
+                    m = self._par(img, minmax_per_class(m[None], eps=1e-12))[0]
+            out.append(m)
+        return out
+
+    def labels_from_maps(self, maps: list[torch.Tensor], allowed: torch.Tensor, class_names: Sequence[str],
+                         size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image maps of the allowed classes -> (scores (B, C, H, W), labels (B, H, W)): upsampled,
+        per-class min-max, bg = 1 − max (power 1), argmax over the present classes."""
+        B = len(maps)
+        H, W = size
+        fg = torch.zeros(B, len(class_names) - 1, H, W)
+        for b, m in enumerate(maps):
+            idx = torch.nonzero(allowed[b]).flatten().tolist()
+            if idx:
+                up = F.interpolate(m[None].float(), size=(H, W), mode="bilinear", align_corners=False)
+                fg[b, idx] = minmax_per_class(up, eps=1e-12)[0].cpu()
+        full = torch.cat([torch.ones(B, 1, dtype=torch.bool), allowed.cpu()], dim=1)
+        return scores_to_labels(fg, class_names, full, BackgroundRule("power", 1.0))
+
+    # ------------------------------------------------------------------ cache building
+    @torch.no_grad()
+    def pseudo_mask_features(self, image: torch.Tensor, class_names: Sequence[str], class_ids: Sequence[int], *,
+                             caa_threshold: float = 0.79, walk_steps: int = 10, pooling: str = "nearest"):
+        """For one image with its present class ids (0 = background included): the training-free pseudo
+        mask (patch CAM with VCE -> CAA -> walk -> argmax) and the VCE token features pooled under each
+        present class's mask -> {class id: (D,) feature} (classes with an empty mask left out)."""
+        from weakseg.methods.diclip.cache import _pool
+
+        _, sized = self.resize_batch([image])
+        fwd = self.forward(sized, vce=self.config.vce, need_sd=True)
+        C = len(class_names)
+        allowed = torch.zeros(1, C - 1, dtype=torch.bool)
+        for c in class_ids:
+            if c > 0:
+                allowed[0, c - 1] = True
+        cams = self.cams(fwd, class_names, source="patch")
+        maps = self.refine_maps(cams, fwd, allowed, sized, steps=("caa", "walk"), caa_threshold=caa_threshold,
+                                walk_steps=walk_steps)
+        _, labels = self.labels_from_maps(maps, allowed, class_names, tuple(sized.shape[-2:]))
+        return _pool(self, sized, labels, fwd.feats, fwd.grid, [list(class_ids)], pooling)[0]
+
+    # ------------------------------------------------------------------ trained head
+    @torch.no_grad()
+    def head_logits(self, sized_float: torch.Tensor) -> torch.Tensor:
+        """Head logits (B, C, h, w) for float RGB 0..255 images (B, 3, S, S) (S a patch multiple)."""
+        x = sized_float.round().clamp(0, 255).to(torch.uint8)
+        out = self.clip(x.to(self.clip.device), return_layers=True, pos_interp=self.config.pos_interp)
+        logits, _ = self.head(out.layers, tuple(out.grid))
+        return logits
+
+    @torch.no_grad()
+    def segment_head(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """Multi-scale (+ flip) head logits of each image, merged at merge_scale × its size and resized
+        to it -> (B, C, H, W) (all images one size)."""
+        cfg = self.config
+        ph, _ = self.clip.patch_size
+        H, W = items[0].shape[-2:]
+        mh, mw = max(1, round(cfg.merge_scale * H)), max(1, round(cfg.merge_scale * W))
+        batch = torch.stack(items).float()
+        acc = None
+        for s in cfg.test_scales:
+            side = max(ph, int(round(cfg.size * s / ph)) * ph)
+            x = F.interpolate(batch, size=(side, side), mode="bilinear", align_corners=False)
+            lg = self.head_logits(x)
+            flip = cfg.flip == "all" or (cfg.flip == "code" and s != 1.0)
+            if flip:
+                lg = lg + self.head_logits(x.flip(-1)).flip(-1)
+            lg = F.interpolate(lg.float(), size=(mh, mw), mode="bilinear", align_corners=False)
+            acc = lg if acc is None else acc + lg
+        return F.interpolate(acc, size=(H, W), mode="bilinear", align_corners=False).cpu()
+
+    def _crf(self, image: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        try:
+            import pydensecrf.densecrf as dcrf
+            from pydensecrf.utils import unary_from_softmax
+        except ImportError:
+            raise ImportError("DiCLIPConfig.crf=True needs pydensecrf (pip install pydensecrf2)") from None
+        import numpy as np
+
+        cfg = self.config
+        C, H, W = probs.shape
+        d = dcrf.DenseCRF2D(W, H, C)
+        d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.numpy().astype(np.float32))))
+        d.addPairwiseGaussian(sxy=cfg.crf_pos_xy, compat=cfg.crf_pos_w)
+        img = np.ascontiguousarray(image.permute(1, 2, 0).numpy().astype(np.uint8))
+        d.addPairwiseBilateral(sxy=cfg.crf_bi_xy, srgb=cfg.crf_bi_rgb, rgbim=img, compat=cfg.crf_bi_w)
+        q = np.array(d.inference(cfg.crf_iterations)).reshape(C, H, W)
+        return torch.from_numpy(q).float()
+
+    # ------------------------------------------------------------------ Segmenter
+    def segment(self, images, class_names: Sequence[str], image_labels: torch.Tensor | None = None
+                ) -> SegmentationOutput:
+        """images: RGB uint8 (B, 3, H, W) or a list of same-sized (3, H, W); class_names: background first;
+        image_labels: optional (B, C) bool (the classes present). Returns per-class scores and labels."""
+        items = check_images(images)
+        sizes = {tuple(im.shape[-2:]) for im in items}
+        if len(sizes) != 1:
+            raise ValueError(f"images: one batch must share one size, got {sorted(sizes)}; segment them separately")
+        class_names = [str(c) for c in class_names]
+        if not has_background(class_names) or len(class_names) < 2:
+            raise ValueError(f"class_names: DiCLIP needs the background first and at least one class, got "
+                             f"{class_names}")
+        B, C = len(items), len(class_names)
+        allowed = image_label_mask(image_labels, B, C, torch.device("cpu"))
+        H, W = sizes.pop()
+        if self.config.mode == "head":
+            return self._segment_head(items, class_names, allowed if image_labels is not None else None)
+        _, sized = self.resize_batch(items)
+        fwd = self.forward(sized, return_attn="caa" in self.config.refine)
+        with self.timer("refine", self.clip.device):  # CAMs, CAA, walk / PAR, labels
+            cams = self.cams(fwd, class_names)
+            maps = self.refine_maps(cams, fwd, allowed[:, 1:], sized)
+            scores, labels = self.labels_from_maps(maps, allowed[:, 1:], class_names, (H, W))
+        return SegmentationOutput(scores=scores, labels=labels, class_names=class_names)
+
+    def _segment_head(self, items, class_names, allowed) -> SegmentationOutput:
+        if self.head is None:
+            raise ValueError("mode='head': the checkpoint has no segmentation head")
+        if class_names != self.head_classes:
+            raise ValueError(f"class_names: the head was trained on {self.head_classes}, got {class_names}")
+        logits = self.segment_head(items)
+        if allowed is not None and self.config.head_use_image_labels:
+            logits = logits.masked_fill(~allowed[:, :, None, None], float("-inf"))
+        probs = logits.softmax(dim=1)
+        if self.config.crf:
+            probs = torch.stack([self._crf(im.cpu(), p) for im, p in zip(items, probs)])
+        return SegmentationOutput(scores=probs, labels=probs.argmax(dim=1), class_names=class_names)
+
+    # ------------------------------------------------------------------ toy world
+    @classmethod
+    def toy_demo(cls, work_dir: Path, progress: bool = True, clip=None, sd=None, **kwargs):
+        """The demo entry on the toy world (see :func:`weakseg.methods.diclip.toy.toy_demo`)."""
+        from weakseg.methods.diclip.toy import toy_demo
+
+        return toy_demo(Path(work_dir), progress=progress, clip=clip, sd=sd, **kwargs)
