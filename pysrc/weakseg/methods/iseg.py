@@ -55,8 +55,9 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
-from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, has_background, image_label_mask,
-                                    load_tagger_clip, minmax_per_class, resize_maps, scores_to_labels)
+from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, grid_seeds, has_background,
+                                    image_label_mask, load_tagger_clip, minmax_per_class, resize_maps,
+                                    scores_to_labels)
 from weakseg.methods.diffusion_common import (ClassPrompt, build_class_prompt, fuse_cross_attention,
                                               select_token_maps)
 
@@ -302,12 +303,9 @@ def _colnorm(c: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_seeds(h: int, w: int, number: int = 32, device=None) -> torch.Tensor:
-    """Row-major indices of the seed pixels of the KL clustering: rows and columns
-    ``0, s, 2s, ... < side`` with ``s = side // sqrt(number)`` (64x64, 32 -> s = 11, 36 seeds)."""
-    root = math.sqrt(number)
-    rows = torch.arange(0, h, max(1, int(h // root)))
-    cols = torch.arange(0, w, max(1, int(w // root)))
-    return (rows[:, None] * w + cols[None, :]).flatten().to(device)
+    """The seed pixels of iSeg's KL clustering (:func:`weakseg.methods.common.grid_seeds`; 64x64, 32 ->
+    a stride of 11, 36 seeds)."""
+    return grid_seeds(h, w, number, device)
 
 
 @METHODS.register("iseg", config=ISegConfig)
