@@ -177,11 +177,20 @@ def test_unet_stage_reduces_the_loss_on_a_fixed_batch(work, cache):
     sched = T._noise_scheduler()
     with torch.no_grad():
         l0 = float(T.unet_batch_loss(build_unet(0, TINY["unet"]), sched, z, cond, noise, t))
-    unet, rec = T.train_unet(cache, work / "u", _settings(8), vae, te, overrides=TINY["unet"], progress=False,
-                             log=lambda m: None)
+    unet, te1, rec = T.train_unet(cache, work / "u", _settings(8), vae, te, overrides=TINY["unet"], progress=False,
+                                  log=lambda m: None)
     with torch.no_grad():
-        l1 = float(T.unet_batch_loss(unet, sched, z, cond, noise, t))
+        l1 = float(T.unet_batch_loss(unet, sched, z, te1(cache.tokens)[0], noise, t))
     assert len(rec["losses"]) == 8 and l1 < 0.9 * l0, (l0, l1)
+    # the text encoder was trained with the UNet (a copy: the caller's encoder is untouched)
+    assert te1 is not te and not torch.equal(te1(cache.tokens)[0], cond)
+    with torch.no_grad():
+        assert torch.equal(te(cache.tokens)[0], cond)
+    # frozen text encoder: returned unchanged
+    unet2, te2, _ = T.train_unet(cache, work / "u2", _settings(2), vae, te, overrides=TINY["unet"], progress=False,
+                                 log=lambda m: None, train_text=False)
+    with torch.no_grad():
+        assert torch.equal(te2(cache.tokens)[0], cond)
 
 
 # ------------------------------------------------------------------ resume
@@ -195,9 +204,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache, stage)
                                   resume=resume)
             return m.model, rec
         clip = build_clip(0, TINY["clip"])
-        return T.train_unet(cache, work, st, build_vae(0, TINY["vae"]), text_tower_to_hf(clip.model),
-                            overrides=TINY["unet"], progress=False, stop_at=stop_at, resume=resume,
-                            log=lambda m: None)
+        unet, te, rec = T.train_unet(cache, work, st, build_vae(0, TINY["vae"]), text_tower_to_hf(clip.model),
+                                     overrides=TINY["unet"], progress=False, stop_at=stop_at, resume=resume,
+                                     log=lambda m: None)
+        return T._UNetWithText(unet, te), rec
 
     full, _ = run(tmp_path / "a")
     part, rec = run(tmp_path / "b", stop_at=3)
