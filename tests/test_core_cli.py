@@ -151,5 +151,12 @@ def test_demo_rejects_bad_arguments(tmp_path):
         toy_demo_methods(["no-such-method"])
     with pytest.raises(ValueError, match="no method"):
         run_demo(tmp_path, num_images=1, entries={})
+    def missing(w, p):
+        raise FileNotFoundError("toy weights not found at /x; train them with `python -m weakseg.toyworld.train`")
+
+    with pytest.raises(FileNotFoundError, match="no method could run.*weakseg.toyworld.train"):
+        run_demo(tmp_path / "m", num_images=1, entries={"x": missing}, progress=False)
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert "toyworld.train" in report["skipped"]["x"] and report["methods"] == {}
     with pytest.raises(TypeError, match="DemoEntry"):
         run_demo(tmp_path, num_images=1, entries={"x": lambda w, p: object()}, progress=False)
