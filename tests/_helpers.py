@@ -9,3 +9,22 @@ def assert_raises_naming(call, exc, words):
         call()
     for w in words:
         assert w in str(e.value), f"{w!r} not in {str(e.value)!r}"
+
+
+def diclip_tiny_models():
+    """The tiny random (CLIP, SD) pair the DiCLIP tests run on (one thread, as the tests are timed)."""
+    import torch
+
+    from weakseg.backbones.clip import CLIPBackbone
+    from weakseg.backbones.diffusion import StableDiffusionBackbone
+
+    torch.set_num_threads(1)
+    return CLIPBackbone.tiny(seed=0, pos_interp="bilinear"), StableDiffusionBackbone.tiny(seed=0, heads=4)
+
+
+def make_diclip(models, **kw):
+    """A DiCLIP with the "tiny" preset and ``kw`` on the given (clip, sd) pair."""
+    from weakseg.methods.diclip.method import DiCLIP, DiCLIPConfig
+
+    clip, sd = models
+    return DiCLIP(DiCLIPConfig.from_dict({"preset": "tiny", **kw}), clip=clip, sd=sd)

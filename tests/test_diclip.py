@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests._helpers import assert_raises_naming
+from tests._helpers import assert_raises_naming, diclip_tiny_models, make_diclip as make
 from weakseg.methods.diclip import cam as camlib
 from weakseg.methods.diclip import refine as reflib
 from weakseg.methods.diclip import vce as vcelib
@@ -18,16 +18,7 @@ NAMES = ["background", "cat", "dog"]
 
 @pytest.fixture(scope="module")
 def models():
-    from weakseg.backbones.clip import CLIPBackbone
-    from weakseg.backbones.diffusion import StableDiffusionBackbone
-
-    torch.set_num_threads(1)
-    return CLIPBackbone.tiny(seed=0, pos_interp="bilinear"), StableDiffusionBackbone.tiny(seed=0, heads=4)
-
-
-def make(models, **kw):
-    clip, sd = models
-    return DiCLIP(DiCLIPConfig.from_dict({"preset": "tiny", **kw}), clip=clip, sd=sd)
+    return diclip_tiny_models()
 
 
 def images(n=2, seed=0, size=64):

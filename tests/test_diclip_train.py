@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests._helpers import assert_raises_naming
+from tests._helpers import assert_raises_naming, diclip_tiny_models, make_diclip as make
 from weakseg.data.toyworld import ToyWorld
 from weakseg.methods.diclip import cache as cachelib
 from weakseg.methods.diclip.cache import CacheBuildConfig, CacheError, KVCache, build_cache
@@ -17,16 +17,7 @@ SMALL = dict(fg_centroids=2, bg_centroids=2, batch_size=4)
 
 @pytest.fixture(scope="module")
 def models():
-    from weakseg.backbones.clip import CLIPBackbone
-    from weakseg.backbones.diffusion import StableDiffusionBackbone
-
-    torch.set_num_threads(1)
-    return CLIPBackbone.tiny(seed=0, pos_interp="bilinear"), StableDiffusionBackbone.tiny(seed=0, heads=4)
-
-
-def make(models, **kw):
-    clip, sd = models
-    return DiCLIP(DiCLIPConfig.from_dict({"preset": "tiny", **kw}), clip=clip, sd=sd)
+    return diclip_tiny_models()
 
 
 @pytest.fixture(scope="module")
