@@ -84,7 +84,7 @@ class StageSettings:
 DEFAULT_SETTINGS: dict[str, StageSettings] = {
     "clip": StageSettings(steps=3000, batch=64, lr=1e-3, warmup=100, weight_decay=0.1),
     "vae": StageSettings(steps=1200, batch=32, lr=1e-3, warmup=100, weight_decay=0.0),
-    "unet": StageSettings(steps=4000, batch=32, lr=5e-4, warmup=200, weight_decay=0.01),
+    "unet": StageSettings(steps=2400, batch=32, lr=5e-4, warmup=200, weight_decay=0.01),
 }
 NUM_SCENES = 20000
 CAPTION_DROPOUT = 0.1
