@@ -1,5 +1,5 @@
 """Check a built wheel: it holds weakseg/_C, and that module registers CPU (and,
-when built with CUDA, CUDA) kernels for every op. Unpacked into a scratch dir
+when built with CUDA, CUDA) kernels for every op; it holds every committed toy-world weight file. Unpacked into a scratch dir
 and imported from there, against the torch of the running interpreter."""
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ import sys
 import sysconfig
 import tempfile
 import zipfile
+from pathlib import Path
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "pysrc" / "weakseg" / "toyworld" / "weights"
 
 PROBE = r"""
 import sys, torch
@@ -36,6 +39,12 @@ def main() -> int:
         so = [n for n in names if n.startswith("weakseg/_C") and n.endswith(".so")]
         if not so:
             print(f"{wheel}: no weakseg/_C*.so inside", file=sys.stderr)
+            return 1
+        want = sorted("weakseg/toyworld/weights/" + p.relative_to(WEIGHTS).as_posix()
+                      for p in WEIGHTS.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".txt"))
+        lost = [n for n in want if n not in names]
+        if lost:
+            print(f"{wheel}: toy-world weight files missing from the wheel: {lost}", file=sys.stderr)
             return 1
         with tempfile.TemporaryDirectory() as d:
             z.extractall(d)
