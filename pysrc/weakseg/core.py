@@ -17,7 +17,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import Any, Callable, ClassVar, Generic, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 
@@ -98,6 +98,48 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+
+@dataclass
+class PresetConfig(MethodConfig):
+    """A method config with named presets (``PRESETS``: preset name -> field values). Through
+    ``from_dict`` / ``from_preset`` / ``weakseg.create`` a preset fills exactly the fields not named; by
+    direct construction (``Config(preset=...)``) it fills the fields left at their defaults. Subclasses
+    call :meth:`_apply_preset` first thing in ``__post_init__``."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    preset: str | None = None
+
+    @classmethod
+    def _check_preset(cls, preset: str) -> None:
+        if preset not in cls.PRESETS:
+            raise ValueError(f"{cls.__name__}.preset: unknown preset {preset!r}; known: {', '.join(cls.PRESETS)}")
+
+    def _apply_preset(self) -> None:
+        if self.preset is None:
+            return
+        self._check_preset(self.preset)
+        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                    for f in fields(self)}
+        for k, v in self.PRESETS[self.preset].items():
+            if getattr(self, k) == defaults[k]:
+                setattr(self, k, tuple(v) if isinstance(v, list) else v)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PresetConfig":
+        """Preset values (if ``values["preset"]`` names one), then every other value given."""
+        values = dict(values)
+        preset = values.pop("preset", None)
+        if preset is not None:
+            cls._check_preset(preset)
+        cfg = super().from_dict({**(cls.PRESETS[preset] if preset else {}), **values})
+        cfg.preset = preset  # recorded after construction: the explicit values already won
+        return cfg
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "PresetConfig":
+        """The preset ``name`` with ``overrides`` on top."""
+        return cls.from_dict({"preset": name, **overrides})
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON file of config values."""

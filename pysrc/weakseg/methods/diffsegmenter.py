@@ -43,16 +43,15 @@ Differences from the reference code, all output-preserving or documented:
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.attention import LayerCapture
-from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
+from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images
 from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, has_background, image_label_mask,
                                     load_tagger_clip, minmax_per_class, resize_maps, scores_to_labels)
 
@@ -142,7 +141,7 @@ def _toy_sd(config: "DiffSegmenterConfig"):
 # ----------------------------------------------------------------------------------------- config
 
 @dataclass
-class DiffSegmenterConfig(MethodConfig):
+class DiffSegmenterConfig(PresetConfig):
     """Every default of the reference code (DS: open_vocabulary/voc12/ptp_stable_best.py).
 
     model: SD weights — a hub name (default SD v1.5; the hub also mirrors it as
@@ -199,20 +198,14 @@ class DiffSegmenterConfig(MethodConfig):
     tag_threshold: float = 0.1
     captioner: str | None = None
     caption_max_new_tokens: int | None = None
-    preset: str | None = None
+
+    PRESETS = PRESETS  # (class attribute, not a field) the named presets above
 
     def __post_init__(self) -> None:
         self.timesteps = tuple(int(t) for t in (self.timesteps if isinstance(self.timesteps, (list, tuple))
                                                  else (self.timesteps,)))
         self.cross_weights = tuple(float(w) for w in self.cross_weights)
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"DiffSegmenterConfig.preset: expected one of {', '.join(PRESETS)}, got {self.preset!r}")
-            defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                        for f in fields(self)}
-            for k, v in PRESETS[self.preset].items():
-                if getattr(self, k) == defaults[k]:
-                    setattr(self, k, tuple(v) if isinstance(v, list) else v)
+        self._apply_preset()
         if not self.timesteps or min(self.timesteps) < 0 or max(self.timesteps) >= 1000:
             raise ValueError(f"DiffSegmenterConfig.timesteps: expected timesteps in [0, 1000), got {self.timesteps}")
         if not self.cross_weights or min(self.cross_weights) < 0:
@@ -235,23 +228,6 @@ class DiffSegmenterConfig(MethodConfig):
         if self.dtype in ("float16", "bfloat16") and not str(self.device).startswith("cuda"):
             raise ValueError(f"DiffSegmenterConfig.dtype={self.dtype!r} needs a GPU (device='cuda'), got "
                              f"device={self.device!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DiffSegmenterConfig":
-        values = dict(values)
-        preset = values.get("preset")
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"DiffSegmenterConfig.preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
-        merged = {**(PRESETS[preset] if preset else {}), **values}
-        merged.pop("preset", None)
-        cfg = super().from_dict(merged)
-        cfg.preset = preset  # recorded after construction: the explicit values above already won
-        return cfg
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "DiffSegmenterConfig":
-        """The preset ``name`` of PRESETS with ``overrides`` on top."""
-        return cls.from_dict({"preset": name, **overrides})
 
 
 # ----------------------------------------------------------------------------------------- prompts, tokens

@@ -46,15 +46,13 @@ stuff words without a separator (``background_separator=""``); set it to ", " to
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
+from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images
 from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, grid_seeds, has_background,
                                     image_label_mask, load_tagger_clip, minmax_per_class, resize_maps,
                                     scores_to_labels)
@@ -131,7 +129,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass
-class ISegConfig(MethodConfig):
+class ISegConfig(PresetConfig):
     """Every default is the reference code's (VOC WSSS, specs/diffsegmenter_iseg.md §7), except the
     cross-attention head subsets (all heads here; the VOC presets use the reference's subsets).
 
@@ -200,18 +198,11 @@ class ISegConfig(MethodConfig):
     tag_topk: int = 3
     tag_threshold: float = 0.1
     tag_templates: str = "ensemble"
-    preset: str | None = None
+
+    PRESETS = PRESETS  # (class attribute, not a field) the named presets above
 
     def __post_init__(self) -> None:
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"ISegConfig.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-            # direct construction: the preset fills the fields left at their defaults
-            defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                        for f in fields(self)}
-            for k, v in PRESETS[self.preset].items():
-                if getattr(self, k) == defaults[k]:
-                    setattr(self, k, v)
+        self._apply_preset()
         for name in ("cross_layers_16", "cross_layers_32", "self_heads"):
             setattr(self, name, tuple(getattr(self, name)))
         for name in ("heads_16", "heads_32"):
@@ -244,22 +235,6 @@ class ISegConfig(MethodConfig):
         if not self.self_heads:
             bad("self_heads", "a non-empty list of head indices")
         BackgroundRule(self.background, float(self.background_value))  # raises with the field named
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ISegConfig":
-        """Preset values (if ``values["preset"]`` names one), then every other value given."""
-        values = dict(values)
-        preset = values.pop("preset", None)
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"ISegConfig.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        merged = {**(PRESETS[preset] if preset else {}), **values}
-        cfg = super().from_dict(merged)
-        cfg.preset = preset
-        return cfg
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ISegConfig":
-        return cls.from_dict({"preset": name, **overrides})
 
     @property
     def background_rule(self) -> BackgroundRule:

@@ -24,9 +24,8 @@ models for tests) or ``"toy"`` (the toy-world weights). Presets: ``voc`` (the de
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.text import DICLIP_BACKGROUND_WORDS, DICLIP_VOC20, VOC20
-from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
+from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images
 from weakseg.methods.common import (BackgroundRule, StageTimer, has_background, image_label_mask, minmax_per_class,
                                     scores_to_labels)
 from weakseg.methods.diclip import cam as camlib
@@ -75,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class DiCLIPConfig(MethodConfig):
+class DiCLIPConfig(PresetConfig):
     """Defaults: the reference code on VOC (specs/diclip.md §6).
 
     mode: "cam" (training-free CAM pipeline) or "head" (the trained head; needs ``checkpoint``).
@@ -173,17 +172,11 @@ class DiCLIPConfig(MethodConfig):
     crf_bi_xy: float = 67.0
     crf_bi_rgb: float = 3.0
     crf_bi_w: float = 4.0
-    preset: str | None = None
+
+    PRESETS = PRESETS  # (class attribute, not a field) the named presets above
 
     def __post_init__(self) -> None:
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"DiCLIPConfig.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-            defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                        for f in fields(self)}
-            for k, v in PRESETS[self.preset].items():
-                if getattr(self, k) == defaults[k]:
-                    setattr(self, k, v)
+        self._apply_preset()
         for n in ("vce_heads", "walk_heads", "refine", "par_dilations", "test_scales", "background_words"):
             setattr(self, n, tuple(getattr(self, n)))
         if isinstance(self.templates, list):
@@ -229,17 +222,6 @@ class DiCLIPConfig(MethodConfig):
             raise ValueError("DiCLIPConfig.checkpoint: mode='head' needs a trained checkpoint (weakseg train diclip)")
         if not isinstance(self.class_prompts, dict):
             bad("class_prompts", "a mapping of dataset class name -> prompt name")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DiCLIPConfig":
-        """Preset values (if ``values["preset"]`` names one), then every other value given."""
-        values = dict(values)
-        preset = values.pop("preset", None)
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"DiCLIPConfig.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        cfg = super().from_dict({**(PRESETS[preset] if preset else {}), **values})
-        cfg.preset = preset
-        return cfg
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
