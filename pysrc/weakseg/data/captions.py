@@ -164,13 +164,15 @@ class CaptionFolder:
 
 
 class ToyCaptions:
-    """The toy world's scenes as (image, caption) pairs: no masks, no labels."""
+    """The toy world's scenes as (image, caption) pairs: no masks, no labels. Rendered scenes are kept in
+    memory (``cache``; a 64 px scene is 12 kB and rendering one costs tens of milliseconds)."""
 
-    def __init__(self, num_scenes: int = 1000, split: str = "train", size: int = 64):
+    def __init__(self, num_scenes: int = 1000, split: str = "train", size: int = 64, cache: bool = True):
         from weakseg.data.toyworld import ToyWorld
 
         self.world = ToyWorld(size=size, split=split, num_scenes=num_scenes)
         self._captions: list[str] | None = None
+        self._scenes: dict[int, CaptionSample] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.world)
@@ -178,7 +180,7 @@ class ToyCaptions:
     @property
     def captions(self) -> list[str]:
         if self._captions is None:
-            self._captions = [self.world[i].caption for i in range(len(self.world))]
+            self._captions = [self[i].caption for i in range(len(self.world))]
         return self._captions
 
     @property
@@ -186,8 +188,13 @@ class ToyCaptions:
         return [f"toy{i:06d}" for i in range(len(self.world))]
 
     def __getitem__(self, i: int) -> CaptionSample:
+        if self._scenes is not None and i in self._scenes:
+            return self._scenes[i]
         s = self.world[i]
-        return CaptionSample(s.image, s.caption, f"toy{i:06d}")
+        out = CaptionSample(s.image, s.caption, f"toy{i:06d}")
+        if self._scenes is not None:
+            self._scenes[i] = out
+        return out
 
 
 def open_caption_dataset(source: str | os.PathLike, limit: int | None = None, split: str | None = None):
