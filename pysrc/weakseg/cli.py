@@ -258,8 +258,8 @@ def _train_synseg(args: argparse.Namespace) -> int:
     from weakseg.data.captions import open_caption_dataset
     from weakseg.train.synseg import SynSegTrainConfig, train_synseg
 
+    dataset = open_caption_dataset(args.data, limit=args.limit)  # before the (possibly downloaded) CLIP
     method = weakseg.create("synseg", config_file=args.config, set_options=args.set or ())
-    dataset = open_caption_dataset(args.data, limit=args.limit)
     opts = parse_set_options(args.train or (), SynSegTrainConfig)
     if args.limit is not None and args.data != "toyworld":
         opts.setdefault("max_images", args.limit)

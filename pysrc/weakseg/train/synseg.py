@@ -232,7 +232,7 @@ def _save(path: Path, head, optimizer, meta: dict[str, Any], fmt: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, head, optimizer) -> dict[str, Any]:
+def _load_checkpoint(path: Path, head, optimizer, arch: dict[str, Any]) -> dict[str, Any]:
     from safetensors import safe_open
 
     try:
@@ -244,6 +244,9 @@ def _load_checkpoint(path: Path, head, optimizer) -> dict[str, Any]:
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {str(path)!r}: format {meta.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
     info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    if info.get("arch") != arch:
+        raise ValueError(f"checkpoint {str(path)!r} was written for another architecture ({info.get('arch')}, this "
+                         f"model: {arch}); use another out_dir or resume=False")
     head.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
     sd = optimizer.state_dict()
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -286,10 +289,7 @@ def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrai
     meta = {"arch": method.arch, "train_config": asdict(cfg), "method_config": mcfg.to_dict()}
     step = 0
     if resume and last.exists():
-        info = _load_checkpoint(last, head, optimizer)
-        if info.get("arch") != method.arch:
-            raise ValueError(f"checkpoint {str(last)!r} was written for another architecture ({info.get('arch')}); "
-                             f"use another out_dir or resume=False")
+        info = _load_checkpoint(last, head, optimizer, method.arch)
         step = int(info["step"])
     ddp = head
     if use_dist and world > 1:
