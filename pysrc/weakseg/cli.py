@@ -14,6 +14,8 @@
                                  build DiCLIP's key-value cache (generated or real images; resumable)
     weakseg train diclip --dataset D [--root DIR] --cache FILE --out DIR [--set k=v] [--train k=v]
                                  DiCLIP's single-stage training (adapter + head; resumable, torchrun DDP)
+    weakseg train synseg --data SHARDS|FOLDER|toyworld --out DIR [--set k=v] [--train k=v]
+                                 SynSeg on image-caption pairs (FiLM + decoder + projector; resumable, DDP)
 """
 
 from __future__ import annotations
@@ -248,6 +250,29 @@ def _train_diclip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_synseg(args: argparse.Namespace) -> int:
+    import os
+
+    import weakseg
+    from weakseg.core import parse_set_options
+    from weakseg.data.captions import open_caption_dataset
+    from weakseg.train.synseg import SynSegTrainConfig, train_synseg
+
+    dataset = open_caption_dataset(args.data, limit=args.limit)  # before the (possibly downloaded) CLIP
+    method = weakseg.create("synseg", config_file=args.config, set_options=args.set or ())
+    opts = parse_set_options(args.train or (), SynSegTrainConfig)
+    if args.limit is not None and args.data != "toyworld":
+        opts.setdefault("max_images", args.limit)
+    res = train_synseg(method, dataset, args.out, SynSegTrainConfig.from_dict(opts), resume=not args.no_resume,
+                       progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    last = res["losses"][-1] if res["losses"] else {}
+    print(json.dumps({"out": args.out, "step": res["step"], "model": res["model"], "checkpoint": res["checkpoint"],
+                      "images": res["images"], "phrases": res["phrases"], "last": last}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="weakseg", description="Weakly-supervised and training-free semantic segmentation.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -356,6 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-resume", action="store_true", help="start over even if out/last.safetensors exists")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_train_diclip)
+
+    s = t.add_parser("synseg", help="SynSeg on image-caption pairs (FSS + MCCL; FiLM, decoder, projector)")
+    s.add_argument("--data", required=True,
+                   help="webdataset shards (a .tar, a folder of .tar files or a glob), an image folder with "
+                        "same-stem .txt captions, or toyworld (toy captions)")
+    s.add_argument("--limit", type=int, default=None, help="use only the first N pairs (toyworld: N scenes)")
+    s.add_argument("--out", required=True, help="output directory (checkpoints, log)")
+    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of SynSeg options")
+    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="SynSeg options (clip_model, extract_layers, loss_weights, ...; SynSegConfig)")
+    s.add_argument("--train", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="training options (iterations, batch_size, lr, k_max, extractor, ...; SynSegTrainConfig)")
+    s.add_argument("--no-resume", action="store_true", help="start over even if out/last.safetensors exists")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_train_synseg)
     return p
 
 

@@ -459,6 +459,33 @@ class CLIPBackbone(nn.Module):
         x = (x / 255.0 - self.mean.to(x.device)) / self.std.to(x.device)
         return x.to(self.dtype)
 
+    def encode_layers(self, pixels: torch.Tensor, layers: Sequence[int], pos_interp: str | None = None
+                      ) -> list[torch.Tensor]:
+        """Token outputs (B, 1 + h·w, width) of the image-tower blocks ``layers`` (0-based block indices,
+        as :attr:`CLIPOutput.layers`) for already-normalised float ``pixels`` (B, 3, H, W) (see
+        :meth:`preprocess`). Only the blocks up to ``max(layers)`` run. No ``no_grad`` and no Python-side
+        dependence on B, so the call traces / exports with a dynamic batch; the grid is static (from H, W)."""
+        vis = self.model.visual
+        L = self.num_layers
+        wanted = [int(i) for i in layers]
+        if not wanted or any(not 0 <= i < L for i in wanted):
+            raise ValueError(f"layers: expected block indices in [0, {L - 1}], got {list(layers)!r}")
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels: expected normalised images (B, 3, H, W), got {tuple(pixels.shape)}")
+        ph, pw = self.patch_size
+        gh, gw = pixels.shape[-2] // ph, pixels.shape[-1] // pw
+        t = vis.conv1(pixels.to(self.dtype)).flatten(2).transpose(1, 2)
+        cls = vis.class_embedding.to(t.dtype).view(1, 1, -1).expand(t.shape[0], 1, t.shape[-1])
+        t = torch.cat([cls, t], dim=1)
+        pos = interpolate_pos_embed(vis.positional_embedding, (gh, gw), mode=pos_interp or self.pos_interp,
+                                    src_grid=self.native_grid)
+        x = vis.ln_pre(t + pos.to(t.dtype))
+        out: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(vis.transformer.resblocks[:max(wanted) + 1]):
+            x = blk(x)
+            out[i] = x
+        return [out[i] for i in wanted]
+
     @staticmethod
     def _qkv(block, h: torch.Tensor):
         attn = block.attn

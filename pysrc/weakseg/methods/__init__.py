@@ -4,4 +4,4 @@ The methods of DESIGN.md (moduseg, synseg, diclip, diffsegmenter, iseg) land
 here with their issues; importing this package registers every one present.
 """
 
-from weakseg.methods import diclip, diffsegmenter, iseg, moduseg  # noqa: E402,F401
+from weakseg.methods import diclip, diffsegmenter, iseg, moduseg, synseg  # noqa: E402,F401

@@ -1,0 +1,451 @@
+"""SynSeg's training (``weakseg train synseg``; specs/synseg.md §4) and its toy-world demo.
+
+Data: image-caption pairs (:mod:`weakseg.data.captions`: webdataset tar shards, an image/caption folder
+or the toy world's captions). Each caption becomes its noun phrases (:mod:`weakseg.data.phrases`: spaCy
+noun chunks with a NOUN token when a pipeline is installed, else the documented fallback; the
+generic-phrase exclusion list; or a precomputed phrases file); images without a phrase are skipped, at
+most ``k_max`` (4) phrases per image are kept (a random subset). Each phrase is one category, its text
+embedding ("a photo of a {}.") computed once and cached.
+
+One iteration, per image of the batch (random resized crop to the method's ``size`` + flip): the frozen
+CLIP once (no gradients) -> the decoder on B·K rows (one per phrase, padded phrases masked) -> FSS
+(fg / bg synergy vectors, projector) -> the four MCCL losses, weighted; AdamW (lr 1e-3, cosine to 1e-4,
+weight decay 1e-4 [R]); bf16 autocast on CUDA by default. Paper: batch 256, 10,000 iterations, seed 42.
+
+Determinism and resume: the data order (one permutation per epoch), the crops and the phrase subsets come
+from generators seeded by (seed, position), so a resumed run sees exactly the batches of the uninterrupted
+run. Checkpoints are safetensors with JSON metadata, written atomically (temp file + rename) by rank 0:
+``last.safetensors`` (head weights, AdamW state, step) every ``save_every`` iterations and
+``model.safetensors`` (weights + the architecture, what ``SynSegConfig.checkpoint`` reads) at the end.
+Under ``torchrun`` (WORLD_SIZE > 1) the process group is initialised (NCCL on CUDA, Gloo on the CPU), the
+head runs in DistributedDataParallel and rank r takes positions r·B .. r·B + B − 1 of each global batch of
+B·world positions (DistributedSampler-style sharding; the effective batch is ``batch_size × world``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["SynSegTrainConfig", "train_synseg", "lr_at", "random_resized_crop", "prepare_phrases", "toy_demo",
+           "TOY_TRAIN", "TOY_TRAIN_SCENES", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "weakseg-synseg-checkpoint"
+# a short run on toy captions that fits the demo's budget on one CPU thread
+TOY_TRAIN: dict[str, Any] = dict(iterations=400, batch_size=16, save_every=100, log_every=25,
+                                 scale_range=(0.6, 1.0))
+TOY_TRAIN_SCENES = 400
+
+
+@dataclass
+class SynSegTrainConfig:
+    """Training options. iterations / batch_size / seed: 10000, 256, 42 [P]. lr / lr_min / warmup_iters /
+    weight_decay / betas: AdamW, 1e-3 cosine to 1e-4, no warmup, 1e-4 [R, CLIPSeg]. k_max: phrases per image
+    (4) [R]. scale_range / ratio_range / flip: the random resized crop [R]. amp: "auto" (bf16 on CUDA),
+    "none", "bf16", "fp16". extractor / spacy_model / exclusions / phrases_file: noun phrases (see
+    :mod:`weakseg.data.phrases`). num_workers: DataLoader workers. save_every / log_every: iterations.
+    max_images: only the first N pairs."""
+
+    iterations: int = 10000
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_min: float = 1e-4
+    warmup_iters: int = 0
+    weight_decay: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    k_max: int = 4
+    scale_range: tuple = (0.5, 1.0)
+    ratio_range: tuple = (0.75, 4 / 3)
+    flip: bool = True
+    amp: str = "auto"
+    extractor: str = "auto"
+    spacy_model: str = "en_core_web_sm"
+    exclusions: str | None = None
+    phrases_file: str | None = None
+    num_workers: int = 0
+    save_every: int = 500
+    log_every: int = 50
+    max_images: int | None = None
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        self.scale_range = tuple(float(s) for s in self.scale_range)
+        self.ratio_range = tuple(float(s) for s in self.ratio_range)
+        for n in ("iterations", "batch_size", "k_max", "save_every", "log_every"):
+            v = getattr(self, n)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"SynSegTrainConfig.{n}: expected an int >= 1, got {v!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"SynSegTrainConfig.num_workers: expected an int >= 0, got {self.num_workers!r}")
+        if not self.lr > 0 or not 0 <= self.lr_min <= self.lr:
+            raise ValueError(f"SynSegTrainConfig.lr / lr_min: expected lr > 0 and 0 <= lr_min <= lr, got "
+                             f"{self.lr!r} / {self.lr_min!r}")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1] <= 1:
+            raise ValueError(f"SynSegTrainConfig.scale_range: expected (lo, hi) with 0 < lo <= hi <= 1, got "
+                             f"{self.scale_range}")
+        if self.amp not in ("auto", "none", "bf16", "fp16"):
+            raise ValueError(f"SynSegTrainConfig.amp: expected auto, none, bf16 or fp16, got {self.amp!r}")
+        if self.extractor not in ("auto", "spacy", "simple"):
+            raise ValueError(f"SynSegTrainConfig.extractor: expected auto, spacy or simple, got {self.extractor!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SynSegTrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"SynSegTrainConfig: unknown option(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def lr_at(step: int, cfg: SynSegTrainConfig) -> float:
+    """Linear warmup over ``warmup_iters``, then cosine from ``lr`` to ``lr_min`` at ``iterations``."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    span = max(1, cfg.iterations - cfg.warmup_iters)
+    t = min(1.0, (step - cfg.warmup_iters) / span)
+    return cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _gen(*parts: int) -> torch.Generator:
+    x = 0
+    for p in parts:
+        x = (x * 1_000_003 + int(p) + 7) % (2 ** 62)
+    return torch.Generator().manual_seed(x)
+
+
+def random_resized_crop(image: torch.Tensor, size: int, scale=(0.5, 1.0), ratio=(0.75, 4 / 3), flip: bool = True,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """RGB uint8 (3, H, W) -> (3, size, size) uint8: a crop of ``scale`` × the area and aspect ``ratio``
+    (10 tries, else the central largest crop), resized (bilinear, antialiased), flipped with p = 0.5."""
+    from torchvision.transforms.v2 import functional as TF
+
+    H, W = image.shape[-2:]
+    area = H * W
+    box = None
+    for _ in range(10):
+        u = torch.rand(3, generator=generator)
+        a = area * (scale[0] + (scale[1] - scale[0]) * float(u[0]))
+        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * float(u[1]))
+        w, h = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+        if 0 < w <= W and 0 < h <= H:
+            top = int(torch.randint(0, H - h + 1, (), generator=generator))
+            left = int(torch.randint(0, W - w + 1, (), generator=generator))
+            box = (top, left, h, w)
+            break
+    if box is None:
+        s = min(H, W)
+        box = ((H - s) // 2, (W - s) // 2, s, s)
+    out = TF.resized_crop(image, *box, size=[size, size], antialias=True)
+    if flip and float(torch.rand((), generator=generator)) < 0.5:
+        out = out.flip(-1)
+    return out.contiguous()
+
+
+def prepare_phrases(dataset, cfg: SynSegTrainConfig) -> list[list[str]]:
+    """The noun phrases of every caption of ``dataset`` (``captions`` and ``keys`` attributes, or items
+    with ``caption``), the phrases file taking precedence for its keys."""
+    from weakseg.data.phrases import NounPhraseExtractor, read_phrases_file
+
+    n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
+    captions = list(getattr(dataset, "captions", None) or [dataset[i].caption for i in range(n)])[:n]
+    keys = list(getattr(dataset, "keys", None) or [str(i) for i in range(n)])[:n]
+    given = read_phrases_file(cfg.phrases_file) if cfg.phrases_file else {}
+    todo = [i for i in range(n) if keys[i] not in given]
+    extractor = NounPhraseExtractor(cfg.extractor, cfg.spacy_model, cfg.exclusions) if todo else None
+    found = extractor.extract_many([captions[i] for i in todo]) if todo else []
+    out: list[list[str]] = [[] for _ in range(n)]
+    for i, ph in zip(todo, found):
+        out[i] = ph
+    for i in range(n):
+        if keys[i] in given:
+            out[i] = list(dict.fromkeys(p.strip().lower() for p in given[keys[i]] if p.strip()))
+    return out
+
+
+class _Positions(torch.utils.data.Dataset):
+    """Position in the training stream -> (crop, phrases); deterministic in (seed, position)."""
+
+    def __init__(self, dataset, eligible: list[int], phrases: list[list[str]], size: int, cfg: SynSegTrainConfig):
+        self.dataset, self.eligible, self.phrases, self.size, self.cfg = dataset, eligible, phrases, size, cfg
+        self._perm: dict[int, torch.Tensor] = {}
+
+    def index(self, pos: int) -> int:
+        n = len(self.eligible)
+        epoch, at = divmod(pos, n)
+        if epoch not in self._perm:
+            self._perm.clear()
+            self._perm[epoch] = torch.randperm(n, generator=_gen(self.cfg.seed, 17, epoch))
+        return self.eligible[int(self._perm[epoch][at])]
+
+    def __len__(self) -> int:
+        return 2 ** 62
+
+    def __getitem__(self, pos: int):
+        cfg = self.cfg
+        i = self.index(pos)
+        g = _gen(cfg.seed, 23, pos)
+        img = random_resized_crop(self.dataset[i].image, self.size, cfg.scale_range, cfg.ratio_range, cfg.flip, g)
+        ph = self.phrases[i]
+        if len(ph) > cfg.k_max:
+            keep = sorted(torch.randperm(len(ph), generator=g)[:cfg.k_max].tolist())
+            ph = [ph[j] for j in keep]
+        return img, list(ph)
+
+
+def _collate(batch):
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _save(path: Path, head, optimizer, meta: dict[str, Any], fmt: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    if optimizer is not None:
+        for i, st in optimizer.state_dict()["state"].items():
+            for name, v in st.items():
+                t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                tensors[f"optim.{i}.{name}"] = t.detach().cpu().contiguous()
+    md = {"format": fmt, **{k: json.dumps(v, default=str) for k, v in meta.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=md)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, head, optimizer, arch: dict[str, Any]) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {str(path)!r}: format {meta.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    if info.get("arch") != arch:
+        raise ValueError(f"checkpoint {str(path)!r} was written for another architecture ({info.get('arch')}, this "
+                         f"model: {arch}); use another out_dir or resume=False")
+    head.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
+    sd = optimizer.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+    return info
+
+
+def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrainConfig | None = None,
+                 resume: bool = True, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train the head of ``method`` (a :class:`~weakseg.methods.synseg.SynSeg`; its loss options come from
+    its config) on the caption ``dataset``; writes ``out_dir/last.safetensors`` (resumable), ``log.jsonl``
+    and, after the last iteration, ``out_dir/model.safetensors``. ``stop_after``: stop (checkpointed) after
+    that many iterations of this call. Returns {"step", "losses" (one dict per iteration of this call),
+    "model", "checkpoint", "images", "phrases"}."""
+    from tqdm.auto import tqdm
+
+    from weakseg.methods.synseg import MODEL_FORMAT, mccl_losses
+
+    cfg = config or SynSegTrainConfig()
+    mcfg = method.config
+    if mcfg.mode != "decoder":
+        raise ValueError("SynSegConfig.mode: training needs mode='decoder'")
+    phrases = prepare_phrases(dataset, cfg)
+    eligible = [i for i, p in enumerate(phrases) if p]
+    if not eligible:
+        raise ValueError(f"dataset: none of its {len(phrases)} captions has a noun phrase left after the exclusion "
+                         f"list; check the captions or pass a phrases_file")
+    rank, world, use_dist = _dist()
+    device = method.device
+    head = method.head.to(device).train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last = out / "last.safetensors"
+    meta = {"arch": method.arch, "train_config": asdict(cfg), "method_config": mcfg.to_dict()}
+    step = 0
+    if resume and last.exists():
+        info = _load_checkpoint(last, head, optimizer, method.arch)
+        step = int(info["step"])
+    ddp = head
+    if use_dist and world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    end = cfg.iterations if stop_after is None else min(cfg.iterations, step + int(stop_after))
+    B = cfg.batch_size
+    batches = [[(s * world + rank) * B + j for j in range(B)] for s in range(step, end)]
+    loader = torch.utils.data.DataLoader(_Positions(dataset, eligible, phrases, mcfg.size, cfg), batch_sampler=batches,
+                                         num_workers=cfg.num_workers, collate_fn=_collate)
+    weights = mcfg.loss_weights
+    losses: list[dict[str, float]] = []
+    bar = tqdm(total=cfg.iterations, initial=step, desc="train synseg", disable=not progress or rank != 0)
+    log = out / "log.jsonl"
+    for images, plist in loader:
+        K = max(len(p) for p in plist)
+        names = sorted({p for ps in plist for p in ps})
+        table = dict(zip(names, method.text_embeddings(names)))
+        text = torch.zeros(len(plist), K, method.clip.embed_dim, device=device)
+        valid = torch.zeros(len(plist), K, dtype=torch.bool, device=device)
+        for b, ps in enumerate(plist):
+            for k, p in enumerate(ps):
+                text[b, k] = table[p]
+                valid[b, k] = True
+        with torch.no_grad():
+            pixels = method.clip.preprocess(images)
+            acts = method.clip.encode_layers(pixels, mcfg.extract_layers, mcfg.pos_interp)
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            _, fg, bg = ddp(acts, text, mcfg.fss_norm, mcfg.fss_eps)
+        terms = mccl_losses(fg.float(), bg.float(), text, valid, weights, mcfg.cos_eps, mcfg.cos_mode, mcfg.fb_gate)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            terms["loss"].backward()
+            optimizer.step()
+        step += 1
+        rec = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr, "K": K}
+        losses.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        if rank == 0 and (step % cfg.log_every == 0 or step == end):
+            with open(log, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if rank == 0 and (step % cfg.save_every == 0 or step == end):
+            _save(last, head, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT)
+    bar.close()
+    model_path = out / "model.safetensors"
+    if rank == 0 and step >= cfg.iterations:
+        _save(model_path, head, None, {**meta, "step": step}, MODEL_FORMAT)
+    if use_dist and world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    head.eval()
+    method.trained_steps = step
+    return {"step": step, "losses": losses, "model": str(model_path) if step >= cfg.iterations else None,
+            "checkpoint": str(last), "images": len(eligible), "phrases": len({p for ps in phrases for p in ps})}
+
+
+# ----------------------------------------------------------------------------------------- toy world
+
+def train_toy(work_dir: Path, clip=None, preset: str = "toy", progress: bool = True,
+              train_options: dict | None = None, train_scenes: int = TOY_TRAIN_SCENES, **overrides) -> Path:
+    """Train (or reuse) SynSeg on toy-world captions under ``work_dir/train``; returns the model path."""
+    from weakseg.data.captions import ToyCaptions
+    from weakseg.methods.synseg import SynSeg, SynSegConfig
+
+    model_path = Path(work_dir) / "train" / "model.safetensors"
+    if not model_path.exists():
+        method = SynSeg(SynSegConfig.from_dict({"preset": preset, **overrides}), clip=clip)
+        opts = {**TOY_TRAIN, **(train_options or {})}
+        train_synseg(method, ToyCaptions(num_scenes=train_scenes, size=method.config.size),
+                     model_path.parent, SynSegTrainConfig.from_dict(opts), progress=progress)
+    return model_path
+
+
+def toy_demo(work_dir: Path, progress: bool = True, clip=None, preset: str = "toy", train_options: dict | None = None,
+             train_scenes: int = TOY_TRAIN_SCENES, **overrides):
+    """The DemoEntry of SynSeg on the toy world: method = the head trained on toy captions only (no masks),
+    baseline = the raw CLIP patch-text similarity with the same background threshold. ``clip`` replaces the
+    toy CLIP (tests pass the tiny random one with ``preset="tiny"``); without it the committed toy CLIP is
+    loaded, and a missing one raises FileNotFoundError naming its path."""
+    from weakseg.core import DemoEntry
+    from weakseg.methods.synseg import SynSeg, SynSegConfig
+
+    if clip is None:
+        from weakseg.toyworld import load_toy_clip
+
+        clip = load_toy_clip()
+    model = train_toy(work_dir, clip, preset, progress, train_options, train_scenes, **overrides)
+    method = SynSeg(SynSegConfig.from_dict({"preset": preset, **overrides, "checkpoint": str(model)}), clip=clip)
+    baseline = SynSeg(SynSegConfig.from_dict({"preset": preset, **overrides, "mode": "patch"}), clip=clip)
+    return DemoEntry(method=method, baseline=baseline,
+                     note="baseline: raw CLIP patch-text cosine (per-class min-max) with the same background "
+                          "threshold; method: FiLM + decoder trained on toy captions with FSS + MCCL")
+
+
+def ablation(work_dir: Path, subsets: dict[str, Sequence[float]] | None = None, num_scenes: int = 40,
+             clip=None, preset: str = "toy", progress: bool = True, train_options: dict | None = None,
+             train_scenes: int = TOY_TRAIN_SCENES, views: Sequence[int] = (5,), **overrides) -> dict[str, Any]:
+    """The loss ablation (the paper's Table III) on the toy world: for each ``subsets`` entry (name -> the
+    four loss weights), train on toy captions (under ``work_dir/<name>``, reused when present) and score
+    mIoU (%, all classes, image-level labels given as in the demo; and open-vocabulary without them) on
+    ``num_scenes`` held-out scenes. Returns {name: {"weights", "miou", "miou_open", "final_loss"}} plus the
+    untrained head and the patch baseline."""
+    from weakseg.data.toyworld import ToyWorld
+    from weakseg.eval.metrics import ConfusionMatrix
+    from weakseg.methods.synseg import SynSeg, SynSegConfig
+
+    if clip is None:
+        from weakseg.toyworld import load_toy_clip
+
+        clip = load_toy_clip()
+    if subsets is None:
+        subsets = {"all four": (1, 1, 1, 1), "no ft": (0, 1, 1, 1), "no fb": (1, 0, 1, 1), "no bb": (1, 1, 0, 1),
+                   "no ff": (1, 1, 1, 0), "ft only": (1, 0, 0, 0)}
+    world = ToyWorld(split="test", num_scenes=num_scenes)
+    names = list(world.class_names)
+    scenes = [world[i] for i in range(num_scenes)]
+
+    def score(m) -> tuple[float, float]:
+        res = []
+        for use_labels in (True, False):
+            cm = ConfusionMatrix(len(names))
+            for sc in scenes:
+                lab = None
+                if use_labels:
+                    lab = torch.zeros(1, len(names), dtype=torch.bool)
+                    lab[0, sc.image_labels] = True
+                cm.update(m.segment([sc.image], names, lab).labels[0], sc.label)
+            res.append(round(100 * cm.miou("all"), 2))
+        return res[0], res[1]
+
+    out: dict[str, Any] = {}
+    for v in views:
+        base = {"preset": preset, **overrides, "views": v}
+        for name, opts in (("patch baseline", {"mode": "patch"}), ("untrained head", {})):
+            miou, open_ = score(SynSeg(SynSegConfig.from_dict({**base, **opts}), clip=clip))
+            out[f"{name} (views={v})"] = {"weights": None, "miou": miou, "miou_open": open_, "final_loss": None}
+        for name, w in subsets.items():
+            wd = Path(work_dir) / name.replace(" ", "_")
+            model = train_toy(wd, clip, preset, progress, train_options, train_scenes,
+                              **{**overrides, "loss_weights": tuple(w)})
+            m = SynSeg(SynSegConfig.from_dict({**base, "loss_weights": tuple(w), "checkpoint": str(model)}), clip=clip)
+            log = [json.loads(x) for x in (model.parent / "log.jsonl").read_text().splitlines()]
+            miou, open_ = score(m)
+            out[f"{name} (views={v})"] = {"weights": list(w), "miou": miou, "miou_open": open_,
+                                          "final_loss": {k: round(log[-1][k], 4) for k in ("ft", "fb", "bb", "ff")}}
+    return out
