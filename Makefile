@@ -13,7 +13,7 @@ TORCH   ?= torch==2.13.0 torchvision==0.28.0
 # Runtime, build, test and benchmark dependencies (all from the package registry).
 DEPS    := numpy tqdm safetensors pillow scikit-build-core cmake ninja pytest hypothesis expecttest \
            opencv-python-headless faiss-cpu open_clip_torch diffusers transformers scikit-image pycocotools \
-           scikit-learn pydensecrf2
+           scikit-learn pydensecrf2 onnx onnxscript onnxruntime
 export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 UV      := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 STAMP   := $(VENV)/.weakseg-deps
