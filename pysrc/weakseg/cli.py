@@ -109,6 +109,12 @@ def _export(args: argparse.Namespace) -> int:
                              "background,cat,dog")
     if args.method not in weakseg.list_methods():
         raise ValueError(f"NAME: unknown method {args.method!r}; registered: {', '.join(weakseg.list_methods())}")
+    from weakseg.core import METHODS
+
+    if not callable(getattr(METHODS.get(args.method), "export_graphs", None)):
+        able = [n for n in weakseg.list_methods() if callable(getattr(METHODS.get(n), "export_graphs", None))]
+        raise ValueError(f"NAME: method {args.method!r} cannot be exported (it has no export_graphs()); exportable "
+                         f"methods: {', '.join(able) or 'none'}")
     method = weakseg.create(args.method, config_file=args.config, set_options=args.set or ())
     graphs = graphs_of(method, args.method)
     manifest = export(graphs, args.format, args.out, classes)
