@@ -177,9 +177,16 @@ def export(graphs: ExportGraphs, fmt: str, out_dir: str | Path, class_names: Seq
                                   **(trt_profile or {})))
     if fmt == "aoti":
         files.update(export_aoti(graphs, out, class_names, ep=ep, device=device))
-    import onnx  # noqa: F401  (recorded version)
-
-    manifest = {"format": "weakseg-export", "method": graphs.method, "exported": fmt, "files": files,
+    exported = [fmt]
+    old = out / MANIFEST
+    if old.is_file():  # a second format into the same directory (same method, classes, size) adds its files
+        prev = json.loads(old.read_text())
+        if (prev.get("method"), prev.get("classes"), prev.get("input_size")) == (graphs.method, class_names,
+                                                                                  graphs.input_size):
+            files = {**prev.get("files", {}), **files}
+            exported = sorted(set(prev.get("exported_formats", [])) | {fmt})
+    manifest = {"format": "weakseg-export", "method": graphs.method, "exported": fmt, "exported_formats": exported,
+                "files": files,
                 "input_size": graphs.input_size, "mean": list(graphs.mean), "std": list(graphs.std),
                 "background": graphs.background, "classes": class_names, "embed_dim": graphs.embed_dim,
                 "context_length": graphs.context_length, "prompt": graphs.prompt, "opset": OPSET,
