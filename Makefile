@@ -3,6 +3,7 @@
 #   make test    the test suite
 #   make bench   microbenchmarks (verify, then time) -> benchmarks/results/
 #   make wheel   a wheel with the compiled kernels -> dist/
+#   make cpp-app the C++ embedding app (export/cpp) against the venv's libtorch -> build/cpp-app/weakseg_app
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -13,15 +14,15 @@ TORCH   ?= torch==2.13.0 torchvision==0.28.0
 # Runtime, build, test and benchmark dependencies (all from the package registry).
 DEPS    := numpy tqdm safetensors pillow scikit-build-core cmake ninja pytest hypothesis expecttest \
            opencv-python-headless faiss-cpu open_clip_torch diffusers transformers scikit-image pycocotools \
-           scikit-learn pydensecrf2
+           scikit-learn pydensecrf2 onnx onnxscript onnxruntime
 export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 UV      := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 STAMP   := $(VENV)/.weakseg-deps
 
-.PHONY: help setup build test demo bench wheel wheel-check info clean
+.PHONY: help setup build test demo bench wheel wheel-check info clean cpp-app
 
 help:
-	@echo "make demo | test | bench | wheel | setup | info | clean"
+	@echo "make demo | test | bench | wheel | cpp-app | setup | info | clean"
 
 $(UV):
 	$(PYTHON) -m pip install --user --quiet uv
@@ -60,6 +61,13 @@ wheel: $(STAMP)
 # Install the wheel into a scratch venv (sharing the torch of ours) and check its kernels.
 wheel-check: wheel
 	$(PY) tools/check_wheel.py dist/*.whl
+
+# The C++ app (one translation unit; TensorRT backend only when TensorRT is found).
+cpp-app: $(STAMP)
+	$(VENV)/bin/cmake -S export/cpp -B build/cpp-app -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	$(VENV)/bin/cmake --build build/cpp-app -j $${CPP_APP_JOBS:-1}
+	@ls -l build/cpp-app/weakseg_app
 
 clean:
 	rm -rf build dist outputs .pytest_cache

@@ -16,6 +16,10 @@
                                  DiCLIP's single-stage training (adapter + head; resumable, torchrun DDP)
     weakseg train synseg --data SHARDS|FOLDER|toyworld --out DIR [--set k=v] [--train k=v]
                                  SynSeg on image-caption pairs (FiLM + decoder + projector; resumable, DDP)
+    weakseg export NAME --format onnx|tensorrt|aoti --out DIR [--classes a,b] [--set k=v ...]
+                                 deployable graphs of a method (README: Deployment)
+    weakseg bench e2e --engine torch|onnx|aoti|tensorrt --model DIR
+                                 end-to-end images/s of an exported model (verified against torch first)
 """
 
 from __future__ import annotations
@@ -64,9 +68,61 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.suite == "e2e":
+        return _bench_e2e(args)
+    if args.engine or args.model:
+        raise ValueError("--engine/--model: only for `weakseg bench e2e`")
     from weakseg.bench import run_op_benchmarks
 
     return run_op_benchmarks(ops=args.ops, devices=args.device, out=args.out, quick=args.quick)
+
+
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from weakseg.export.bench_e2e import bench_e2e, write_results
+
+    if not args.model:
+        raise ValueError("--model: `weakseg bench e2e` needs an exported model directory (weakseg export ...)")
+    engines = args.engine or ["torch"]
+    device = (args.device or ["cpu"])[0]
+    results = []
+    for eng in engines:
+        r = bench_e2e(args.model, eng, device=device, images=args.images, batch=args.batch, threads=args.threads)
+        results.append(r)
+        print(f"{eng:>9} on {r['device']}: {r['images_per_s']:.1f} images/s ({r['ms_per_image']:.2f} ms/image; "
+              f"verified: max |diff| {r['verify']['max_abs_diff']:.2e}, labels {r['verify']['label_agreement']:.4f})")
+    if args.out:
+        cmd = "weakseg " + " ".join(sys.argv[1:]) if sys.argv and "weakseg" in sys.argv[0] else "weakseg bench e2e"
+        p = write_results(results, args.out, cmd, args.machine or platform.platform())
+        print(f"results: {p}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import weakseg
+    from weakseg.export.exporter import FORMATS, export, graphs_of
+
+    if args.format not in FORMATS:
+        raise ValueError(f"--format: unknown format {args.format!r}; expected one of {', '.join(FORMATS)}")
+    classes = None
+    if args.classes is not None:
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        if not classes:
+            raise ValueError("--classes: expected a comma-separated, non-empty list of class names, e.g. "
+                             "background,cat,dog")
+    if args.method not in weakseg.list_methods():
+        raise ValueError(f"NAME: unknown method {args.method!r}; registered: {', '.join(weakseg.list_methods())}")
+    from weakseg.core import METHODS
+
+    if not callable(getattr(METHODS.get(args.method), "export_graphs", None)):
+        able = [n for n in weakseg.list_methods() if callable(getattr(METHODS.get(n), "export_graphs", None))]
+        raise ValueError(f"NAME: method {args.method!r} cannot be exported (it has no export_graphs()); exportable "
+                         f"methods: {', '.join(able) or 'none'}")
+    method = weakseg.create(args.method, config_file=args.config, set_options=args.set or ())
+    graphs = graphs_of(method, args.method)
+    manifest = export(graphs, args.format, args.out, classes)
+    print(json.dumps({"out": args.out, "format": args.format, "files": manifest["files"],
+                      "classes": manifest["classes"]}, indent=2))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -286,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", nargs="*", default=None, help="devices (default: cpu, and cuda when present)")
     s.add_argument("--out", default=None, help="directory for results (markdown + json)")
     s.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
+    s.add_argument("suite", nargs="?", default="ops", choices=["ops", "e2e"],
+                   help="ops (default): the op microbenchmarks; e2e: an exported model end to end")
+    s.add_argument("--engine", nargs="*", default=None, choices=["torch", "onnx", "aoti", "tensorrt"],
+                   help="e2e: engines to time (default: torch)")
+    s.add_argument("--model", default=None, metavar="DIR", help="e2e: an exported model directory")
+    s.add_argument("--images", type=int, default=32, help="e2e: images per timed pass (default 32)")
+    s.add_argument("--batch", type=int, default=4, help="e2e: batch size (default 4)")
+    s.add_argument("--threads", type=int, default=None, help="e2e: CPU threads (torch and onnxruntime)")
+    s.add_argument("--machine", default=None, help="e2e: machine description for the results file")
     s.set_defaults(func=_bench)
 
     s = sub.add_parser("demo", help="every method on held-out toy-world scenes: report.json, report.md, overlays")
@@ -366,6 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cache_build)
 
+    s = sub.add_parser("export", help="export a method's deployable graphs: ONNX, TensorRT or AOTInductor")
+    s.add_argument("method", metavar="NAME", help="a registered method with export_graphs() (diclip, synseg)")
+    s.add_argument("--format", required=True, help="onnx, tensorrt or aoti")
+    s.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
+    s.add_argument("--classes", default=None,
+                   help="comma-separated class list whose text embeddings are written (default: the method's own, "
+                        "e.g. a trained head's classes)")
+    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of method options")
+    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="method options")
+    s.set_defaults(func=_export)
+
     t = sub.add_parser("train", help="training loops").add_subparsers(dest="train_command", metavar="METHOD")
     s = t.add_parser("diclip", help="DiCLIP's single-stage training (adapter + segmentation head)")
     s.add_argument("--dataset", required=True, help="voc, coco_object, ..., or toyworld")
@@ -407,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as e:
         print(f"weakseg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

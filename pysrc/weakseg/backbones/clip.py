@@ -541,11 +541,26 @@ class CLIPBackbone(nn.Module):
                                  f"{gh}x{gw} grid, got {tuple(attn_bias.shape)}")
             attn_bias = attn_bias.to(self.device, self.dtype)
         mode = self.pos_interp if pos_interp is None else pos_interp
+        pos = interpolate_pos_embed(vis.positional_embedding, (gh, gw), mode=mode, src_grid=self.native_grid)
+        return self.encode_normalized(x, pos, surgery_layers=surgery_layers, attn_bias=attn_bias,
+                                      return_attn=return_attn, return_layers=return_layers)
+
+    def encode_normalized(self, x: torch.Tensor, pos: torch.Tensor, *, surgery_layers: int = 0,
+                          attn_bias: torch.Tensor | None = None, return_attn: bool = False,
+                          return_layers: bool = False) -> CLIPOutput:
+        """The image tower on already normalised images ``x`` (B, 3, H, W) with the position embedding
+        ``pos`` (1 + hw, width) of their grid (:func:`interpolate_pos_embed`): tensor maths only, no
+        checks and no grad mode of its own, so export (ONNX, torch.export) can trace it with a fixed
+        ``pos`` buffer. :meth:`forward` checks its arguments and calls it."""
+        vis = self.model.visual
+        L = self.num_layers
+        B = x.shape[0]
+        ph, pw = self.patch_size
+        gh, gw = x.shape[-2] // ph, x.shape[-1] // pw
 
         # Embeddings (VisionTransformer._embeds with an interpolated position embedding).
         t = vis.conv1(x).flatten(2).transpose(1, 2)
         t = torch.cat([vis.class_embedding.to(t.dtype).view(1, 1, -1).expand(B, -1, -1), t], dim=1)
-        pos = interpolate_pos_embed(vis.positional_embedding, (gh, gw), mode=mode, src_grid=self.native_grid)
         x_ori = vis.ln_pre(t + pos.to(t.dtype))
 
         attn_list = [] if return_attn else None

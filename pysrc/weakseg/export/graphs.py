@@ -9,7 +9,13 @@ through the ONNX (dynamo) exporter, ``torch.export`` / AOTInductor and TensorRT:
   (as ``text_model`` returns them); ``logits`` float32 (B, C, S, S): per-class scores at input resolution
   (fixed-grid bilinear upsampling inside the graph), higher = more likely. The class list is free at run
   time: B and C are dynamic dimensions.
-- ``text_model(tokens) -> text_embeddings``: ``tokens`` int64 (C, context_length) from ``tokenize``.
+- ``text_model(tokens) -> text_embeddings``: ``tokens`` int64 (P, context_length) from ``tokenize``, one
+  row per prompt text; the rows are L2-normalised.
+
+A class row is the re-normalised mean of the rows of its prompt texts: ``prompts_for(name)`` when the
+method sets it (several templates / synonyms), else the one text ``prompt.format(name)`` (the mean of one
+normalised row is itself). :meth:`ExportGraphs.text_embeddings` does this; the exporters write its result
+for the chosen class list next to the graphs.
 
 Labels are produced outside the graph by :func:`labels_from_logits` with the method's ``background`` rule,
 so Python, ONNX Runtime, TensorRT and the C++ app share one post-processing definition.
@@ -41,14 +47,32 @@ class ExportGraphs:
     background: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     method: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    # class name -> the prompt texts averaged into its row (None: [prompt.format(name)])
+    prompts_for: Callable[[str], Sequence[str]] | None = None
+    # the class list used when the caller names none (e.g. a trained head's classes); may be empty
+    default_classes: tuple[str, ...] = ()
+
+    def class_prompts(self, name: str) -> list[str]:
+        texts = list(self.prompts_for(name)) if self.prompts_for is not None else [self.prompt.format(name)]
+        if not texts:
+            raise ValueError(f"class_names: no prompt text for class {name!r}")
+        return texts
 
     def text_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
-        """(C, D) embeddings of ``class_names`` through ``prompt``, ``tokenize`` and ``text_model``."""
-        if not class_names:
+        """(C, D) float32 embeddings of ``class_names``: per class, the mean of the text model's rows for
+        its prompt texts (see the module docstring), re-normalised."""
+        if isinstance(class_names, str) or not class_names:
             raise ValueError("class_names must be a non-empty list of class names")
-        tokens = self.tokenize([self.prompt.format(c) for c in class_names])
+        texts, owner = [], []
+        for i, c in enumerate(class_names):
+            for t in self.class_prompts(str(c)):
+                texts.append(t)
+                owner.append(i)
         with torch.no_grad():
-            return self.text_model(tokens)
+            rows = self.text_model(self.tokenize(texts)).float()
+        idx = torch.tensor(owner, device=rows.device)
+        sums = torch.zeros(len(class_names), rows.shape[1], device=rows.device).index_add_(0, idx, rows)
+        return torch.nn.functional.normalize(sums, dim=-1)
 
 
 def labels_from_logits(logits: torch.Tensor, background: dict[str, Any]) -> torch.Tensor:

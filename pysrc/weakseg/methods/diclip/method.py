@@ -677,6 +677,16 @@ class DiCLIP:
             probs = torch.stack([self._crf(im.cpu(), p) for im, p in zip(items, probs)])
         return SegmentationOutput(scores=probs, labels=probs.argmax(dim=1), class_names=class_names)
 
+    # ------------------------------------------------------------------ deployment
+    def export_graphs(self, variant: str = "auto"):
+        """The deployable graphs (:class:`weakseg.export.ExportGraphs`): CLIP image tower + trained head
+        (``variant="head"``, the default when a head is loaded) or the training-free patch-text CAM
+        (``"cam"``), text embeddings as an input; SD, VCE/ACR, CAA and the walk stay out of the graph.
+        See :mod:`weakseg.methods.diclip.export` for the exact semantics."""
+        from weakseg.methods.diclip.export import diclip_export_graphs
+
+        return diclip_export_graphs(self, variant)
+
     # ------------------------------------------------------------------ toy world
     @classmethod
     def toy_demo(cls, work_dir: Path, progress: bool = True, clip=None, sd=None, **kwargs):
