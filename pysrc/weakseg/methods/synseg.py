@@ -30,7 +30,7 @@ Models: ``clip_model`` = an open_clip name (+ ``clip_pretrained`` tag), a local 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakseg.core import METHODS, MethodConfig, SegmentationOutput, check_images
+from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images
 from weakseg.methods.common import BackgroundRule, has_background, image_label_mask, minmax_per_class, scores_to_labels
 
 __all__ = ["SynSeg", "SynSegConfig", "SynSegHead", "PRESETS", "bounded_cos", "fss_pool", "mccl_losses",
@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class SynSegConfig(MethodConfig):
+class SynSegConfig(PresetConfig):
     """Defaults: specs/synseg.md (CLIP ViT-B/16 openai at 224 px).
 
     mode: "decoder" (SynSeg) or "patch" (the training-free baseline, raw patch-text similarity).
@@ -105,16 +105,11 @@ class SynSegConfig(MethodConfig):
     fusion: str = "mean"
     bg_threshold: float = 0.5
     checkpoint: str | None = None
-    preset: str | None = None
+
+    PRESETS = PRESETS  # (class attribute, not a field) the named presets above
 
     def __post_init__(self) -> None:
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"SynSegConfig.preset: unknown preset {self.preset!r}; known: {', '.join(PRESETS)}")
-            defaults = {f.name: f.default for f in fields(self)}
-            for k, v in PRESETS[self.preset].items():
-                if getattr(self, k) == defaults[k]:
-                    setattr(self, k, v)
+        self._apply_preset()
         self.extract_layers = tuple(int(i) for i in self.extract_layers)
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
         if isinstance(self.templates, list):
@@ -150,16 +145,6 @@ class SynSegConfig(MethodConfig):
             bad("bg_threshold", "a number in [0, 1]")
         if self.fb_gate is not None and not -1 <= self.fb_gate <= 1:
             bad("fb_gate", "a cosine in [-1, 1] or None")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SynSegConfig":
-        values = dict(values)
-        preset = values.pop("preset", None)
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"SynSegConfig.preset: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        cfg = super().from_dict({**(PRESETS[preset] if preset else {}), **values})
-        cfg.preset = preset
-        return cfg
 
     def head_arch(self, width: int, embed_dim: int, grid: tuple[int, int], patch: int) -> dict[str, Any]:
         """What a trained head file must match."""
