@@ -26,7 +26,6 @@ order; the effective batch is ``batch_size × world_size``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -37,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weakseg.train.common import TrainOptions, dist_context, load_checkpoint, save_checkpoint, seeded_generator
+
 __all__ = ["DiCLIPTrainConfig", "train_diclip", "lr_at", "augment", "CHECKPOINT_FORMAT", "DiCLIPTrainable"]
 
 CHECKPOINT_FORMAT = "weakseg-diclip-checkpoint"
@@ -44,7 +45,7 @@ IMAGENET_MEAN_RGB = (124, 116, 104)
 
 
 @dataclass
-class DiCLIPTrainConfig:
+class DiCLIPTrainConfig(TrainOptions):
     """Training options (defaults: the code's VOC run; COCO: lr 1e-4, 100k iterations, warmup 200,
     caa_threshold 0.88, walk_steps 10, caa_seg_from 40000, dynamic_from 60000).
 
@@ -105,14 +106,6 @@ class DiCLIPTrainConfig:
         if not self.lr > 0:
             raise ValueError(f"DiCLIPTrainConfig.lr: expected a number > 0, got {self.lr!r}")
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DiCLIPTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"DiCLIPTrainConfig: unknown option(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**values)
 
 
 def lr_at(step: int, base: float, cfg: DiCLIPTrainConfig) -> float:
@@ -123,13 +116,6 @@ def lr_at(step: int, base: float, cfg: DiCLIPTrainConfig) -> float:
     if step < cfg.iterations:
         return base * (1 - step / cfg.iterations) ** cfg.power
     return 0.0
-
-
-def _gen(*parts: int) -> torch.Generator:
-    x = 0
-    for p in parts:
-        x = (x * 1_000_003 + int(p) + 7) % (2 ** 62)
-    return torch.Generator().manual_seed(x)
 
 
 def augment(image: torch.Tensor, crop: int, scale_range=(0.5, 2.0), flip: bool = True,
@@ -178,60 +164,6 @@ def _arch(method, cache, trainable: DiCLIPTrainable) -> dict[str, Any]:
             "head_heads": cfg.head_heads, "head_dropout": cfg.head_dropout, "embed_dim": method.clip.embed_dim}
 
 
-def _save(path: Path, module: DiCLIPTrainable, optimizer, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    if optimizer is not None:
-        for i, st in optimizer.state_dict()["state"].items():
-            for name, v in st.items():
-                t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                tensors[f"optim.{i}.{name}"] = t.detach().cpu().contiguous()
-    md = {"format": CHECKPOINT_FORMAT}
-    md.update({k: json.dumps(v, default=str) for k, v in meta.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=md)
-    os.replace(tmp, path)
-
-
-def _load(path: Path, module: DiCLIPTrainable, optimizer) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file "
-                         f"({type(e).__name__}: {e})") from e
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {str(path)!r}: format {meta.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
-    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
-    module.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v
-        sd["state"] = state
-        optimizer.load_state_dict(sd)
-    return info
-
-
-def _dist():
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
 def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.PathLike,
                  config: DiCLIPTrainConfig | None = None, resume: bool = True, progress: bool = True,
                  stop_after: int | None = None) -> dict[str, Any]:
@@ -256,7 +188,7 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
     n = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     if n < 1:
         raise ValueError("dataset: expected at least one training image")
-    rank, world, use_dist = _dist()
+    rank, world, use_dist = dist_context()
     device = torch.device(method.config.device)
     mcfg = method.config
     cache = method.cache
@@ -277,7 +209,7 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
             "method_config": method.config.to_dict()}
     step = 0
     if resume and last.exists():
-        info = _load(last, module, optimizer)
+        info = load_checkpoint(last, module, optimizer, CHECKPOINT_FORMAT)
         if info.get("class_names") != names or info.get("arch") != meta["arch"]:
             raise ValueError(f"checkpoint {str(last)!r} was written for other classes or another architecture; "
                              f"use another out_dir or resume=False")
@@ -301,9 +233,9 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
             epoch, at = divmod(pos, n)
             if epoch not in perm_cache:
                 perm_cache.clear()
-                perm_cache[epoch] = torch.randperm(n, generator=_gen(cfg.seed, 17, epoch))
+                perm_cache[epoch] = torch.randperm(n, generator=seeded_generator(cfg.seed, 17, epoch))
             smp = dataset[int(perm_cache[epoch][at])]
-            img, ok = augment(smp.image, S, cfg.scale_range, cfg.flip, _gen(cfg.seed, 23, step, rank, j))
+            img, ok = augment(smp.image, S, cfg.scale_range, cfg.flip, seeded_generator(cfg.seed, 23, step, rank, j))
             batch.append(img)
             valid.append(ok)
             labels.append([int(c) for c in smp.image_labels])
@@ -315,8 +247,8 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
                     allowed[b, c - 1] = True
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, base, cfg)
-        torch.manual_seed(int(_gen(cfg.seed, 29, step, rank).initial_seed()))  # dropout
-        fwd = method.forward(sized, vce=mcfg.vce, need_sd=True, generator=_gen(cfg.seed, 31, step, rank),
+        torch.manual_seed(int(seeded_generator(cfg.seed, 29, step, rank).initial_seed()))  # dropout
+        fwd = method.forward(sized, vce=mcfg.vce, need_sd=True, generator=seeded_generator(cfg.seed, 31, step, rank),
                              return_attn=True, return_layers=True)
         module.train()
         ad_logits, seg_logits, attn_pred = ddp(fwd.feats[:, 1:].to(device), [x.to(device) for x in fwd.out.layers],
@@ -356,11 +288,11 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
             with open(log, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
         if rank == 0 and (step % cfg.save_every == 0 or step == end):
-            _save(last, module, optimizer, {**meta, "step": step})
+            save_checkpoint(last, module, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT)
     bar.close()
     model_path = out / "model.safetensors"
     if rank == 0 and step >= cfg.iterations:
-        _save(model_path, module, None, {**meta, "step": step})
+        save_checkpoint(model_path, module, None, {**meta, "step": step}, CHECKPOINT_FORMAT)
     if use_dist and world > 1:
         import torch.distributed as dist
 

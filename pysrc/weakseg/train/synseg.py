@@ -24,7 +24,6 @@ B·world positions (DistributedSampler-style sharding; the effective batch is ``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from weakseg.train.common import TrainOptions, dist_context, load_checkpoint, save_checkpoint, seeded_generator
 
 __all__ = ["SynSegTrainConfig", "train_synseg", "lr_at", "random_resized_crop", "prepare_phrases", "toy_demo",
            "TOY_TRAIN", "TOY_TRAIN_SCENES", "CHECKPOINT_FORMAT"]
@@ -45,7 +46,7 @@ TOY_TRAIN_SCENES = 400
 
 
 @dataclass
-class SynSegTrainConfig:
+class SynSegTrainConfig(TrainOptions):
     """Training options. iterations / batch_size / seed: 10000, 256, 42 [P]. lr / lr_min / warmup_iters /
     weight_decay / betas: AdamW, 1e-3 cosine to 1e-4, no warmup, 1e-4 [R, CLIPSeg]. k_max: phrases per image
     (4) [R]. scale_range / ratio_range / flip: the random resized crop [R]. amp: "auto" (bf16 on CUDA),
@@ -96,14 +97,6 @@ class SynSegTrainConfig:
         if self.extractor not in ("auto", "spacy", "simple"):
             raise ValueError(f"SynSegTrainConfig.extractor: expected auto, spacy or simple, got {self.extractor!r}")
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SynSegTrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"SynSegTrainConfig: unknown option(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**values)
 
 
 def lr_at(step: int, cfg: SynSegTrainConfig) -> float:
@@ -113,13 +106,6 @@ def lr_at(step: int, cfg: SynSegTrainConfig) -> float:
     span = max(1, cfg.iterations - cfg.warmup_iters)
     t = min(1.0, (step - cfg.warmup_iters) / span)
     return cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def _gen(*parts: int) -> torch.Generator:
-    x = 0
-    for p in parts:
-        x = (x * 1_000_003 + int(p) + 7) % (2 ** 62)
-    return torch.Generator().manual_seed(x)
 
 
 def random_resized_crop(image: torch.Tensor, size: int, scale=(0.5, 1.0), ratio=(0.75, 4 / 3), flip: bool = True,
@@ -183,7 +169,7 @@ class _Positions(torch.utils.data.Dataset):
         epoch, at = divmod(pos, n)
         if epoch not in self._perm:
             self._perm.clear()
-            self._perm[epoch] = torch.randperm(n, generator=_gen(self.cfg.seed, 17, epoch))
+            self._perm[epoch] = torch.randperm(n, generator=seeded_generator(self.cfg.seed, 17, epoch))
         return self.eligible[int(self._perm[epoch][at])]
 
     def __len__(self) -> int:
@@ -192,7 +178,7 @@ class _Positions(torch.utils.data.Dataset):
     def __getitem__(self, pos: int):
         cfg = self.cfg
         i = self.index(pos)
-        g = _gen(cfg.seed, 23, pos)
+        g = seeded_generator(cfg.seed, 23, pos)
         img = random_resized_crop(self.dataset[i].image, self.size, cfg.scale_range, cfg.ratio_range, cfg.flip, g)
         ph = self.phrases[i]
         if len(ph) > cfg.k_max:
@@ -203,60 +189,6 @@ class _Positions(torch.utils.data.Dataset):
 
 def _collate(batch):
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
-
-
-def _dist():
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
-def _save(path: Path, head, optimizer, meta: dict[str, Any], fmt: str) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    if optimizer is not None:
-        for i, st in optimizer.state_dict()["state"].items():
-            for name, v in st.items():
-                t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                tensors[f"optim.{i}.{name}"] = t.detach().cpu().contiguous()
-    md = {"format": fmt, **{k: json.dumps(v, default=str) for k, v in meta.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=md)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, head, optimizer, arch: dict[str, Any]) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {str(path)!r}: format {meta.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
-    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
-    if info.get("arch") != arch:
-        raise ValueError(f"checkpoint {str(path)!r} was written for another architecture ({info.get('arch')}, this "
-                         f"model: {arch}); use another out_dir or resume=False")
-    head.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
-    sd = optimizer.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
-    return info
 
 
 def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrainConfig | None = None,
@@ -279,7 +211,7 @@ def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrai
     if not eligible:
         raise ValueError(f"dataset: none of its {len(phrases)} captions has a noun phrase left after the exclusion "
                          f"list; check the captions or pass a phrases_file")
-    rank, world, use_dist = _dist()
+    rank, world, use_dist = dist_context()
     device = method.device
     head = method.head.to(device).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -289,7 +221,7 @@ def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrai
     meta = {"arch": method.arch, "train_config": asdict(cfg), "method_config": mcfg.to_dict()}
     step = 0
     if resume and last.exists():
-        info = _load_checkpoint(last, head, optimizer, method.arch)
+        info = load_checkpoint(last, head, optimizer, CHECKPOINT_FORMAT, method.arch)
         step = int(info["step"])
     ddp = head
     if use_dist and world > 1:
@@ -344,11 +276,11 @@ def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrai
             with open(log, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
         if rank == 0 and (step % cfg.save_every == 0 or step == end):
-            _save(last, head, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT)
+            save_checkpoint(last, head, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT)
     bar.close()
     model_path = out / "model.safetensors"
     if rank == 0 and step >= cfg.iterations:
-        _save(model_path, head, None, {**meta, "step": step}, MODEL_FORMAT)
+        save_checkpoint(model_path, head, None, {**meta, "step": step}, MODEL_FORMAT)
     if use_dist and world > 1:
         import torch.distributed as dist
 
