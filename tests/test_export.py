@@ -116,12 +116,43 @@ def test_onnx_checker_opset_metadata_dynamic_dims(onnx_dir):
     assert [d.dim_value for d in img_dims[1:]] == [3, 64, 64]
     assert txt_dims[0].dim_param and txt_dims[1].dim_value == 32
     check_no_custom_ops(m)
-    # no cubic resampling anywhere in the graph (the grid is fixed; only bilinear upsampling of the maps)
+    _no_cubic_resize(m)  # the grid is fixed; only bilinear upsampling of the maps
+
+
+
+def _no_cubic_resize(m) -> None:
     for n in m.graph.node:
         if n.op_type == "Resize":
             modes = [a.s for a in n.attribute if a.name == "mode"]
             assert modes and modes[0] != b"cubic"
 
+
+def test_synseg_exports_through_the_cli_with_parity(tmp_path, capsys):
+    """SynSeg (tiny random CLIP, untrained head) at 96 px, a grid (12x12) other than the CLIP's native 8x8:
+    the position embedding is resampled at export, so the graph has no cubic resize; onnxruntime equals the
+    eager graph (whose parity with the method's scores is test_synseg.py::test_export_graphs_parity) for
+    batch and class counts other than the trace's."""
+    import weakseg
+    from weakseg.export.exporter import graphs_of
+
+    out = tmp_path / "synseg"
+    rc, err = _cli(["export", "synseg", "--format", "onnx", "--out", str(out), "--classes", "circle,square",
+                    "--set", "preset=tiny", "size=96", "views=1"], capsys)
+    assert rc == 0, err
+    m = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(m, full_check=True)
+    _no_cubic_resize(m)
+    props = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(props["weakseg.classes"]) == ["circle", "square"] and props["weakseg.input_size"] == "96"
+    method = weakseg.create("synseg", preset="tiny", size=96, views=1)
+    graphs = graphs_of(method, "synseg")
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for B, C in [(1, 4), (3, 1)]:
+        x, t = _inputs(B, C, D=graphs.embed_dim, S=96)
+        with torch.no_grad():
+            want = graphs.image_model(x, t).numpy()
+        got = sess.run(["logits"], {"images": x.numpy(), "text_embeddings": t.numpy()})[0]
+        assert got.shape == (B, C, 96, 96) and np.abs(got - want).max() <= TOL
 
 def test_text_graph_parity_and_embedding_files(onnx_dir, graphs):
     m = onnx.load(str(onnx_dir / "text.onnx"))

@@ -459,12 +459,14 @@ class CLIPBackbone(nn.Module):
         x = (x / 255.0 - self.mean.to(x.device)) / self.std.to(x.device)
         return x.to(self.dtype)
 
-    def encode_layers(self, pixels: torch.Tensor, layers: Sequence[int], pos_interp: str | None = None
-                      ) -> list[torch.Tensor]:
+    def encode_layers(self, pixels: torch.Tensor, layers: Sequence[int], pos_interp: str | None = None,
+                      pos: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Token outputs (B, 1 + h·w, width) of the image-tower blocks ``layers`` (0-based block indices,
         as :attr:`CLIPOutput.layers`) for already-normalised float ``pixels`` (B, 3, H, W) (see
         :meth:`preprocess`). Only the blocks up to ``max(layers)`` run. No ``no_grad`` and no Python-side
-        dependence on B, so the call traces / exports with a dynamic batch; the grid is static (from H, W)."""
+        dependence on B, so the call traces / exports with a dynamic batch; the grid is static (from H, W).
+        ``pos``: a positional embedding (1 + h·w, width) already resampled to the grid (exported graphs pass
+        it so that no resampling is traced), else it is resampled here with ``pos_interp``."""
         vis = self.model.visual
         L = self.num_layers
         wanted = [int(i) for i in layers]
@@ -477,8 +479,12 @@ class CLIPBackbone(nn.Module):
         t = vis.conv1(pixels.to(self.dtype)).flatten(2).transpose(1, 2)
         cls = vis.class_embedding.to(t.dtype).view(1, 1, -1).expand(t.shape[0], 1, t.shape[-1])
         t = torch.cat([cls, t], dim=1)
-        pos = interpolate_pos_embed(vis.positional_embedding, (gh, gw), mode=pos_interp or self.pos_interp,
-                                    src_grid=self.native_grid)
+        if pos is None:
+            pos = interpolate_pos_embed(vis.positional_embedding, (gh, gw), mode=pos_interp or self.pos_interp,
+                                        src_grid=self.native_grid)
+        elif tuple(pos.shape) != (1 + gh * gw, t.shape[-1]):
+            raise ValueError(f"pos: expected a positional embedding of shape {(1 + gh * gw, t.shape[-1])} for the "
+                             f"{gh}x{gw} grid, got {tuple(pos.shape)}")
         x = vis.ln_pre(t + pos.to(t.dtype))
         out: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(vis.transformer.resblocks[:max(wanted) + 1]):

@@ -367,12 +367,21 @@ def stitch_views(probs: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]]
 class _ImageGraph(nn.Module):
     """images (B, 3, S, S) normalised, text (C, E) -> sigmoid probabilities (B, C, S, S)."""
 
-    def __init__(self, clip, head: SynSegHead, layers: Sequence[int], pos_interp: str):
+    def __init__(self, clip, head: SynSegHead, layers: Sequence[int], pos_interp: str, size: int):
+        from weakseg.backbones.clip import interpolate_pos_embed
+
         super().__init__()
-        self.clip, self.head, self.layers, self.pos_interp = clip, head, tuple(layers), pos_interp
+        self.clip, self.head, self.layers = clip, head, tuple(layers)
+        # the grid is fixed by the input size: resample the position embedding once, here, so the exported
+        # graph holds no (bicubic) resampling
+        grid = (size // clip.patch_size[0], size // clip.patch_size[1])
+        with torch.no_grad():
+            pos = interpolate_pos_embed(clip.model.visual.positional_embedding, grid, mode=pos_interp,
+                                        src_grid=clip.native_grid)
+        self.register_buffer("pos", pos.detach().clone(), persistent=False)
 
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        acts = self.clip.encode_layers(images, self.layers, self.pos_interp)
+        acts = self.clip.encode_layers(images, self.layers, pos=self.pos)
         return torch.sigmoid(self.head.decode(acts, text_embeddings)[0])
 
 
@@ -542,7 +551,7 @@ class SynSeg:
         clip = self.clip
         templates = list(resolve_templates(self.config.templates))
         return ExportGraphs(
-            image_model=_ImageGraph(clip, self.head, self.config.extract_layers, self.config.pos_interp).eval(),
+            image_model=_ImageGraph(clip, self.head, self.config.extract_layers, self.config.pos_interp, self.config.size).eval(),
             text_model=_TextGraph(clip).eval(), tokenize=clip.tokenizer, prompt=templates[0],
             input_size=self.config.size, mean=tuple(float(v) for v in clip.mean.flatten()),
             std=tuple(float(v) for v in clip.std.flatten()),
