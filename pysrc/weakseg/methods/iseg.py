@@ -113,6 +113,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 # grass", so the prompt keeps that form; the cross-attention grids are the toy's 8x8 and 16x16 ones (1/8 and
 # 1/4 of the image, as SD's 64/512 and 128/512 are not: at 64 px the SD-analogous 4x4 grid is too coarse
 # for objects of 8-14 px), the refinement uses the 16x16 (full latent) self-attention, as SD's 64x64.
+# Chosen on toy *val* scenes (benchmarks/results/ablate_iseg_toy.md; the demo scores the test scenes): the
+# first 16x16 self-attention of the last up block (the second one, SD's analogue of the reference layer,
+# scored lower), one propagation step (more steps over-smooth a 16x16 grid), and a fixed background
+# threshold on the min-max maps instead of (1 - max)^2.
+TOY_SELF_LAYER = _layer("up_blocks.3.attentions.0") + ".attn1"
 TOY_CROSS_8 = tuple(_layer(b) + ".attn2" for b in
                     ("down_blocks.1.attentions.0", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"))
 TOY_CROSS_16 = tuple(_layer(b) + ".attn2" for b in
@@ -120,8 +125,8 @@ TOY_CROSS_16 = tuple(_layer(b) + ".attn2" for b in
 PRESETS["toy"] = dict(model="toy", size=64, batch_size=8, prompt_prefix="a photo of a ", class_joiner=" and a ",
                       background_prompt="", background_separator="", background_words="", class_renames={},
                       token_words={}, cross_layers_16=TOY_CROSS_8, cross_layers_32=TOY_CROSS_16, heads_16=None,
-                      heads_32=None, self_layer=SELF_LAYER, self_heads=(0, 1), ent=0.015, steps=10,
-                      background="power", background_value=2.0, clip_model="toy", clip_pretrained=None,
+                      heads_32=None, self_layer=TOY_SELF_LAYER, self_heads=(0, 1), ent=0.015, steps=1,
+                      background="threshold", background_value=0.6, clip_model="toy", clip_pretrained=None,
                       tag_templates="single")
 
 TAGGERS = ("clip", "all")
