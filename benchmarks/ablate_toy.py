@@ -24,18 +24,19 @@ import torch
 ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "iseg": [
         ("baseline: fused cross-attention, no propagation", {"baseline": True}),
-        ("toy preset (ERS on, N = 1, gamma = 1.6, background threshold 0.6)", {}),
+        ("toy preset (16x16 cross-attention, ERS on, N = 1, gamma = 1.0, background threshold 0.6)", {}),
         ("ERS off", {"use_ers": False}),
         ("N = 5", {"steps": 5}),
         ("N = 10", {"steps": 10}),
-        ("gamma = 1.0", {"gamma": 1.0}),
+        ("gamma = 1.6 (the reference's)", {"gamma": 1.6}),
         ("no KL clustering", {"use_cluster": False}),
         ("self-attention of up_blocks.3.attentions.1 (SD's reference position)",
          {"self_layer": "up_blocks.3.attentions.1.transformer_blocks.0.attn1"}),
         ("background (1 - max)^2 (the reference's)", {"background": "power", "background_value": 2.0}),
         ("background threshold 0.5", {"background_value": 0.5}),
         ("background threshold 0.7", {"background_value": 0.7}),
-        ("16x16 cross-attention only", {"cross_weight_16": 0.0, "cross_weight_32": 1.0}),
+        ("8x8 / 16x16 cross-attention fused 0.7 / 0.3 (the reference's weights)",
+         {"cross_weight_16": 0.7, "cross_weight_32": 0.3}),
     ],
     "diffsegmenter": [
         ("baseline: fused cross-attention, no propagation", {"baseline": True}),
