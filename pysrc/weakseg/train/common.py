@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TrainOptions", "seeded_generator", "dist_context", "save_checkpoint", "load_checkpoint"]
+__all__ = ["TrainOptions", "seeded_generator", "dist_context", "save_checkpoint", "load_checkpoint", "after_step",
+           "finish_training"]
 
 
 class TrainOptions:
@@ -99,3 +100,30 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer, fmt: str,
         sd["state"] = state
         optimizer.load_state_dict(sd)
     return info
+
+
+def after_step(rec: dict[str, Any], step: int, end: int, cfg, rank: int, log_path: Path, bar, save) -> None:
+    """The bookkeeping after optimisation step ``step`` (1-based) of a loop ending at ``end``: progress bar,
+    a JSON line in ``log_path`` every ``cfg.log_every`` steps and at the end, and ``save()`` (the resumable
+    checkpoint) every ``cfg.save_every`` steps and at the end; rank 0 only writes."""
+    bar.update(1)
+    bar.set_postfix(loss=f"{rec['loss']:.3f}")
+    if rank == 0 and (step % cfg.log_every == 0 or step == end):
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+    if rank == 0 and (step % cfg.save_every == 0 or step == end):
+        save()
+
+
+def finish_training(out: Path, step: int, iterations: int, rank: int, use_dist: bool, world: int,
+                    save_model) -> Path | None:
+    """After the loop: rank 0 writes the final model (``save_model(path)``) once all ``iterations`` are
+    done; every rank waits for it under torchrun. Returns the model path, or None for an unfinished run."""
+    model_path = Path(out) / "model.safetensors"
+    if rank == 0 and step >= iterations:
+        save_model(model_path)
+    if use_dist and world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return model_path if step >= iterations else None

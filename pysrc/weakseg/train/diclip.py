@@ -26,7 +26,6 @@ order; the effective batch is ``batch_size × world_size``.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakseg.train.common import TrainOptions, dist_context, load_checkpoint, save_checkpoint, seeded_generator
+from weakseg.train.common import (TrainOptions, after_step, dist_context, finish_training, load_checkpoint,
+                                  save_checkpoint, seeded_generator)
 
 __all__ = ["DiCLIPTrainConfig", "train_diclip", "lr_at", "augment", "CHECKPOINT_FORMAT", "DiCLIPTrainable"]
 
@@ -282,22 +282,12 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
         rec = {"step": step, "loss": float(loss.detach()), "seg": float(seg_loss.detach()),
                "aff": float(aff_loss.detach()), "dyn": float(dyn_loss.detach()), "lr": optimizer.param_groups[0]["lr"]}
         losses.append(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if rank == 0 and (step % cfg.log_every == 0 or step == end):
-            with open(log, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-        if rank == 0 and (step % cfg.save_every == 0 or step == end):
-            save_checkpoint(last, module, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT)
+        after_step(rec, step, end, cfg, rank, log, bar,
+                   lambda: save_checkpoint(last, module, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT))
     bar.close()
-    model_path = out / "model.safetensors"
-    if rank == 0 and step >= cfg.iterations:
-        save_checkpoint(model_path, module, None, {**meta, "step": step}, CHECKPOINT_FORMAT)
-    if use_dist and world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    model_path = finish_training(out, step, cfg.iterations, rank, use_dist, world,
+                                 lambda p: save_checkpoint(p, module, None, {**meta, "step": step}, CHECKPOINT_FORMAT))
     module.eval()
     method.adapter, method.head, method.head_classes = module.adapter.eval(), module.head.eval(), names
-    return {"step": step, "losses": losses, "model": str(model_path) if step >= cfg.iterations else None,
+    return {"step": step, "losses": losses, "model": str(model_path) if model_path else None,
             "checkpoint": str(last)}

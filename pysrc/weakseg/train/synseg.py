@@ -33,7 +33,8 @@ from typing import Any, Sequence
 
 import torch
 
-from weakseg.train.common import TrainOptions, dist_context, load_checkpoint, save_checkpoint, seeded_generator
+from weakseg.train.common import (TrainOptions, after_step, dist_context, finish_training, load_checkpoint,
+                                  save_checkpoint, seeded_generator)
 
 __all__ = ["SynSegTrainConfig", "train_synseg", "lr_at", "random_resized_crop", "prepare_phrases", "toy_demo",
            "TOY_TRAIN", "TOY_TRAIN_SCENES", "CHECKPOINT_FORMAT"]
@@ -270,24 +271,14 @@ def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrai
         step += 1
         rec = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr, "K": K}
         losses.append(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if rank == 0 and (step % cfg.log_every == 0 or step == end):
-            with open(log, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-        if rank == 0 and (step % cfg.save_every == 0 or step == end):
-            save_checkpoint(last, head, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT)
+        after_step(rec, step, end, cfg, rank, log, bar,
+                   lambda: save_checkpoint(last, head, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT))
     bar.close()
-    model_path = out / "model.safetensors"
-    if rank == 0 and step >= cfg.iterations:
-        save_checkpoint(model_path, head, None, {**meta, "step": step}, MODEL_FORMAT)
-    if use_dist and world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    model_path = finish_training(out, step, cfg.iterations, rank, use_dist, world,
+                                 lambda p: save_checkpoint(p, head, None, {**meta, "step": step}, MODEL_FORMAT))
     head.eval()
     method.trained_steps = step
-    return {"step": step, "losses": losses, "model": str(model_path) if step >= cfg.iterations else None,
+    return {"step": step, "losses": losses, "model": str(model_path) if model_path else None,
             "checkpoint": str(last), "images": len(eligible), "phrases": len({p for ps in phrases for p in ps})}
 
 
