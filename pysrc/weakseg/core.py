@@ -141,6 +141,29 @@ class PresetConfig(MethodConfig):
         """The preset ``name`` with ``overrides`` on top."""
         return cls.from_dict({"preset": name, **overrides})
 
+
+def read_safetensors_file(path: str | Path, formats: Sequence[str], what: str, hint: str = ""
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The one reader of weakseg's safetensors files with a ``format`` entry and JSON-encoded metadata
+    (trained heads, training checkpoints): -> (tensors, decoded metadata without ``format``). Errors name
+    ``what`` (the argument the path came from): FileNotFoundError for a missing file (with ``hint``, e.g.
+    the command that makes one), ValueError for an unreadable file or a ``format`` not in ``formats``."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: no such file {str(p)!r}" + (f"; {hint}" if hint else ""))
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{what}: {str(p)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if meta.get("format") not in formats:
+        raise ValueError(f"{what}: {str(p)!r} has format {meta.get('format')!r}, expected "
+                         f"{' or '.join(repr(f) for f in formats)}")
+    return tensors, {k: json.loads(v) for k, v in meta.items() if k != "format"}
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON file of config values."""
     p = Path(path)

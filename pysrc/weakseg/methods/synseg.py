@@ -29,7 +29,6 @@ Models: ``clip_model`` = an open_clip name (+ ``clip_pretrained`` tag), a local 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images
+from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images, read_safetensors_file
 from weakseg.methods.common import BackgroundRule, has_background, image_label_mask, minmax_per_class, scores_to_labels
 
 __all__ = ["SynSeg", "SynSegConfig", "SynSegHead", "PRESETS", "bounded_cos", "fss_pool", "mccl_losses",
@@ -316,23 +315,8 @@ class SynSegHead(nn.Module):
 
 def read_head_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A trained SynSeg head (safetensors) -> (weights, metadata with "arch")."""
-    from safetensors import safe_open
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"SynSegConfig.checkpoint: no such file {str(p)!r} (train one with `weakseg train "
-                                f"synseg`)")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"SynSegConfig.checkpoint: {str(p)!r} is not a readable safetensors file "
-                         f"({type(e).__name__}: {e})") from e
-    if meta.get("format") not in (MODEL_FORMAT, "weakseg-synseg-checkpoint"):
-        raise ValueError(f"SynSegConfig.checkpoint: {str(p)!r} has format {meta.get('format')!r}, expected "
-                         f"{MODEL_FORMAT!r}")
-    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    tensors, info = read_safetensors_file(path, (MODEL_FORMAT, "weakseg-synseg-checkpoint"), "SynSegConfig.checkpoint",
+                                          "train one with `weakseg train synseg`")
     return {k: v for k, v in tensors.items() if not k.startswith("optim.")}, info
 
 

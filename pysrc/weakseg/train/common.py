@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from weakseg.core import read_safetensors_file
+
 __all__ = ["TrainOptions", "seeded_generator", "dist_context", "save_checkpoint", "load_checkpoint", "after_step",
            "finish_training"]
 
@@ -74,18 +76,7 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer, fmt: str,
     """Load what :func:`save_checkpoint` wrote into ``module`` (and ``optimizer`` if given); returns the
     decoded metadata. Raises ValueError for an unreadable file, another ``format``, or (when ``arch`` is
     given) a checkpoint whose ``arch`` entry differs."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file "
-                         f"({type(e).__name__}: {e})") from e
-    if meta.get("format") != fmt:
-        raise ValueError(f"checkpoint {str(path)!r}: format {meta.get('format')!r} is not {fmt!r}")
-    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    tensors, info = read_safetensors_file(path, (fmt,), "checkpoint")
     if arch is not None and info.get("arch") != arch:
         raise ValueError(f"checkpoint {str(path)!r} was written for another architecture ({info.get('arch')}, this "
                          f"model: {arch}); use another out_dir or resume=False")

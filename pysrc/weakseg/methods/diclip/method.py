@@ -24,7 +24,6 @@ models for tests) or ``"toy"`` (the toy-world weights). Presets: ``voc`` (the de
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.text import DICLIP_BACKGROUND_WORDS, DICLIP_VOC20, VOC20
-from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images
+from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images, read_safetensors_file
 from weakseg.methods.common import (BackgroundRule, StageTimer, has_background, image_label_mask, minmax_per_class,
                                     scores_to_labels)
 from weakseg.methods.diclip import cam as camlib
@@ -268,21 +267,10 @@ def load_sd(name: str, config: DiCLIPConfig):
 
 
 def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a DiCLIP training checkpoint, with clear errors."""
-    from safetensors import safe_open
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint: no such file {str(p)!r}; train one with `weakseg train diclip`")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(("adapter.", "head."))}
-    except Exception as e:
-        raise ValueError(f"checkpoint {str(p)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
-    if meta.get("format") != "weakseg-diclip-checkpoint":
-        raise ValueError(f"checkpoint {str(p)!r}: format {meta.get('format')!r} is not 'weakseg-diclip-checkpoint'")
-    info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    """(adapter and head tensors, metadata) of a DiCLIP training checkpoint, with clear errors."""
+    tensors, info = read_safetensors_file(path, ("weakseg-diclip-checkpoint",), "checkpoint",
+                                          "train one with `weakseg train diclip`")
+    tensors = {k: v for k, v in tensors.items() if k.startswith(("adapter.", "head."))}
     return tensors, info
 
 
