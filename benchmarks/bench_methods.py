@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 import torch
 
 import weakseg
-from weakseg.bench import _atomic_write, machine_facts
+from weakseg.bench import machine_facts
+from weakseg.io import write_text
 from weakseg.data.toyworld import CLASSES, ToyWorld
 
 
@@ -87,9 +87,9 @@ def main(argv=None) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"methods_{a.device}_{a.model.replace('/', '_')}_{a.size}"
-        _atomic_write(stem.with_suffix(".md"), "# weakseg method pipeline benchmark\n\n"
+        write_text(stem.with_suffix(".md"), "# weakseg method pipeline benchmark\n\n"
                       + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n\n" + table + "\n")
-        _atomic_write(stem.with_suffix(".json"), json.dumps({"facts": facts, "rows": rows}, indent=2))
+        write_text(stem.with_suffix(".json"), json.dumps({"facts": facts, "rows": rows}, indent=2))
         print(f"wrote {stem}.md")
     return 0
 

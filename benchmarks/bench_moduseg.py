@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from weakseg.bench import _atomic_write, machine_facts
+from weakseg.bench import machine_facts
+from weakseg.io import write_text
 from weakseg.data.toyworld import ToyWorld
 from weakseg.methods.moduseg import (TOY_CONFIG, FaissSearch, ModuSeg, ModuSegConfig, encode_regions,
                                      vote_from_neighbors)
@@ -214,8 +215,8 @@ def main(argv=None) -> int:
                   f"centres plus Gaussian noise of norm 1.5, rows L2-normalised; IVF: nlist = min(sqrt N, 1024), "
                   f"nprobe = 32, agreement = its labels vs the exact vote)\n\n"
                 + t2 + "\n")
-        _atomic_write(stem.with_suffix(".md"), text)
-        _atomic_write(stem.with_suffix(".json"), json.dumps({"facts": facts, "pipeline": pipe, "knn": scaling},
+        write_text(stem.with_suffix(".md"), text)
+        write_text(stem.with_suffix(".json"), json.dumps({"facts": facts, "pipeline": pipe, "knn": scaling},
                                                             indent=2))
         print(f"wrote {stem}.md")
     return 0

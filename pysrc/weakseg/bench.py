@@ -23,6 +23,7 @@ import torch
 from torch.utils import benchmark as tbench
 
 from weakseg import ops
+from weakseg.io import write_text
 
 __all__ = ["run_op_benchmarks", "Row"]
 
@@ -380,13 +381,7 @@ def run_op_benchmarks(ops: list[str] | None = None, devices: list[str] | None = 
         tag = "cuda-" + torch.cuda.get_device_name(0).replace(" ", "_") if "cuda" in devices else "cpu"
         stem = outdir / f"ops_{tag}{'_quick' if quick else ''}"
         md = "# weakseg op benchmarks\n\n" + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n\n" + table + "\n"
-        _atomic_write(stem.with_suffix(".md"), md)
-        _atomic_write(stem.with_suffix(".json"), json.dumps({"facts": facts, "rows": [asdict(r) for r in rows]}, indent=2))
+        write_text(stem.with_suffix(".md"), md)
+        write_text(stem.with_suffix(".json"), json.dumps({"facts": facts, "rows": [asdict(r) for r in rows]}, indent=2))
         print(f"\nwrote {stem}.md and {stem}.json")
     return 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from weakseg.core import DemoEntry
+from weakseg.io import write_text
 
 __all__ = ["DEFAULT_IMAGES", "toy_demo_methods", "run_demo"]
 
@@ -53,13 +54,6 @@ def toy_demo_methods(names: Sequence[str] | None = None) -> dict[str, EntryFacto
             continue
         out[name] = factory
     return out
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _markdown(report: dict) -> str:
@@ -127,10 +121,10 @@ def run_demo(out: str | os.PathLike = "outputs/demo", num_images: int = DEFAULT_
             "pixel_accuracy": m["percent"]["pixel_accuracy"], "setup_seconds": setup, "baseline": entry.note,
         }
         report["seconds"] = time.perf_counter() - t_start
-        _atomic_text(out / "report.json", json.dumps(report, indent=2) + "\n")  # partial results survive a crash
+        write_text(out / "report.json", json.dumps(report, indent=2) + "\n")  # partial results survive a crash
     report["seconds"] = time.perf_counter() - t_start
-    _atomic_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    _atomic_text(out / "report.md", _markdown(report))
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text(out / "report.md", _markdown(report))
     if not report["methods"]:
         raise FileNotFoundError("demo: no method could run; " + "; ".join(f"{k}: {v}" for k, v in
                                                                         report.get("skipped", {}).items()))

@@ -21,8 +21,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from weakseg.io import write_text
 
 __all__ = ["CLIP_VOCAB_SIZE", "NUM_MERGES", "BOS_TOKEN", "EOS_TOKEN", "clip_bpe_files", "clip_vocab_and_merges",
            "default_tokenizer_dir", "make_clip_tokenizer"]
@@ -83,18 +84,6 @@ def default_tokenizer_dir() -> Path:
     return base / "clip_bpe"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def clip_bpe_files(cache_dir: str | Path | None = None) -> tuple[Path, Path]:
     """Paths of ``vocab.json`` and ``merges.txt`` in ``cache_dir`` (default :func:`default_tokenizer_dir`),
     written from open_clip's BPE table the first time (atomically)."""
@@ -103,8 +92,8 @@ def clip_bpe_files(cache_dir: str | Path | None = None) -> tuple[Path, Path]:
     vocab_path, merges_path = d / "vocab.json", d / "merges.txt"
     if not (vocab_path.is_file() and merges_path.is_file()):
         vocab, merges = clip_vocab_and_merges()
-        _atomic_write(merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")
-        _atomic_write(vocab_path, json.dumps(vocab, ensure_ascii=False))
+        write_text(merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")
+        write_text(vocab_path, json.dumps(vocab, ensure_ascii=False))
     return vocab_path, merges_path
 
 

@@ -64,7 +64,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +73,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from weakseg.io import save_png, write_json
 from weakseg.data.classnames import (
     ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABELID_TO_TRAINID, CLASS_RENAMES, COCO_OBJECT_CLASSES,
     COCO_STUFF_CLASSES, COCO_THING_IDS, CONTEXT59_CLASSES, CONTEXT60_CLASSES, VOC_CLASSES, rename_classes,
@@ -124,18 +124,6 @@ def read_id_png(path: str | os.PathLike) -> np.ndarray:
             raise ValueError(f"label map {path}: expected a single-channel class-id PNG (palette or grey), "
                              f"got mode {im.mode}")
         return np.asarray(im).astype(np.int64)
-
-
-def _atomic_write_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(arr.astype(np.uint8), mode="L").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _layout_error(dataset: str, missing: Path | str, layout: str, what: str = "") -> DatasetLayoutError:
@@ -402,11 +390,8 @@ class COCOObject(SegDataset):
             except OSError as e:
                 raise OSError(f"coco_object: cannot create the label-map cache {self.cache_dir} ({e}); "
                               "pass a writable cache_dir=") from None
-            fd, tmp = tempfile.mkstemp(prefix="index.", suffix=".tmp", dir=self.cache_dir)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"fingerprint": json.loads(fp_src), "annotations": str(self.ann_file),
-                           "images": index}, f)
-            os.replace(tmp, index_file)
+            write_json(index_file, {"fingerprint": json.loads(fp_src), "annotations": str(self.ann_file),
+                                    "images": index}, indent=None)
         self._image_ids = {}
         items = []
         for image_id, file_name in index:
@@ -461,7 +446,7 @@ class COCOObject(SegDataset):
         path = self.label_path(i)
         if not path.is_file():
             name = self._items[i][0]
-            _atomic_write_png(self.rasterize(self._image_ids[name]), path)
+            save_png(self.rasterize(self._image_ids[name]).astype(np.uint8), path)
         return super().load_label(i)
 
     def prepare(self, progress: bool = True) -> None:
@@ -472,7 +457,7 @@ class COCOObject(SegDataset):
         from tqdm.auto import tqdm
 
         for i in tqdm(todo, desc="coco_object: rasterising label maps", disable=not progress):
-            _atomic_write_png(self.rasterize(self._image_ids[self._items[i][0]]), self.label_path(i))
+            save_png(self.rasterize(self._image_ids[self._items[i][0]]).astype(np.uint8), self.label_path(i))
 
 
 # ---------------------------------------------------------------------------------------- Context

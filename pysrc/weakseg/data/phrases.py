@@ -30,6 +30,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from weakseg.io import write_text
+
 __all__ = ["NounPhraseExtractor", "DEFAULT_EXCLUSIONS_FILE", "load_exclusions", "simple_noun_phrases",
            "read_phrases_file", "write_phrases_file", "SPLIT_WORDS", "LEADING_WORDS", "BACKENDS"]
 
@@ -162,8 +164,4 @@ def read_phrases_file(path: str | os.PathLike) -> dict[str, list[str]]:
 
 def write_phrases_file(path: str | os.PathLike, phrases: dict[str, Sequence[str]]) -> None:
     """Write {key: phrases} as JSON lines (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps({"key": k, "phrases": list(v)}) + "\n" for k, v in phrases.items()))
-    os.replace(tmp, p)
+    write_text(path, "".join(json.dumps({"key": k, "phrases": list(v)}) + "\n" for k, v in phrases.items()))

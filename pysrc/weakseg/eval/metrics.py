@@ -59,11 +59,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from weakseg.io import save_safetensors, write_json
 
 __all__ = ["ConfusionMatrix", "MIOU_CONVENTIONS"]
 
@@ -229,24 +230,12 @@ class ConfusionMatrix:
         suffix = p.suffix.lower()
         meta = {"format": _FORMAT, "version": _VERSION, "num_classes": self.num_classes,
                 "ignore_index": self.ignore_index, "skip_unassigned": self.skip_unassigned}
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-        os.close(fd)
-        try:
-            if suffix == ".safetensors":
-                from safetensors.torch import save_file
-
-                save_file({"counts": self._counts.contiguous()}, tmp,
-                          metadata={k: json.dumps(v) for k, v in meta.items()})
-            elif suffix == ".json":
-                with open(tmp, "w") as f:
-                    json.dump({**meta, "counts": self._counts.tolist()}, f)
-            else:
-                raise _err(f"save path {p}: expected a .safetensors or .json suffix, got {suffix or 'none'}")
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if suffix == ".safetensors":
+            save_safetensors({"counts": self._counts}, p, metadata={k: json.dumps(v) for k, v in meta.items()})
+        elif suffix == ".json":
+            write_json(p, {**meta, "counts": self._counts.tolist()}, indent=None)
+        else:
+            raise _err(f"save path {p}: expected a .safetensors or .json suffix, got {suffix or 'none'}")
         return p
 
     @classmethod

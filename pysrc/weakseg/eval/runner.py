@@ -31,7 +31,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from weakseg.eval.metrics import MIOU_CONVENTIONS, ConfusionMatrix
-from weakseg.eval.visualize import overlay_panel, save_png
+from weakseg.eval.visualize import overlay_panel
+from weakseg.io import save_png, write_text
 
 __all__ = ["evaluate", "open_eval_dataset"]
 
@@ -64,21 +65,12 @@ def _write_label_png(label: torch.Tensor, path: Path) -> None:
     if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
         raise ValueError(f"evaluate: predicted labels must lie in [0, 255] (255 = ignore), found "
                          f"[{arr.min()}, {arr.max()}]")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr.astype(np.uint8), mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_png(arr.astype(np.uint8), path)
 
 
 def _read_label_png(path: Path) -> torch.Tensor:
     with Image.open(path) as im:
         return torch.from_numpy(np.asarray(im).astype(np.int64))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def open_eval_dataset(name: str, root: str | None = None, split: str | None = None, **kwargs: Any):
@@ -165,7 +157,7 @@ def evaluate(segmenter, dataset, out_dir: str | os.PathLike, *, use_image_labels
         metrics["config"] = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     if r == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+        write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
         md = [f"# {metrics['method']} on {metrics['dataset']}", "",
               f"- images: {n} (labelled {labelled}); image-level labels given: {use_image_labels}",
               f"- seconds per image: {metrics['seconds_per_image'] if computed else 'n/a (all cached)'}"]
@@ -173,7 +165,7 @@ def evaluate(segmenter, dataset, out_dir: str | os.PathLike, *, use_image_labels
             md += [f"- mIoU ({conv}): {metrics['percent'][f'miou_{conv}']:.2f} %" for conv in MIOU_CONVENTIONS
                    if metrics["percent"][f"miou_{conv}"] is not None]
             md += ["", cm.to_markdown(names)]
-        _atomic_text(out / "metrics.md", "\n".join(md) + "\n")
+        write_text(out / "metrics.md", "\n".join(md) + "\n")
         for i in range(min(overlays, n)):
             sample = dataset[i]
             path = preds_dir / f"{_safe_name(sample.name)}.png"

@@ -3,12 +3,10 @@ the evaluation and the demo."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
-from PIL import Image
+
+from weakseg.io import save_png  # noqa: F401  (re-exported: overlays are written with it)
 
 __all__ = ["palette", "colorize", "overlay_panel", "save_png"]
 
@@ -50,13 +48,3 @@ def overlay_panel(image: torch.Tensor, target: torch.Tensor | None, pred: torch.
     for p in panels[1:]:
         out = np.concatenate([out, gap, p], axis=1)
     return out.round().clip(0, 255).astype(np.uint8)
-
-
-def save_png(arr: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an image atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path

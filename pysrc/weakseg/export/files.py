@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
+
+from weakseg import io as _io
+from weakseg.io import atomic_path, write_bytes
 
 __all__ = ["atomic_path", "write_bytes", "write_json", "write_embeddings", "read_embeddings", "read_manifest",
            "MANIFEST", "EMBEDDINGS_JSON"]
@@ -33,44 +33,19 @@ MANIFEST = "export.json"
 EMBEDDINGS_JSON = "embeddings.json"
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path in ``path``'s folder (same suffix); on success it replaces ``path``
-    atomically, on failure it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    _io.write_json(path, obj)
 
 
 def write_embeddings(out_dir: str | os.PathLike, class_names: Sequence[str], emb: torch.Tensor,
                      info: dict[str, Any]) -> dict[str, str]:
     """The class text embeddings as safetensors + raw float32 .bin + JSON sidecar; returns the file names."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     emb = emb.detach().float().cpu().contiguous()
     if emb.dim() != 2 or emb.shape[0] != len(class_names):
         raise ValueError(f"embeddings: expected ({len(class_names)}, D), got {tuple(emb.shape)}")
-    with atomic_path(out / "embeddings.safetensors") as tmp:
-        save_file({"text_embeddings": emb}, str(tmp), metadata={"format": "weakseg-text-embeddings",
-                                                                "classes": json.dumps(list(class_names))})
+    _io.save_safetensors({"text_embeddings": emb}, out / "embeddings.safetensors",
+                         metadata={"format": "weakseg-text-embeddings", "classes": json.dumps(list(class_names))})
     raw = emb.numpy().astype("<f4", copy=False).tobytes(order="C")
     write_bytes(out / "embeddings.bin", raw)
     bg = info.get("background", {"kind": "none"})

@@ -57,7 +57,6 @@ import json
 import math
 import os
 import shutil
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.core import IGNORE_INDEX, METHODS, MethodConfig, SegmentationOutput, check_images
+from weakseg.io import save_safetensors, write_json
 from weakseg.methods.common import StageTimer, has_background, image_label_mask
 
 __all__ = ["ModuSeg", "ModuSegConfig", "FeatureBank", "BankError", "BANK_FORMAT", "BANK_FORMAT_VERSION",
@@ -471,19 +471,6 @@ def _read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 @dataclass
 class FeatureBank:
     """The offline bank: ``vectors`` (N, D) float32 unit rows, ``labels`` (N,) int64 class ids into
@@ -538,7 +525,7 @@ class FeatureBank:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the bank atomically (a temporary file in the same folder, then a rename)."""
         p = Path(path)
-        _atomic_save({"vectors": self.vectors.float().cpu(), "labels": self.labels.cpu(),
+        save_safetensors({"vectors": self.vectors.float().cpu(), "labels": self.labels.cpu(),
                       "sample_index": self.sample_index.cpu()}, p, self.metadata())
         return p
 
@@ -1031,7 +1018,7 @@ class ModuSeg:
             vecs = torch.cat([buf_vecs[j] for j in full]) if full else torch.zeros(0, D)
             labs = torch.cat([buf_labs[j] for j in full]) if full else torch.zeros(0, dtype=torch.int64)
             idx = torch.cat([buf_idx[j] for j in full]) if full else torch.zeros(0, dtype=torch.int64)
-            _atomic_save({"vectors": vecs.float(), "labels": labs, "image_index": idx},
+            save_safetensors({"vectors": vecs.float(), "labels": labs, "image_index": idx},
                          parts / f"part_{min(buf_done):09d}_{max(buf_done):09d}.safetensors",
                          {"format": _PART_FORMAT, "done": json.dumps(buf_done), "names": json.dumps(buf_names)})
             buf_vecs.clear(), buf_labs.clear(), buf_idx.clear(), buf_done.clear(), buf_names.clear()
@@ -1145,9 +1132,7 @@ def _check_manifest(parts: Path, manifest: dict) -> None:
                              f"{', '.join(diff) or 'an unreadable manifest'}); rerun with --restart (resume=False) "
                              f"to discard them, or restore the original settings")
         return
-    tmp = path.with_name(f".manifest.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(want, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(path, want, sort_keys=True)
 
 
 def _part_files(parts: Path) -> list[Path]:

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakseg.io import save_safetensors, write_json
 from weakseg.data.toyworld import COLORS, OBJECT_CLASSES, STUFF, ToyWorld
 from weakseg.toyworld.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_sd, build_clip, build_unet,
                                      build_vae, text_tower_to_hf)
@@ -146,7 +147,7 @@ def load_scene_cache(work_dir: str | os.PathLike, num_scenes: int = NUM_SCENES, 
     """The first ``num_scenes`` training scenes of ``ToyWorld(size, "train", seed=seed)`` (1-3 objects),
     generated once (in ``workers`` processes) into ``<work_dir>/cache/`` and read from there afterwards."""
     from open_clip import SimpleTokenizer
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from tqdm import tqdm
 
     if not isinstance(num_scenes, int) or num_scenes < 1:
@@ -178,11 +179,7 @@ def load_scene_cache(work_dir: str | os.PathLike, num_scenes: int = NUM_SCENES, 
         pool.shutdown()
     images = torch.from_numpy(np.concatenate(imgs))
     tokens = SimpleTokenizer(context_length=77)(caps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"images": images.contiguous(), "tokens": tokens.to(torch.int32).contiguous()}, str(tmp),
-              metadata={"captions": json.dumps(caps)})
-    os.replace(tmp, path)
+    save_safetensors({"images": images, "tokens": tokens.to(torch.int32)}, path, metadata={"captions": json.dumps(caps)})
     return SceneCache(images, tokens.long(), caps)
 
 
@@ -270,8 +267,6 @@ def save_checkpoint(work_dir: Path, stage: str, step: int, model: torch.nn.Modul
                     settings: StageSettings, seed: int, extra: dict | None = None) -> Path:
     """Write ``<work>/ckpt/<stage>/state_<step>.safetensors`` (model + AdamW tensors) and then ``state.json``
     (step, settings, seed, param groups) atomically; older tensor files are removed."""
-    from safetensors.torch import save_file
-
     d = _ckpt_dir(work_dir, stage)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
@@ -280,14 +275,10 @@ def save_checkpoint(work_dir: Path, stage: str, step: int, model: torch.nn.Modul
         for k, v in st.items():
             tensors[f"opt.{pid}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().clone()
     name = f"state_{step:07d}.safetensors"
-    tmp = d / (name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, d / name)
+    save_safetensors(tensors, d / name)
     meta = {"stage": stage, "step": step, "seed": seed, "settings": asdict(settings),
             "param_groups": osd["param_groups"], "tensors": name, "extra": extra or {}}
-    tmpj = d / "state.json.tmp"
-    tmpj.write_text(json.dumps(meta, indent=1))
-    os.replace(tmpj, d / "state.json")
+    write_json(d / "state.json", meta, indent=1)
     for old in d.glob("state_*.safetensors"):
         if old.name != name:
             old.unlink()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from weakseg.core import read_safetensors_file
+from weakseg.io import save_safetensors
 
 __all__ = ["TrainOptions", "seeded_generator", "dist_context", "save_checkpoint", "load_checkpoint", "after_step",
            "finish_training"]
@@ -55,8 +56,6 @@ def dist_context() -> tuple[int, int, bool]:
 def save_checkpoint(path: Path, module: torch.nn.Module, optimizer, meta: dict[str, Any], fmt: str) -> None:
     """``module``'s state and ``optimizer``'s per-parameter state (``optim.<i>.<name>``) in one safetensors
     file, ``meta`` values JSON-encoded in its header next to ``format`` = ``fmt``; written atomically."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     if optimizer is not None:
         for i, st in optimizer.state_dict()["state"].items():
@@ -64,11 +63,7 @@ def save_checkpoint(path: Path, module: torch.nn.Module, optimizer, meta: dict[s
                 t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                 tensors[f"optim.{i}.{name}"] = t.detach().cpu().contiguous()
     md = {"format": fmt, **{k: json.dumps(v, default=str) for k, v in meta.items()}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=md)
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, metadata=md)
 
 
 def load_checkpoint(path: Path, module: torch.nn.Module, optimizer, fmt: str,

@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import torch
 
+from weakseg.io import save_safetensors, write_text
+
 __all__ = ["KVCache", "CacheError", "CacheBuildConfig", "build_cache", "kmeans_centroids", "GENERATION_PROMPT",
            "FORMAT", "VERSION"]
 
@@ -45,15 +47,6 @@ GENERATION_PROMPT = ("a realistic photograph of a fully visible, entire {c} with
 
 class CacheError(ValueError):
     """A cache file is unreadable, malformed, or does not fit the model / classes it is used with."""
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -95,7 +88,7 @@ class KVCache:
                 "embed_dim": str(self.embed_dim)}
         meta.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in self.meta.items()
                      if k not in meta})
-        _atomic_save({"keys": self.keys.float(), "values": self.values.float(),
+        save_safetensors({"keys": self.keys.float(), "values": self.values.float(),
                       "text_weights": self.text_weights.float()}, p, meta)
         return p
 
@@ -274,9 +267,7 @@ def build_cache(method, class_names: Sequence[str], out: str | os.PathLike, conf
         raise ValueError(f"work_dir {str(work)!r} holds a build with other settings (fingerprint "
                          f"{stamp.read_text().strip()} != {fp}); use another work_dir or delete it")
     work.mkdir(parents=True, exist_ok=True)
-    tmp = stamp.with_name(stamp.name + f".tmp{os.getpid()}")
-    tmp.write_text(fp + "\n")
-    os.replace(tmp, stamp)
+    write_text(stamp, fp + "\n")
     fg = names[1:]
     C = len(names)
 
@@ -314,7 +305,7 @@ def build_cache(method, class_names: Sequence[str], out: str | os.PathLike, conf
                 tensors = {f"c{c}": v for c, v in pooled.items()}
             if not tensors:
                 tensors = {"empty": torch.zeros(1)}
-            _atomic_save(tensors, _item_path(work, key), {"key": key})
+            save_safetensors(tensors, _item_path(work, key), {"key": key})
             bar.update(1)
     bar.close()
 

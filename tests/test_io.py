@@ -1,0 +1,70 @@
+"""weakseg.io: the atomic writers every cache, checkpoint, report and model file goes through."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, safe_open
+
+from weakseg import io
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
+
+
+def test_atomic_path_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "report.json"
+    io.write_text(target, "old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with io.atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp.suffix == ".json" and tmp != target
+            tmp.write_text("half-writ")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"          # the reader never sees the half-written file
+    assert _leftovers(target.parent) == []      # and the temporary is gone
+    with io.atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert target.read_text() == "old"      # not replaced before the block ends
+    assert target.read_text() == "new" and _leftovers(target.parent) == []
+
+
+def test_write_json_and_text(tmp_path):
+    p = io.write_json(tmp_path / "a" / "b.json", {"x": [1, 2], "b": 1}, sort_keys=True)
+    assert p.read_text().endswith("\n") and json.loads(p.read_text()) == {"b": 1, "x": [1, 2]}
+    assert p.read_text().index('"b"') < p.read_text().index('"x"')
+    assert io.write_text(tmp_path / "t.txt", "héllo").read_bytes() == "héllo".encode()
+
+
+def test_save_safetensors_roundtrip(tmp_path):
+    t = torch.arange(12.0).view(3, 4).t()        # non-contiguous input is accepted
+    p = io.save_safetensors({"w": t, "i": torch.tensor([1, 2], dtype=torch.int32)}, tmp_path / "m.safetensors",
+                            metadata={"format": "test"})
+    got = load_file(str(p))
+    assert torch.equal(got["w"], t) and got["i"].dtype == torch.int32
+    with safe_open(str(p), "pt") as f:
+        assert f.metadata() == {"format": "test"}
+    assert _leftovers(tmp_path) == []
+
+
+def test_save_safetensors_failure_keeps_old_file(tmp_path):
+    p = io.save_safetensors({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    with pytest.raises(Exception):
+        io.save_safetensors({"w": "not a tensor"}, p)
+    assert torch.equal(load_file(str(p))["w"], torch.ones(2)) and _leftovers(tmp_path) == []
+
+
+def test_save_png_label_and_rgb(tmp_path):
+    lab = np.array([[0, 1], [255, 7]], dtype=np.uint8)
+    with Image.open(io.save_png(lab, tmp_path / "l.png")) as im:
+        assert im.mode == "L" and np.array_equal(np.asarray(im), lab)
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    with Image.open(io.save_png(rgb, tmp_path / "c.png")) as im:
+        assert im.mode == "RGB" and np.array_equal(np.asarray(im), rgb)
+    with pytest.raises(TypeError, match="uint8"):
+        io.save_png(lab.astype(np.int64), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="shape"):
+        io.save_png(np.zeros((2, 2, 2), np.uint8), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists() and _leftovers(tmp_path) == []
