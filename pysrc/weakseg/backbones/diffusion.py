@@ -25,6 +25,7 @@ scaling of the selected text-encoder output rows by γ: :meth:`StableDiffusionBa
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import os
 import re
@@ -231,6 +232,8 @@ class StableDiffusionBackbone:
             scheduler = sched_cls.from_config(sched_cfg)
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **where)
             dkw = {} if dtype is None else {"torch_dtype": dtype}
+            if importlib.util.find_spec("accelerate") is None:  # what diffusers falls back to, without its warning
+                dkw["low_cpu_mem_usage"] = False
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **common, **dkw)
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common, **dkw)
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common,
@@ -251,7 +254,9 @@ class StableDiffusionBackbone:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "StableDiffusionBackbone":
         for m in (self.vae, self.unet_model, self.text_encoder):
-            m.to(device=device, dtype=dtype)
+            m.to(device=device)
+            if dtype is not None and next(m.parameters()).dtype != dtype:  # (diffusers warns on any dtype cast)
+                m.to(dtype=dtype)
         self._empty_embeds = None
         return self
 
