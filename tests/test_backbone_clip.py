@@ -442,6 +442,38 @@ def test_save_load_round_trip_offline(bb_ls, tmp_path, monkeypatch):
     assert torch.equal(r(im).cls, bb_ls(im).cls)
 
 
+def test_conv_stem_round_trip_and_matches_open_clip(tmp_path):
+    """A ConvStem patchify (the toy CLIP's) keeps every token path: the block-by-block forward equals
+    open_clip's encode_image, surgery runs, and save/load restores it exactly."""
+    from weakseg.backbones.clip import ConvStem
+
+    b = CLIPBackbone.tiny(seed=3, layers=2, conv_stem=[8, 16, 16])
+    assert isinstance(b.model.visual.conv1, ConvStem) and b.conv_stem == [8, 16, 16]
+    assert CLIPBackbone.tiny(seed=3, layers=2).conv_stem is None
+    im = _images(2, 64, 64, seed=5)
+    with torch.no_grad():
+        ref = b.model.encode_image(b.preprocess(im))
+    out = b(im, surgery_layers=1)
+    torch.testing.assert_close(out.cls, ref, rtol=1e-4, atol=1e-5)
+    assert out.patch.shape == (2, 8, 8, b.model.visual.proj.shape[1])
+    b.save_pretrained(tmp_path / "stem")
+    cfg = json.loads((tmp_path / "stem" / "open_clip_config.json").read_text())
+    assert cfg["weakseg"]["conv_stem"] == [8, 16, 16] and "conv_stem" not in json.dumps(cfg["model_cfg"])
+    r = CLIPBackbone.from_pretrained(tmp_path / "stem")
+    assert r.conv_stem == [8, 16, 16]
+    assert torch.equal(r(im, surgery_layers=1).patch, out.patch) and torch.equal(r(im).cls, b(im).cls)
+    # a stem whose stride is not the patch size, and bad channel lists, are refused
+    with pytest.raises(ValueError, match="patch size"):
+        CLIPBackbone.tiny(seed=0, layers=1, conv_stem=[8, 8])
+    with pytest.raises(ValueError, match="channels"):
+        CLIPBackbone.tiny(seed=0, layers=1, conv_stem=[])
+    # weights that do not fit the stem config are reported with the folder
+    cfg["weakseg"]["conv_stem"] = [8, 16, 32]
+    (tmp_path / "stem" / "open_clip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not fit"):
+        CLIPBackbone.from_pretrained(tmp_path / "stem")
+
+
 def test_from_pretrained_dtype_and_device(bb, tmp_path):
     bb.save_pretrained(tmp_path)
     b64 = CLIPBackbone.from_pretrained(str(tmp_path), dtype=torch.float64)
