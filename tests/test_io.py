@@ -1,6 +1,8 @@
 """weakseg.io: the atomic writers every cache, checkpoint, report and model file goes through."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -9,6 +11,12 @@ from PIL import Image
 from safetensors.torch import load_file, safe_open
 
 from weakseg import io
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _leftovers(folder):
@@ -29,6 +37,7 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
         tmp.write_text("new")
         assert target.read_text() == "old"      # not replaced before the block ends
     assert target.read_text() == "new" and _leftovers(target.parent) == []
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()  # not mkstemp's private 0600
 
 
 def test_write_json_and_text(tmp_path):
@@ -44,6 +53,7 @@ def test_save_safetensors_roundtrip(tmp_path):
                             metadata={"format": "test"})
     got = load_file(str(p))
     assert torch.equal(got["w"], t) and got["i"].dtype == torch.int32
+    assert stat.S_IMODE(p.stat().st_mode) & 0o044 == 0o044 & ~_umask()  # group/other may read (umask 022)
     with safe_open(str(p), "pt") as f:
         assert f.metadata() == {"format": "test"}
     assert _leftovers(tmp_path) == []

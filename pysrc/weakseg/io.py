@@ -19,6 +19,12 @@ from typing import Any, Iterator, Mapping
 __all__ = ["atomic_path", "write_text", "write_bytes", "write_json", "save_safetensors", "save_png"]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary path next to ``path`` (hidden, same suffix, so writers that look at the
@@ -31,6 +37,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp (and safetensors' writer) make private 0600 files; give the result the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

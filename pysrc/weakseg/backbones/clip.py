@@ -39,6 +39,7 @@ from torch import nn
 
 from weakseg.backbones.text import resolve_templates
 from weakseg.core import BACKBONES, check_images
+from weakseg.io import atomic_path, save_safetensors, write_json
 
 __all__ = ["CLIPBackbone", "CLIPOutput", "ClassEmbeddings", "ConvStem", "interpolate_pos_embed"]
 
@@ -411,19 +412,16 @@ class CLIPBackbone(nn.Module):
             raise ValueError("save_pretrained: this CLIPBackbone was built without model_cfg (the open_clip config "
                              "dict); pass model_cfg= to the constructor")
         from open_clip.push_to_hf_hub import save_config_for_hf
-        from safetensors.torch import save_file
 
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        save_file(state, str(out / _WEIGHTS_NAME))
-        cfg_path = out / _CONFIG_NAME
-        save_config_for_hf(self.model, cfg_path, model_config=self.model_cfg)
-        cfg = json.loads(cfg_path.read_text())
+        save_safetensors(self.model.state_dict(), out / _WEIGHTS_NAME)
+        with atomic_path(out / _CONFIG_NAME) as tmp:
+            save_config_for_hf(self.model, tmp, model_config=self.model_cfg)
+            cfg = json.loads(tmp.read_text())
         cfg["weakseg"] = {"pos_interp": self.pos_interp}
         if self.conv_stem is not None:
             cfg["weakseg"]["conv_stem"] = self.conv_stem
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+        write_json(out / _CONFIG_NAME, cfg)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -19,7 +19,6 @@ Three figures on held-out ``"val"`` scenes (never seen in training):
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +161,9 @@ def run_signal(clip=None, sd=None, num_clip: int = 200, num_sd: int = 100, t: in
     if sd is not None:
         result["sd_attention"] = sd_attention_iou(sd, num_sd, t=t, resolution=resolution)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        from weakseg.io import write_json
+
+        write_json(out, result, indent=1)
     return result
 
 
@@ -177,15 +177,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-sd", type=int, default=100)
     p.add_argument("--t", type=int, default=100, help="diffusion timestep of the UNet pass")
     p.add_argument("--resolution", type=int, default=None, help="latent grid side of the attention layers")
+    p.add_argument("--only", choices=("clip", "sd"), default=None, help="measure one model only")
     p.add_argument("--out", default="outputs/toyworld_signal.json")
     a = p.parse_args(argv)
-    clip = load_toy_clip(a.clip) if (a.clip or toy_weights_available("clip")) else None
-    sd = load_toy_sd(a.sd) if (a.sd or toy_weights_available("sd")) else None
+    want_clip, want_sd = a.only in (None, "clip"), a.only in (None, "sd")
+    clip = load_toy_clip(a.clip) if want_clip and (a.clip or toy_weights_available("clip")) else None
+    sd = load_toy_sd(a.sd) if want_sd and (a.sd or toy_weights_available("sd")) else None
     if clip is None and sd is None:
         p.error("no toy weights found; train them with `python -m weakseg.toyworld.train`")
-    if clip is None:
+    if clip is None and want_clip:
         print("CLIP weights missing: skipping the zero-shot figure")
-    if sd is None:
+    if sd is None and want_sd:
         print("Stable Diffusion weights missing: skipping the attention figures")
     res = run_signal(clip, sd, a.num_clip, a.num_sd, a.t, a.resolution, a.out)
     if "clip_zero_shot" in res:

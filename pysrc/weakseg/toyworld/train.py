@@ -697,7 +697,7 @@ def train(stage: str = "all", out_dir: str | os.PathLike | None = None, work_dir
         summary["sd_weights"] = str(write_sd_weights(vae, unet, text_encoder, out_dir))
     sizes = {p.name: dir_size(p) for p in (out_dir / "clip", out_dir / "sd") if p.is_dir()}
     summary["weights_bytes"] = sizes
-    (work_dir / f"summary_{stage}.json").write_text(json.dumps(summary, indent=1))
+    write_json(work_dir / f"summary_{stage}.json", summary, indent=1)
     return summary
 
 
