@@ -217,7 +217,7 @@ def main(argv=None) -> int:
                 + t2 + "\n")
         write_text(stem.with_suffix(".md"), text)
         write_text(stem.with_suffix(".json"), json.dumps({"facts": facts, "pipeline": pipe, "knn": scaling},
-                                                            indent=2))
+                                                         indent=2))
         print(f"wrote {stem}.md")
     return 0
 

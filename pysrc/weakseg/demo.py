@@ -17,7 +17,6 @@ for its baseline under ``<name>/baseline/``).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from weakseg.core import DemoEntry
-from weakseg.io import write_text
+from weakseg.io import write_json, write_text
 
 __all__ = ["DEFAULT_IMAGES", "toy_demo_methods", "run_demo"]
 
@@ -124,9 +123,9 @@ def run_demo(out: str | os.PathLike = "outputs/demo", num_images: int = DEFAULT_
             "pixel_accuracy": m["percent"]["pixel_accuracy"], "setup_seconds": setup, "baseline": entry.note,
         }
         report["seconds"] = time.perf_counter() - t_start
-        write_text(out / "report.json", json.dumps(report, indent=2) + "\n")  # partial results survive a crash
+        write_json(out / "report.json", report)  # partial results survive a crash
     report["seconds"] = time.perf_counter() - t_start
-    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     write_text(out / "report.md", _markdown(report))
     if not report["methods"]:
         raise FileNotFoundError("demo: no method could run; " + "; ".join(f"{k}: {v}" for k, v in

@@ -39,7 +39,7 @@ from torch import nn
 
 from weakseg.backbones.text import resolve_templates
 from weakseg.core import BACKBONES, check_images
-from weakseg.io import atomic_path, save_safetensors, write_json
+from weakseg.io import atomic_path, save_safetensors
 
 __all__ = ["CLIPBackbone", "CLIPOutput", "ClassEmbeddings", "ConvStem", "interpolate_pos_embed"]
 
@@ -415,13 +415,13 @@ class CLIPBackbone(nn.Module):
 
         out = Path(path)
         save_safetensors(self.model.state_dict(), out / _WEIGHTS_NAME)
-        with atomic_path(out / _CONFIG_NAME) as tmp:
+        with atomic_path(out / _CONFIG_NAME) as tmp:  # open_clip's config, plus the weakseg entry
             save_config_for_hf(self.model, tmp, model_config=self.model_cfg)
             cfg = json.loads(tmp.read_text())
-        cfg["weakseg"] = {"pos_interp": self.pos_interp}
-        if self.conv_stem is not None:
-            cfg["weakseg"]["conv_stem"] = self.conv_stem
-        write_json(out / _CONFIG_NAME, cfg)
+            cfg["weakseg"] = {"pos_interp": self.pos_interp}
+            if self.conv_stem is not None:
+                cfg["weakseg"]["conv_stem"] = self.conv_stem
+            tmp.write_text(json.dumps(cfg, indent=2))
 
     # ------------------------------------------------------------------ properties
     @property

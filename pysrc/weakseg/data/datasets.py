@@ -73,11 +73,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from weakseg.io import save_png, write_json
 from weakseg.data.classnames import (
     ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABELID_TO_TRAINID, CLASS_RENAMES, COCO_OBJECT_CLASSES,
     COCO_STUFF_CLASSES, COCO_THING_IDS, CONTEXT59_CLASSES, CONTEXT60_CLASSES, VOC_CLASSES, rename_classes,
 )
+from weakseg.io import save_png, write_json
 
 __all__ = [
     "Sample", "SegDataset", "DatasetLayoutError", "VOCSegmentation", "COCOObject", "PascalContext59",

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from weakseg.eval.metrics import MIOU_CONVENTIONS, ConfusionMatrix
 from weakseg.eval.visualize import overlay_panel
-from weakseg.io import save_png, write_text
+from weakseg.io import save_png, write_json, write_text
 
 __all__ = ["evaluate", "open_eval_dataset"]
 
@@ -157,7 +157,7 @@ def evaluate(segmenter, dataset, out_dir: str | os.PathLike, *, use_image_labels
         metrics["config"] = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     if r == 0:
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+        write_json(out / "metrics.json", metrics, default=str)
         md = [f"# {metrics['method']} on {metrics['dataset']}", "",
               f"- images: {n} (labelled {labelled}); image-level labels given: {use_image_labels}",
               f"- seconds per image: {metrics['seconds_per_image'] if computed else 'n/a (all cached)'}"]

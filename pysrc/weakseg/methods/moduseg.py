@@ -525,8 +525,8 @@ class FeatureBank:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the bank atomically (a temporary file in the same folder, then a rename)."""
         p = Path(path)
-        save_safetensors({"vectors": self.vectors.float().cpu(), "labels": self.labels.cpu(),
-                      "sample_index": self.sample_index.cpu()}, p, self.metadata())
+        save_safetensors({"vectors": self.vectors.float(), "labels": self.labels, "sample_index": self.sample_index},
+                         p, self.metadata())
         return p
 
     @classmethod
@@ -1019,8 +1019,8 @@ class ModuSeg:
             labs = torch.cat([buf_labs[j] for j in full]) if full else torch.zeros(0, dtype=torch.int64)
             idx = torch.cat([buf_idx[j] for j in full]) if full else torch.zeros(0, dtype=torch.int64)
             save_safetensors({"vectors": vecs.float(), "labels": labs, "image_index": idx},
-                         parts / f"part_{min(buf_done):09d}_{max(buf_done):09d}.safetensors",
-                         {"format": _PART_FORMAT, "done": json.dumps(buf_done), "names": json.dumps(buf_names)})
+                             parts / f"part_{min(buf_done):09d}_{max(buf_done):09d}.safetensors",
+                             {"format": _PART_FORMAT, "done": json.dumps(buf_done), "names": json.dumps(buf_names)})
             buf_vecs.clear(), buf_labs.clear(), buf_idx.clear(), buf_done.clear(), buf_names.clear()
 
         try:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.data.toyworld import CLASSES, OBJECT_CLASSES, ToyWorld
+from weakseg.io import write_json
 
 __all__ = ["clip_zero_shot_accuracy", "sd_attention_iou", "best_threshold_iou", "run_signal", "main"]
 
@@ -161,8 +162,6 @@ def run_signal(clip=None, sd=None, num_clip: int = 200, num_sd: int = 100, t: in
     if sd is not None:
         result["sd_attention"] = sd_attention_iou(sd, num_sd, t=t, resolution=resolution)
     if out is not None:
-        from weakseg.io import write_json
-
         write_json(out, result, indent=1)
     return result
 

@@ -89,7 +89,7 @@ class KVCache:
         meta.update({k: (v if isinstance(v, str) else json.dumps(v)) for k, v in self.meta.items()
                      if k not in meta})
         save_safetensors({"keys": self.keys.float(), "values": self.values.float(),
-                      "text_weights": self.text_weights.float()}, p, meta)
+                          "text_weights": self.text_weights.float()}, p, meta)
         return p
 
     @classmethod
