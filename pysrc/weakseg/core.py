@@ -142,12 +142,12 @@ class PresetConfig(MethodConfig):
         return cls.from_dict({"preset": name, **overrides})
 
 
-def read_safetensors_file(path: str | Path, formats: Sequence[str], what: str, hint: str = ""
-                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The one reader of weakseg's safetensors files with a ``format`` entry and JSON-encoded metadata
-    (trained heads, training checkpoints): -> (tensors, decoded metadata without ``format``). Errors name
-    ``what`` (the argument the path came from): FileNotFoundError for a missing file (with ``hint``, e.g.
-    the command that makes one), ValueError for an unreadable file or a ``format`` not in ``formats``."""
+def read_safetensors(path: str | Path, what: str, hint: str = "", error: type[Exception] = ValueError
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The one place weakseg opens a safetensors file it wrote: -> (every tensor, the raw string metadata).
+    Errors name ``what`` (the argument or kind of file the path came from): FileNotFoundError for a missing
+    file (with ``hint``, e.g. the command that makes one), ``error`` (a ValueError subclass, e.g. a
+    method's own file error) for a file safetensors cannot read (corrupt header, truncation)."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -157,12 +157,22 @@ def read_safetensors_file(path: str | Path, formats: Sequence[str], what: str, h
         with safe_open(str(p), framework="pt") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{what}: {str(p)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # safetensors raises its own error types for corrupt headers / truncation
+        raise error(f"{what}: {str(p)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return tensors, meta
+
+
+def read_safetensors_file(path: str | Path, formats: Sequence[str], what: str, hint: str = ""
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`read_safetensors` for files with a ``format`` entry and JSON-encoded metadata (trained heads,
+    training checkpoints): -> (tensors, decoded metadata without ``format``). ValueError when the
+    ``format`` is not one of ``formats``."""
+    tensors, meta = read_safetensors(path, what, hint)
     if meta.get("format") not in formats:
-        raise ValueError(f"{what}: {str(p)!r} has format {meta.get('format')!r}, expected "
+        raise ValueError(f"{what}: {str(path)!r} has format {meta.get('format')!r}, expected "
                          f"{' or '.join(repr(f) for f in formats)}")
     return tensors, {k: json.loads(v) for k, v in meta.items() if k != "format"}
+
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON file of config values."""

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakseg.core import IGNORE_INDEX, METHODS, MethodConfig, SegmentationOutput, check_images
+from weakseg.core import IGNORE_INDEX, METHODS, MethodConfig, SegmentationOutput, check_images, read_safetensors
 from weakseg.io import save_safetensors, write_json
 from weakseg.methods.common import StageTimer, has_background, image_label_mask
 
@@ -457,20 +457,6 @@ def outlier_filter(vectors: torch.Tensor, labels: torch.Tensor, fg_drop_ratio: f
 
 
 # ================================================================================================ bank
-def _read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise BankError(f"{what} {path} is not a readable safetensors file ({e})") from None
-    return tensors, meta
-
-
 @dataclass
 class FeatureBank:
     """The offline bank: ``vectors`` (N, D) float32 unit rows, ``labels`` (N,) int64 class ids into
@@ -534,7 +520,7 @@ class FeatureBank:
         """Read and validate a bank; ``backbone`` / ``dim``: what the caller's feature extractor is, checked
         against the file. Every problem raises :class:`BankError` naming the file and what was expected."""
         p = Path(path)
-        tensors, meta = _read_safetensors(p, "feature bank")
+        tensors, meta = read_safetensors(p, "feature bank", "build one with `weakseg bank build`", BankError)
         fmt = meta.get("format")
         if fmt != BANK_FORMAT:
             raise BankError(f"feature bank {p}: metadata 'format' is {fmt!r}; expected {BANK_FORMAT!r} (a file "
@@ -1156,7 +1142,7 @@ def _merge_parts(parts: Path, n: int, names: list[str], backbone: str, build: di
                  class_has_bg: bool) -> FeatureBank:
     vecs, labs, idxs, sample_names, seen = [], [], [], {}, set()
     for p in _part_files(parts):
-        tensors, meta = _read_safetensors(p, "partial bank result")
+        tensors, meta = read_safetensors(p, "partial bank result", error=BankError)
         done = [int(i) for i in json.loads(meta["done"])]
         if seen.intersection(done):  # the same image in two parts (two runs raced): keep the first
             keep = ~torch.isin(tensors["image_index"], torch.tensor(sorted(seen.intersection(done))))

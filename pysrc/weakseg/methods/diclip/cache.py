@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
+from weakseg.core import read_safetensors
 from weakseg.io import save_safetensors, write_text
 
 __all__ = ["KVCache", "CacheError", "CacheBuildConfig", "build_cache", "kmeans_centroids", "GENERATION_PROMPT",
@@ -94,24 +95,13 @@ class KVCache:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KVCache":
-        from safetensors import safe_open
-
+        tensors, meta = read_safetensors(path, "cache", "build one with `weakseg cache build`", CacheError)
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"cache: no such file {str(p)!r}; build one with `weakseg cache build`")
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                names = set(f.keys())
-                missing = {"keys", "values", "text_weights"} - names
-                if missing:
-                    raise CacheError(f"cache {str(p)!r}: missing tensor(s) {sorted(missing)}; expected keys, values, "
-                                     f"text_weights")
-                keys, values, tw = (f.get_tensor(n).float() for n in ("keys", "values", "text_weights"))
-        except CacheError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt headers / truncation
-            raise CacheError(f"cache {str(p)!r} is not a readable safetensors file ({type(e).__name__}: {e})") from e
+        missing = {"keys", "values", "text_weights"} - set(tensors)
+        if missing:
+            raise CacheError(f"cache {str(p)!r}: missing tensor(s) {sorted(missing)}; expected keys, values, "
+                             f"text_weights")
+        keys, values, tw = (tensors[n].float() for n in ("keys", "values", "text_weights"))
         if meta.get("format") != FORMAT:
             raise CacheError(f"cache {str(p)!r}: format {meta.get('format')!r} is not {FORMAT!r}")
         if meta.get("version") != VERSION:
