@@ -78,3 +78,38 @@ def test_save_png_label_and_rgb(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         io.save_png(np.zeros((2, 2, 2), np.uint8), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists() and _leftovers(tmp_path) == []
+
+
+def test_read_safetensors_errors_name_the_file_and_use_the_callers_error(tmp_path):
+    from weakseg.core import read_safetensors, read_safetensors_file
+    from weakseg.methods.diclip import CacheError, KVCache
+    from weakseg.methods.moduseg import BankError, FeatureBank
+
+    good = tmp_path / "good.safetensors"
+    io.save_safetensors({"x": torch.arange(3)}, good, metadata={"format": "f", "n": "7"})
+    tensors, meta = read_safetensors(good, "arg")
+    assert torch.equal(tensors["x"], torch.arange(3)) and meta == {"format": "f", "n": "7"}
+    assert read_safetensors_file(good, ("f",), "arg")[1] == {"n": 7}
+    with pytest.raises(ValueError, match="format 'f', expected 'g'"):
+        read_safetensors_file(good, ("g",), "arg")
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"arg: no such file .*missing\.safetensors.*; run make-it"):
+        read_safetensors(missing, "arg", "run make-it")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+
+    class MyError(ValueError):
+        pass
+
+    with pytest.raises(MyError, match=r"arg: .*bad\.safetensors' is not a readable safetensors file"):
+        read_safetensors(bad, "arg", error=MyError)
+    # the methods' own file errors come from the same reader
+    with pytest.raises(BankError, match="feature bank: .*not a readable safetensors file"):
+        FeatureBank.load(bad)
+    with pytest.raises(CacheError, match="cache: .*not a readable safetensors file"):
+        KVCache.load(bad)
+    with pytest.raises(FileNotFoundError, match="weakseg bank build"):
+        FeatureBank.load(missing)
+    with pytest.raises(FileNotFoundError, match="weakseg cache build"):
+        KVCache.load(missing)
