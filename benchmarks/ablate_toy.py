@@ -51,6 +51,8 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
         ("hard (binary, nearest) pooling instead of SMFA", {"pooling": "hard"}),
         ("outlier filter off", {"outlier_filter": False}),
         ("K = 1", {"k": 1}),
+        ("K = 3", {"k": 3}),
+        ("K = 1, outlier filter off", {"k": 1, "outlier_filter": False}),
         ("K = 25 (reference)", {"k": 25}),
         ("vote over the whole bank (reference: no image labels)", {"use_image_labels": False}),
     ],
