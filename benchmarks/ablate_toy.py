@@ -46,11 +46,12 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     ],
     # ModuSeg: every row builds its bank from iSeg's toy pseudo masks on 200 toy train scenes
     "moduseg": [
-        ("toy config (SBP, SMFA, outlier filter, K = 5, image-label vote)", {}),
+        ("toy config (SBP, SMFA, outlier filter, K = 1, image-label vote)", {}),
         ("SBP off", {"sbp": False}),
         ("hard (binary, nearest) pooling instead of SMFA", {"pooling": "hard"}),
         ("outlier filter off", {"outlier_filter": False}),
-        ("K = 1", {"k": 1}),
+        ("K = 3", {"k": 3}),
+        ("K = 5", {"k": 5}),
         ("K = 25 (reference)", {"k": 25}),
         ("vote over the whole bank (reference: no image labels)", {"use_image_labels": False}),
     ],

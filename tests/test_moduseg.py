@@ -707,8 +707,8 @@ def test_toy_demo_with_injected_models(tmp_path, monkeypatch):
     again = ModuSeg.toy_demo(tmp_path, progress=False, pseudo=pseudo, backbone=backbone, num_train=6)
     assert pseudo.calls == 6 and torch.equal(again.method.bank.vectors, entry.method.bank.vectors)
     # no work_dir: a temporary folder, overrides go over the toy config
-    tmp_entry = ModuSeg.toy_demo(None, progress=False, pseudo=pseudo, backbone=backbone, num_train=2, k=1)
-    assert tmp_entry.method.config.k == 1 and Path(tmp_entry.method.config.bank).is_file()
+    tmp_entry = ModuSeg.toy_demo(None, progress=False, pseudo=pseudo, backbone=backbone, num_train=2, k=3)
+    assert tmp_entry.method.config.k == 3 and Path(tmp_entry.method.config.bank).is_file()
     # without an injected pseudo method, the named method must offer a toy configuration
     from weakseg.core import METHODS
 

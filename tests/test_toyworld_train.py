@@ -21,7 +21,9 @@ from weakseg.toyworld.models import (assemble_sd, build_clip, build_unet, build_
 from weakseg.toyworld.signal import best_threshold_iou, clip_zero_shot_accuracy, sd_attention_iou  # noqa: E402
 
 TINY = {
-    "clip": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32, "text_width": 32, "text_layers": 1},
+    "clip": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32, "text_width": 32, "text_layers": 1,
+             "conv_stem": [8, 8, 8]},
+    "text": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32, "text_width": 32, "text_layers": 1},
     "vae": {"block_out_channels": [8, 8, 16], "norm_num_groups": 8},
     "unet": {"block_out_channels": [32, 32, 32, 32], "attention_head_dim": [1, 1, 1, 1]},
 }
@@ -53,10 +55,11 @@ def _settings(steps, batch=N_SCENES, lr=3e-3, ckpt_every=100):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The whole pipeline (clip -> vae -> unet) on tiny models, written to out/."""
+    """The whole pipeline (clip -> text -> vae -> unet) on tiny models, written to out/."""
     root = tmp_path_factory.mktemp("toyall")
-    summary = T.train("all", out_dir=root / "out", work_dir=root / "work", steps={"clip": 4, "vae": 3, "unet": 3},
-                      batch={"clip": 8, "vae": 4, "unet": 4}, num_scenes=N_SCENES, progress=False, overrides=TINY,
+    summary = T.train("all", out_dir=root / "out", work_dir=root / "work",
+                      steps={"clip": 4, "text": 3, "vae": 3, "unet": 3}, batch={"clip": 8, "text": 8, "vae": 4, "unet": 4},
+                      num_scenes=N_SCENES, progress=False, overrides=TINY,
                       log=lambda m: None)
     return root, summary
 
@@ -266,7 +269,7 @@ def test_text_tower_conversion_rejects_what_clip_text_model_cannot_express():
 def test_loaders_read_what_training_wrote_offline(trained, monkeypatch):
     root, summary = trained
     out = root / "out"
-    assert summary["finished"] and set(summary["stages"]) == {"clip", "vae", "unet"}
+    assert summary["finished"] and set(summary["stages"]) == {"clip", "text", "vae", "unet"}
     assert summary["weights_bytes"]["clip"] > 0 and summary["weights_bytes"]["sd"] > 0
 
     def no_network(*a, **k):
@@ -287,7 +290,7 @@ def test_loaders_read_what_training_wrote_offline(trained, monkeypatch):
         torch.testing.assert_close(sd.unet_model.state_dict()[k], v.half().float(), rtol=0, atol=0)
     ref_vae = T._load_final_vae(root / "work", "cpu")
     assert sd.vae.config.scaling_factor == pytest.approx(ref_vae.config.scaling_factor)
-    # SD's text encoder is the one trained with the UNet (initialised from the CLIP text tower)
+    # SD's text encoder is the one trained with the UNet (initialised from the text stage's CLIP)
     from transformers import CLIPTextModel
 
     ref_te = CLIPTextModel.from_pretrained(str(root / "work" / "final" / "text_encoder"), local_files_only=True)
@@ -297,6 +300,47 @@ def test_loaders_read_what_training_wrote_offline(trained, monkeypatch):
     with torch.no_grad():
         assert not torch.allclose(sd.text_encoder(toks)[0], text_tower_to_hf(clip.model)(toks)[0])
     assert sd.vae_scale_factor == 4 and sd.tokenizer.pad_token == "!"
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_unet_stage_starts_from_the_text_stage_clip_with_linear_patchify(trained, monkeypatch):
+    root, _ = trained
+    work = root / "work"
+    text_clip, clip = T._load_final_clip(work, "cpu", "text"), T._load_final_clip(work, "cpu")
+    assert text_clip.conv_stem is None and clip.conv_stem == TINY["clip"]["conv_stem"]
+    seen = {}
+
+    def capture(cache, work_dir, settings, vae, text_encoder, *args, **kwargs):
+        seen["text_encoder"] = text_encoder
+        raise _Captured
+
+    monkeypatch.setattr(T, "train_unet", capture)
+    with pytest.raises(_Captured):
+        T.train("unet", out_dir=root / "out_unused", work_dir=work, num_scenes=N_SCENES, progress=False,
+                overrides=TINY, log=lambda m: None)
+    got = seen["text_encoder"].state_dict()
+    ref = text_tower_to_hf(text_clip.model).state_dict()
+    other = text_tower_to_hf(clip.model).state_dict()
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert any(not torch.equal(got[k], other[k]) for k in ref)
+
+
+def test_text_stage_draws_the_clip_stage_batches(tmp_path, cache):
+    """The text stage is the first CLIP recipe under its own name: with the same settings and model it
+    trains the very same weights as the clip stage (same random stream), in its own folders."""
+    st = _settings(3, batch=4)
+    a, _ = T.train_clip(cache, tmp_path, st, overrides=TINY["text"], progress=False)
+    b, _ = T.train_clip(cache, tmp_path, st, overrides=TINY["text"], progress=False, stage="text")
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert (tmp_path / "final" / "text").is_dir() and (tmp_path / "ckpt" / "text" / "state.json").is_file()
+    assert_raises_naming(lambda: T.train_clip(cache, tmp_path, st, stage="vae"), ValueError, ["stage", "'text'"])
+    assert_raises_naming(lambda: T._load_final_clip(tmp_path / "none", "cpu", "text"), FileNotFoundError,
+                         ["--stage text"])
 
 
 def test_loaders_name_the_missing_path_and_the_training_command(tmp_path):
@@ -340,10 +384,10 @@ def test_best_threshold_iou_on_known_maps():
 @pytest.mark.skipif(not toy_weights_available("clip"),
                     reason=f"the toy CLIP weights are not committed yet (run `{TRAIN_COMMAND} --stage clip`)")
 def test_committed_toy_clip_classifies_held_out_scenes():
-    # measured 61.8% on 500 val scenes (64% on these 50); chance is 20%. The issue's target (90%) is not
-    # reached by the committed recipe: this guards what the weights deliver, well above chance.
+    # measured 99.6% on 500 val scenes and 100% on these 50 (ConvStem recipe; 61.8% on 500 with the linear
+    # patchify); chance is 20%. The issue's target is 90%.
     res = clip_zero_shot_accuracy(load_toy_clip(), num_scenes=50)
-    assert res["accuracy"] >= 0.5, res
+    assert res["accuracy"] >= 0.9, res
 
 
 @pytest.mark.skipif(not toy_weights_available("sd"),

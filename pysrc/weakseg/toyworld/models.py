@@ -10,8 +10,8 @@ The toy models use the component types of the real ones, so every real code path
   converted by :func:`text_tower_to_hf` (same weights, same hidden states), the offline CLIP BPE
   tokenizer with SD 2.x's "!" padding (ids equal open_clip's), and SD's scheduler configuration.
 
-The sizes keep the committed weights (fp16 storage) under 20 MB: CLIP ~5.0 MB (of which the 49,408 x 32
-token embedding is 3.2 MB), SD ~13.9 MB (UNet 2.8M parameters = 5.6 MB, text encoder 3.3 MB, tokenizer
+The sizes keep the committed weights (fp16 storage) under 20 MB: CLIP ~5.1 MB (of which the 49,408 x 32
+token embedding is 3.2 MB and the image tower's ConvStem 0.2 MB), SD ~14.0 MB (UNet 2.8M parameters = 5.6 MB, text encoder 3.3 MB, tokenizer
 files 3.6 MB, VAE 0.7M parameters = 1.4 MB). The two copies of the token embedding dominate, hence the
 text width of 32.
 """
@@ -27,8 +27,12 @@ __all__ = ["CLIP_CONFIG", "VAE_CONFIG", "UNET_CONFIG", "build_clip", "build_vae"
            "text_tower_to_hf", "assemble_sd"]
 
 # open_clip CLIP through CLIPBackbone.tiny (keyword arguments of that constructor)
+# conv_stem: a ConvStem (three 3x3 stride-2 convolutions) instead of the linear 8x8 patchify; with the linear
+# one the tiny ViT learned shape slowly (zero-shot 61.8% after 3,000 steps; a supervised probe of the
+# tower stayed near 51% from step 400 to 600, against 90% after 1,000 steps with the stem at lr 6e-4).
 CLIP_CONFIG: dict[str, Any] = dict(image_size=64, patch_size=8, width=128, layers=4, heads=4, embed_dim=64,
-                                   text_width=32, text_layers=4, text_heads=2, context_length=77, quick_gelu=False)
+                                   text_width=32, text_layers=4, text_heads=2, context_length=77, quick_gelu=False,
+                                   conv_stem=[32, 64, 128])
 # diffusers AutoencoderKL: 3 levels -> a 4x downsampling, 64x64 images -> 16x16x4 latents
 VAE_CONFIG: dict[str, Any] = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
                                   down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
