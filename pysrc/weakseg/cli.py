@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="every method on held-out toy-world scenes: report.json, report.md, overlays")
     s.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
-    s.add_argument("--images", type=int, default=None, help="number of held-out scenes (default: 40)")
+    s.add_argument("--images", type=int, default=None, help="number of held-out scenes (default: 100)")
     s.add_argument("--methods", default=None, help="comma-separated methods (default: all with a toy configuration)")
     s.add_argument("--overlays", type=int, default=4, help="overlay panels per method (default: 4)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
