@@ -287,7 +287,7 @@ def test_toy_demo_with_tiny_models(models, tmp_path):
     assert 0 <= r["miou"] <= 100 and 0 <= r["baseline_miou"] <= 100 and "patch-text" in r["baseline"]
     assert (tmp_path / "demo" / "work" / "diclip" / "train" / "model.safetensors").exists()
     ladder = ablation_ladder(tmp_path, num_scenes=2, progress=False, clip=clip, sd=sd, **opts)
-    assert list(ladder)[:6] == ["raw", "+vce", "+static cache", "+adapter", "+caa/walk (pseudo labels)", "head"]
+    assert list(ladder)[:6] == ["raw", "+vce", "+static cache", "+adapter", "+refinement (pseudo labels)", "head"]
     assert all(0 <= v <= 100 for v in ladder.values())
 
 
