@@ -79,8 +79,8 @@ __all__ = ["STAGES", "StageSettings", "DEFAULT_SETTINGS", "default_work_dir", "d
            "load_scene_cache", "caption_variant", "shape_negative", "shape_targets", "train_clip", "train_vae", "train_unet", "train", "main"]
 
 STAGES = ("clip", "text", "vae", "unet")
-# the id in each step's random stream: the text stage draws the clip stage's stream (see TEXT_CLIP_RECIPE)
-_STAGE_ID = {"clip": 0, "vae": 1, "unet": 2, "text": 0}
+# the id of each stage's per-step random stream (the text stage draws the clip stage's: see train_clip)
+_STAGE_ID = {"clip": 0, "vae": 1, "unet": 2}
 IMAGE_SIZE = 64
 
 
@@ -97,9 +97,9 @@ class StageSettings:
 
 
 # Step counts chosen for about two hours on 2 CPU cores in total. Seconds per step measured on an idle
-# machine with --threads 2: CLIP batch 64 0.56 s (4,500 steps ~42 min), the text stage's CLIP 0.6 s
-# (3,000 steps ~30 min), UNet + text encoder batch 32
-# 0.86 s (2,400 steps ~35 min, plus a few minutes to encode the scenes with the VAE at each start); with
+# machine with --threads 2: CLIP batch 64 0.56 s (4,500 steps ~42 min), the text stage's CLIP 0.54 s
+# (3,000 steps ~27 min), UNet + text encoder batch 32 0.86 s (2,400 steps ~35 min, plus a few minutes to
+# encode the scenes with the VAE at each start); with
 # one thread while other jobs shared the machine: CLIP 0.85-1.4 s, VAE batch 32 ~1-4 s (1,200 steps),
 # UNet 1.3-1.9 s. On a shared machine a single thread (--threads 1) is several times faster than two.
 DEFAULT_SETTINGS: dict[str, StageSettings] = {
@@ -474,7 +474,7 @@ def train_clip(cache: SceneCache, work_dir: Path, settings: StageSettings, seed:
     B = min(settings.batch, N)
 
     def step_fn(step: int) -> torch.Tensor:
-        rng = _step_rng(seed, "clip", step)
+        rng = _step_rng(seed, "clip", step)  # also for stage "text": the first recipe's very batches
         idx = rng.choice(N, B, replace=False)
         imgs = _dihedral(cache.images[idx], rng.integers(0, 8, B))
         caps = [caption_variant(cache.captions[i], rng) for i in idx]

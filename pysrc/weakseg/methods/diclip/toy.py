@@ -61,11 +61,11 @@ def prepare_toy(work_dir: Path, progress: bool = True, clip=None, sd=None, prese
                     progress=progress)
     base.cache = KVCache.load(cache_path)
     model_path = root / "train" / "model.safetensors"
+    train_config = DiCLIPTrainConfig.from_dict({**TOY_TRAIN, **(train_options or {})})
     if not model_path.exists():
-        topts = {**TOY_TRAIN, **(train_options or {})}
-        train_diclip(base, world, names, root / "train", DiCLIPTrainConfig.from_dict(topts), progress=progress)
+        train_diclip(base, world, names, root / "train", train_config, progress=progress)
     return {"cache": str(cache_path), "checkpoint": str(model_path), "clip": clip, "sd": sd, "class_names": names,
-            "preset": preset}
+            "preset": preset, "train_config": train_config}
 
 
 def toy_demo(work_dir: Path, progress: bool = True, clip=None, sd=None, preset: str = "toy",
@@ -80,7 +80,8 @@ def toy_demo(work_dir: Path, progress: bool = True, clip=None, sd=None, preset: 
     return DemoEntry(method=method, baseline=baseline,
                      note="baseline: DiCLIP's raw patch-text CAM (CLIP surgery, no SD attention, no cache, no "
                           "refinement); method: the segmentation head trained on DiCLIP pseudo labels (VCE, "
-                          "cache, adapter, CAA + SD walk), argmax over the image's classes like the baseline")
+                          "cache, adapter, the training run's refinement: CAA on the toy world), argmax over "
+                          "the image's classes like the baseline")
 
 
 RUNGS = ("raw", "+vce", "+static cache", "+adapter", "+refinement (pseudo labels)", "head")
@@ -98,21 +99,24 @@ def ablation_ladder(work_dir: Path, num_scenes: int = 40, progress: bool = True,
 
     from weakseg.data.toyworld import ToyWorld
     from weakseg.eval.metrics import ConfusionMatrix
+    from weakseg.train.diclip import DiCLIPTrainConfig
 
     p = prepare_toy(work_dir, progress, clip, sd, preset, **prepare_kw)
     c, s, ck, cache = p["clip"], p["sd"], p["checkpoint"], p["cache"]
-    topts = {**TOY_TRAIN, **(prepare_kw.get("train_options") or {})}
-    train_refine = dict(refine=tuple(topts.get("refine", ("caa", "walk"))), caa_threshold=topts.get("caa_threshold", 0.79),
-                        walk_steps=topts.get("walk_steps", 5))
+
+    def pseudo_refine(cfg):
+        return dict(refine=cfg.refine, caa_threshold=cfg.caa_threshold, walk_steps=cfg.walk_steps)
+
     rungs = {
         "raw": dict(vce=False, cam_source="patch", refine=()),
         "+vce": dict(vce=True, cam_source="patch", refine=()),
         "+static cache": dict(vce=True, cam_source="static", cache=cache, refine=()),
         "+adapter": dict(vce=True, cam_source="dynamic", checkpoint=ck, refine=()),
-        "+refinement (pseudo labels)": dict(vce=True, cam_source="dynamic", checkpoint=ck, **train_refine),
+        "+refinement (pseudo labels)": dict(vce=True, cam_source="dynamic", checkpoint=ck,
+                                            **pseudo_refine(p["train_config"])),
         "head": dict(mode="head", checkpoint=ck, head_use_image_labels=True),
         "+caa/walk (the reference's pseudo labels)": dict(vce=True, cam_source="dynamic", checkpoint=ck,
-                                                          refine=("caa", "walk"), caa_threshold=0.79, walk_steps=5),
+                                                          **pseudo_refine(DiCLIPTrainConfig())),
         "static + refinement (training-free)": dict(vce=True, cam_source="static", cache=cache),
     }
     world = ToyWorld(split=split, num_scenes=num_scenes)
