@@ -69,3 +69,17 @@ def test_clip_tagging_keeps_topk_above_threshold():
     assert keep.shape == (2, 5) and keep[:, 0].all() and (keep[:, 1:].sum(1) == 2).all()
     keep = clip_tag_classes(clip, imgs, names, topk=3, threshold=1.01, templates="single")
     assert (keep[:, 1:].sum(1) == 1).all()  # nothing passes the threshold: the top class stays
+
+
+def test_minmax_has_no_absolute_eps():
+    # the references divide by the range itself: a map of range 1e-4 must still reach 1 (an eps of 1e-5
+    # gave 1e-4 / 1.1e-4 = 0.91 and let a weaker class win the pixel)
+    x = torch.tensor([[[0.0, 1e-4]], [[0.0, 0.95]]])[None]  # (1, 2, 1, 2)
+    y = minmax_per_class(x)
+    torch.testing.assert_close(y[0, 0, 0], torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0)
+    assert y[0, :, 0, 1].argmax().item() == 0
+    # a range of 1e-7 on values near 1 still normalises; a zero range gives 0, not NaN
+    z = minmax_per_class(torch.tensor([[[[1.0, 1.0 + 2 ** -20]], [[3.0, 3.0]]]]))
+    assert z[0, 0, 0].tolist() == [0.0, 1.0] and z[0, 1].eq(0).all()
+    with pytest.raises(ValueError, match="eps"):
+        minmax_per_class(x, eps=-1.0)

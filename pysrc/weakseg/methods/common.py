@@ -30,13 +30,21 @@ def has_background(class_names: Sequence[str]) -> bool:
     return len(class_names) > 0 and str(class_names[0]).strip().lower() in BACKGROUND_NAMES
 
 
-def minmax_per_class(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def minmax_per_class(maps: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """(B, C, ...) -> each (b, c) map min-max normalised to [0, 1]: (x - min) / (max - min + eps).
-    (iSeg's and DiffSegmenter's per-class normalisation; a constant map becomes 0.)"""
+
+    iSeg's and DiffSegmenter's per-class normalisation, which divide by the range with no eps: the
+    default ``eps=0`` is theirs exactly wherever the range is positive, whatever its scale (an absolute
+    eps of 1e-5 shrinks a map of range 1e-4 to [0, 0.91] and changes labels). A constant map (range 0,
+    where the references divide 0 by 0 and get NaN) becomes 0 everywhere."""
+    if not eps >= 0:
+        raise ValueError(f"minmax_per_class: eps must be >= 0, got {eps}")
     flat = maps.flatten(2)
     lo = flat.amin(dim=2, keepdim=True)
-    hi = flat.amax(dim=2, keepdim=True)
-    return ((flat - lo) / (hi - lo + eps)).view_as(maps)
+    rng = flat.amax(dim=2, keepdim=True) - lo + eps
+    pos = rng > 0
+    return torch.where(pos, (flat - lo) / torch.where(pos, rng, torch.ones_like(rng)),
+                       torch.zeros_like(flat)).view_as(maps)
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:

@@ -495,8 +495,8 @@ class ISeg:
         fg = torch.zeros(len(items), len(class_names) - bg, H, W)
         for b, (m, idx) in enumerate(zip(maps, fg_idx)):
             if idx:
-                # the maps live on a 1/P scale (propagated distributions): an eps of 1e-5 in the
-                # min-max would be a few % of their range, so use a negligible one (the code has none)
-                fg[b, idx] = minmax_per_class(resize_maps(m[None], (H, W)), eps=1e-12)[0].cpu()
+                # the maps live on a 1/P scale (propagated distributions): min-max without an eps, as
+                # the code (a constant map gives 0)
+                fg[b, idx] = minmax_per_class(resize_maps(m[None], (H, W)))[0].cpu()
         scores, labels = scores_to_labels(fg, class_names, allowed, self.config.background_rule)
         return SegmentationOutput(scores=scores, labels=labels, class_names=class_names)
