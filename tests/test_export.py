@@ -317,6 +317,115 @@ def test_bench_e2e_verifies_then_times(onnx_dir):
         assert r["verify"]["label_agreement"] >= 0.999
 
 
+def test_bench_e2e_checks_each_engine_against_the_check_batch(onnx_dir, tmp_path):
+    """The onnx bench opens model.onnx and the check batch only: with program.pt2 gone it still verifies, and a
+    check batch that the engine does not reproduce stops it before timing."""
+    from weakseg.export.bench_e2e import bench_e2e
+    from weakseg.export.files import read_check, write_check
+
+    d = tmp_path / "m"
+    shutil.copytree(onnx_dir, d)
+    (d / "program.pt2").unlink()
+    r = bench_e2e(d, "onnx", images=2, batch=2, height=40, width=40, warmup=0, repeats=1, threads=1)
+    assert r["verify"]["max_abs_diff"] <= 1e-3
+    images, logits = read_check(d)
+    write_check(d, images, logits + 0.5)
+    with pytest.raises(RuntimeError, match="check batch"):
+        bench_e2e(d, "onnx", images=2, batch=2, height=40, width=40, warmup=0, repeats=1, threads=1)
+    (d / "check.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="check.safetensors"):
+        bench_e2e(d, "onnx", images=2, batch=2, height=40, width=40, warmup=0, repeats=1, threads=1)
+
+
+# ------------------------------------------------------------------------ tampered model files
+class _Payload:
+    """A pickle that, when loaded with weights_only=False, creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _rewrite_pt2(src: Path, dst: Path, edit) -> None:
+    """Copy the zip archive ``src`` to ``dst`` with ``edit(name, data) -> (name, data) | None`` on each entry."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            out = edit(info.filename, zin.read(info.filename))
+            if out is not None:
+                zout.writestr(out[0], out[1])
+
+
+def _evil_pickle(marker: Path) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"x": _Payload(marker)}, buf)
+    return buf.getvalue()
+
+
+def test_tampered_program_is_refused_and_runs_nothing(onnx_dir, tmp_path):
+    """A program.pt2 whose weights are marked as pickled (torch would unpickle them with weights_only=False), or
+    whose sample inputs are replaced by a malicious pickle, is refused by the torch engine and by the e2e bench,
+    and the payload never runs."""
+    from weakseg.export.bench_e2e import bench_e2e
+    from weakseg.export.files import UntrustedModelError, load_program
+
+    assert load_program(onnx_dir / "program.pt2") is not None  # the exporter's own archive loads
+    marker = tmp_path / "pwned"
+    evil = _evil_pickle(marker)
+
+    def pickled_weights(name, data):
+        if name.endswith("_weights_config.json"):
+            cfg = json.loads(data)
+            first = next(iter(cfg["config"]))
+            cfg["config"][first]["use_pickle"] = True
+            return name, json.dumps(cfg).encode()
+        return name, data
+
+    def evil_weight_file(name, data):
+        if "/data/weights/weight_" in name and name.rsplit("/", 1)[-1] == "weight_0":
+            return name, evil
+        return pickled_weights(name, data)
+
+    def evil_sample_inputs(name, data):
+        return (name, evil) if "/data/sample_inputs/" in name else (name, data)
+
+    for edit in (pickled_weights, evil_weight_file, evil_sample_inputs):
+        d = tmp_path / edit.__name__
+        shutil.copytree(onnx_dir, d)
+        _rewrite_pt2(onnx_dir / "program.pt2", d / "program.pt2", edit)
+        with pytest.raises(UntrustedModelError):
+            load_program(d / "program.pt2")
+        with pytest.raises(UntrustedModelError):
+            ExportedSegmenter(d, "torch")
+        with pytest.raises(UntrustedModelError):
+            bench_e2e(d, "torch", images=2, batch=2, height=40, width=40, warmup=0, repeats=1, threads=1)
+        # the onnx engine never opens program.pt2
+        r = bench_e2e(d, "onnx", images=2, batch=2, height=40, width=40, warmup=0, repeats=1, threads=1)
+        assert r["images_per_s"] > 0
+        assert not marker.exists()
+        assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None
+
+
+def test_tampered_program_through_the_cli_is_one_line(onnx_dir, tmp_path, capsys):
+    from weakseg.cli import main
+
+    marker = tmp_path / "pwned"
+    evil = _evil_pickle(marker)
+    d = tmp_path / "m"
+    shutil.copytree(onnx_dir, d)
+    _rewrite_pt2(onnx_dir / "program.pt2", d / "program.pt2",
+                 lambda n, b: (n, evil) if "/data/sample_inputs/" in n else (n, b))
+    rc = main(["bench", "e2e", "--model", str(d), "--engine", "torch", "--images", "2", "--batch", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--model" in err[0] and "program.pt2" in err[0]
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------------- C++ app
 def _write_ppm(path: Path, img: torch.Tensor) -> None:
     arr = img.permute(1, 2, 0).contiguous().numpy()

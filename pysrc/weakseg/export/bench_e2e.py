@@ -1,7 +1,8 @@
 """End-to-end throughput of an exported model: decode -> resize/normalise -> model -> labels.
 
-Verify, then time (as benchmarks/ do): the engine's logits and labels on the benchmark batch are
-compared with the PyTorch reference (``program.pt2``) first; a mismatch beyond the tolerance aborts.
+Verify, then time (as benchmarks/ do): the engine's logits and labels on the model directory's check batch
+(``check.safetensors``: images and the exported program's logits for them, written at export) are compared
+first; a mismatch beyond the tolerance aborts. Only the engine's own files are loaded.
 On CUDA, decoding (``torchvision.io.decode_jpeg(device="cuda")`` for JPEG), resizing, normalising and the
 label post-processing run on the GPU and the torch engine replays a CUDA graph; on the CPU everything
 runs on the CPU.
@@ -19,13 +20,15 @@ from typing import Any
 
 import torch
 
-from weakseg.export.files import read_manifest
+from weakseg.export.files import read_check, read_manifest
 from weakseg.export.runner import ExportedSegmenter, postprocess
 
 __all__ = ["bench_e2e", "synthetic_images", "TOLERANCE"]
 
-# max |logits - reference| allowed before timing (fp32 engines; TensorRT runs fp16)
-TOLERANCE = {"torch": 1e-5, "onnx": 1e-3, "aoti": 1e-3, "tensorrt": 5e-2}
+# max |logits - reference| allowed before timing (fp32 engines; TensorRT runs fp16). The reference was computed
+# on the CPU at export; on CUDA, convolutions may run in TF32, hence the looser bound there.
+TOLERANCE = {"torch": 1e-4, "onnx": 1e-3, "aoti": 1e-3, "tensorrt": 5e-2}
+CUDA_TOLERANCE = 2e-2
 MIN_LABEL_AGREEMENT = {"torch": 1.0, "onnx": 0.999, "aoti": 0.999, "tensorrt": 0.98}
 
 
@@ -68,25 +71,28 @@ def bench_e2e(model_dir: str | Path, engine: str, *, device: str = "cpu", images
     if threads:
         torch.set_num_threads(int(threads))
     manifest = read_manifest(model_dir)
+    check_images, check_logits = read_check(model_dir)
     kw = {"threads": threads} if engine == "onnx" else {}
     seg = ExportedSegmenter(model_dir, engine, dev, **kw)
-    ref = seg if engine == "torch" else ExportedSegmenter(model_dir, "torch", dev, cuda_graphs=False)
     fmt = "jpeg" if dev.type == "cuda" else "png"
     blobs = synthetic_images(images, height, width, fmt=fmt)
     batches = [blobs[i:i + batch] for i in range(0, len(blobs), batch)]
 
-    # verify
-    x = _decode(batches[0], dev)
+    # verify on the check batch
     with torch.no_grad():
-        got = seg.logits(x).float()
-        want = ref.logits(x).float()
-    err = float((got - want).abs().max())
+        got = seg.logits(check_images.to(dev)).float().cpu()
+    if got.shape != check_logits.shape:
+        raise RuntimeError(f"engine {engine}: logits {tuple(got.shape)} on the check batch, expected "
+                           f"{tuple(check_logits.shape)}; not timing")
+    tol = TOLERANCE[engine] if dev.type == "cpu" else max(TOLERANCE[engine], CUDA_TOLERANCE)
+    err = float((got - check_logits).abs().max())
     bg = manifest["background"]
-    agree = float((postprocess(got, bg, x.shape[-2:]) == postprocess(want, bg, x.shape[-2:])).float().mean())
-    if err > TOLERANCE[engine] or agree < MIN_LABEL_AGREEMENT[engine]:
-        raise RuntimeError(f"engine {engine}: output differs from the torch reference (max |diff| {err:.3g} > "
-                           f"{TOLERANCE[engine]} or label agreement {agree:.4f} < {MIN_LABEL_AGREEMENT[engine]}); "
-                           f"not timing")
+    size = tuple(check_images.shape[-2:])
+    agree = float((postprocess(got, bg, size) == postprocess(check_logits, bg, size)).float().mean())
+    if err > tol or agree < MIN_LABEL_AGREEMENT[engine]:
+        raise RuntimeError(f"engine {engine}: output differs from the exported program's on the check batch "
+                           f"(max |diff| {err:.3g} > {tol} or label agreement {agree:.4f} < "
+                           f"{MIN_LABEL_AGREEMENT[engine]}); not timing")
 
     def run_all():
         for b in batches:
@@ -108,7 +114,7 @@ def bench_e2e(model_dir: str | Path, engine: str, *, device: str = "cpu", images
             "input_size": manifest["input_size"], "classes": len(seg.classes), "images": images, "batch": batch,
             "image_size": [height, width], "repeats": repeats, "seconds_best": best,
             "images_per_s": images / best, "ms_per_image": 1000 * best / images,
-            "verify": {"max_abs_diff": err, "tolerance": TOLERANCE[engine], "label_agreement": agree},
+            "verify": {"max_abs_diff": err, "tolerance": tol, "label_agreement": agree},
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
@@ -122,7 +128,7 @@ def write_results(results: list[dict[str, Any]], out_dir: str | Path, command: s
     write_json(out / f"e2e_{stamp}.json", {"command": command, "machine": machine, "results": results})
     lines = [f"# End-to-end (decode -> resize/normalise -> model -> labels), {stamp}", "",
              f"machine: {machine}", "", f"command: `{command}`", "",
-             "| engine | device | method | S | classes | batch | images/s | ms/image | max abs diff vs torch | label agreement |",
+             "| engine | device | method | S | classes | batch | images/s | ms/image | max abs diff vs check batch | label agreement |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['engine']} | {r['device']} | {r['method']} | {r['input_size']} | {r['classes']} | "

@@ -10,8 +10,9 @@
 * ``tensorrt`` — the ONNX files, then ``model.engine`` built by :mod:`weakseg.export.tensorrt`;
 * ``aoti`` — ``model.pt2``, an AOTInductor package of the ``torch.export``'ed image graph (B, C dynamic).
 
-Every format also writes ``program.pt2`` (``torch.export.save`` of the image graph; the PyTorch
-reference of the runners), the class text embeddings and ``export.json``.
+Every format also writes ``program.pt2`` (``torch.export.save`` of the image graph), the class text
+embeddings, ``check.safetensors`` (a check batch of uint8 images with the program's logits for them, the
+reference every engine is verified against) and ``export.json``.
 
 Custom ops: the deployed graphs must not contain ``weakseg::`` ops (none of the exported paths uses
 them; see README "Deployment"); :func:`check_no_custom_ops` enforces it on the exported program and on
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from weakseg.export.files import MANIFEST, atomic_path, write_embeddings, write_json
+from weakseg.export.files import MANIFEST, atomic_path, write_check, write_embeddings, write_json
 from weakseg.export.graphs import ExportGraphs
 
 __all__ = ["FORMATS", "OPSET", "TRACE_BATCH", "TRACE_CLASSES", "export", "graphs_of", "check_no_custom_ops",
@@ -68,6 +69,15 @@ def _examples(graphs: ExportGraphs, device: str | torch.device = "cpu"):
     images = torch.randn(TRACE_BATCH, 3, S, S, generator=g).to(device)
     text = torch.nn.functional.normalize(torch.randn(TRACE_CLASSES, D, generator=g), dim=-1).to(device)
     return images, text
+
+
+def check_images(size: int, batch: int = TRACE_BATCH) -> torch.Tensor:
+    """The check batch: ``batch`` deterministic uint8 images of smooth colour blobs, (B, 3, S, 5S/4), so
+    the check also covers the resize of the pre-processing."""
+    g = torch.Generator().manual_seed(1)
+    low = torch.rand(batch, 3, 5, 7, generator=g)
+    img = torch.nn.functional.interpolate(low, size=(size, size + size // 4), mode="bilinear", align_corners=False)
+    return (img * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def metadata_of(graphs: ExportGraphs, class_names: Sequence[str]) -> dict[str, str]:
@@ -168,6 +178,13 @@ def export(graphs: ExportGraphs, fmt: str, out_dir: str | Path, class_names: Seq
     with atomic_path(out / "program.pt2") as tmp:
         torch.export.save(ep, str(tmp))
     files["program"] = "program.pt2"
+    from weakseg.export.runner import preprocess
+
+    imgs = check_images(graphs.input_size)
+    with torch.no_grad():
+        x = preprocess(imgs.to(device), graphs.input_size, graphs.mean, graphs.std)
+        logits = ep.module()(x, emb.detach().float().to(device))
+    files["check"] = write_check(out, imgs, logits.cpu())
     if fmt in ("onnx", "tensorrt"):
         files.update(export_onnx(graphs, out, class_names))
     if fmt == "tensorrt":

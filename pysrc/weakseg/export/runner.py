@@ -7,9 +7,13 @@ rule at S×S, then nearest resampling to (H, W) with integer source indices ``(y
 integer arithmetic in Python and C++, so label maps agree except where the model's scores tie.
 
 Engines (``make_engine(kind, model_dir, device)``), each ``engine(images, text_embeddings) -> logits``:
-``torch`` (``program.pt2``, the ``torch.export`` program; with ``cuda_graphs`` on CUDA, replayed from a
+``torch`` (``program.pt2``, the ``torch.export`` program, loaded by
+:func:`weakseg.export.files.load_program`, which refuses pickled entries; with ``cuda_graphs`` on CUDA, replayed from a
 captured CUDA graph per input shape), ``onnx`` (onnxruntime; CUDA provider when present), ``aoti``
 (``torch._inductor.aoti_load_package``), ``tensorrt`` (:mod:`weakseg.export.tensorrt`).
+Only the files of the engine asked for are opened. ``aoti`` and ``tensorrt`` load compiled code
+(a shared library; a serialized engine that may carry plugins): use them only on model directories
+you trust as you would trust a program (README, Deployment).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from weakseg.export.files import read_embeddings, read_manifest
+from weakseg.export.files import load_program, read_embeddings, read_manifest
 from weakseg.export.graphs import labels_from_logits
 
 __all__ = ["ENGINES", "make_engine", "preprocess", "postprocess", "ExportedSegmenter"]
@@ -54,7 +58,7 @@ def postprocess(logits: torch.Tensor, background: dict[str, Any], out_size: tupl
 
 class _TorchEngine:
     def __init__(self, model_dir: Path, device: torch.device, cuda_graphs: bool = True):
-        self.module = torch.export.load(str(model_dir / "program.pt2")).module().to(device)
+        self.module = load_program(model_dir / "program.pt2").module().to(device)
         self.device = device
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple, tuple] = {}
