@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests._helpers import assert_raises_naming, diclip_tiny_models, make_diclip as make
+from weakseg.backbones.clip import CLIPBackbone
 from weakseg.methods.diclip import cam as camlib
 from weakseg.methods.diclip import refine as reflib
 from weakseg.methods.diclip import vce as vcelib
@@ -213,19 +214,103 @@ def test_caa_refine_matches_a_loop_reference():
     torch.testing.assert_close(tr, tr.T)
 
 
-def test_caa_attention_mixes_head_means_and_surgery_sums():
+def test_caa_attention_modes_on_a_hand_case():
     g = torch.Generator().manual_seed(8)
     attn = [torch.rand(1, 4, 5, 5, generator=g) for _ in range(4)]
     surg = [torch.rand(1, 5, 5, generator=g) * 30 for _ in range(2)]
-    a = reflib.caa_attention(attn, surg, layers=3)
-    ref = (attn[1].mean(1) + surg[0] + surg[1])[:, 1:, 1:] / 3
-    torch.testing.assert_close(a, ref)
+    # "code": the last 2 (surgery) blocks summed over the heads, the one before head-averaged
+    a = reflib.caa_attention(attn, layers=3, surgery_layers=2)
+    torch.testing.assert_close(a, (attn[1].mean(1) + attn[2].sum(1) + attn[3].sum(1))[:, 1:, 1:] / 3)
+    s = reflib.caa_attention(attn, layers=3, mode="surgery", surgery_layers=2, surgery_attn=surg)
+    torch.testing.assert_close(s, (attn[1].mean(1) + surg[0] + surg[1])[:, 1:, 1:] / 3)
+    m = reflib.caa_attention(attn, layers=3, mode="head-mean", surgery_layers=2)
+    torch.testing.assert_close(m, (attn[1].mean(1) + attn[2].mean(1) + attn[3].mean(1))[:, 1:, 1:] / 3)
     seg = torch.rand(1, 4, 4, generator=g)
-    gated = reflib.caa_attention(attn, surg, layers=3, seg_attn=seg)
-    mats = [attn[1].mean(1)[:, 1:, 1:], surg[0][:, 1:, 1:], surg[1][:, 1:, 1:]]
+    gated = reflib.caa_attention(attn, layers=3, surgery_layers=2, seg_attn=seg)
+    mats = [attn[1].mean(1)[:, 1:, 1:], attn[2].sum(1)[:, 1:, 1:], attn[3].sum(1)[:, 1:, 1:]]
     diffs = torch.stack([(seg - m).sum() for m in mats])
     keep = [m for m, d in zip(mats, diffs) if d <= diffs.mean()]
     torch.testing.assert_close(gated, sum(keep) / (len(keep) + 1e-5) * seg, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        reflib.caa_attention(attn, mode="sum")
+    with pytest.raises(ValueError, match="surgery_attn"):
+        reflib.caa_attention(attn, mode="surgery", surgery_layers=2)
+
+
+def test_caa_surgery_block_rows_sum_to_the_head_count():
+    # probabilities with no mass on the CLS column: every patch row of a head sums to 1
+    p = torch.rand(2, 3, 5, 5)
+    p[..., 0] = 0
+    p = p / p.sum(-1, keepdim=True)
+    rows = reflib.caa_attention([p, p], layers=1, surgery_layers=1).sum(-1)
+    torch.testing.assert_close(rows, torch.full((2, 4), 3.0))
+    torch.testing.assert_close(reflib.caa_attention([p, p], layers=1, surgery_layers=0).sum(-1), torch.ones(2, 4))
+    # a real CLIP forward: the last block's patch rows plus their CLS column sum to the head count
+    clip = CLIPBackbone.tiny(seed=1, layers=4, heads=4)
+    out = clip(images(1), surgery_layers=3, return_attn=True)
+    a = reflib.caa_attention(out.attn, layers=1, surgery_layers=3)
+    total = a.sum(-1) + out.attn[-1][:, :, 1:, 0].sum(1)
+    torch.testing.assert_close(total, torch.full_like(total, 4.0))
+
+
+def _authors_caa_case(seed=0, layers=8, heads=4, seg=False):
+    """weakseg's CAA next to the authors' code (tests/authors_diclip.py) on a small random CLIP with a
+    VCE-like bias on the surgery attention: (weakseg's refined CAMs, the authors', their features)."""
+    from tests import authors_diclip as authors
+    from weakseg.backbones.clip import interpolate_pos_embed
+
+    g = torch.Generator().manual_seed(seed)
+    clip = CLIPBackbone.tiny(seed=seed, layers=layers, heads=heads)
+    x = clip.preprocess(images(2, seed=seed))
+    vis = clip.model.visual
+    pos = interpolate_pos_embed(vis.positional_embedding, (8, 8))
+    P = 64
+    bias = torch.rand(2, P, P, generator=g)
+    bias = bias / bias.sum(-1, keepdim=True)
+    with torch.no_grad():
+        out = clip.encode_normalized(x, pos, surgery_layers=3, attn_bias=bias, return_attn=True)
+    feats = camlib.token_features(out.cls, out.patch)
+    blocks = authors.from_open_clip(vis, surgery_layers=3)
+    a_feats, a_attn, _ = authors.encode_image(vis, blocks, x, pos, ex_feats=bias[:, None])
+    cams = torch.rand(2, P, 3, generator=g) ** 3
+    labels = torch.tensor([[1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    seg_attn = torch.rand(2, P, P, generator=g) if seg else None
+    aff = reflib.caa_attention(out.attn, 6, "code", 3, out.surgery_attn, seg_attn)
+    mine, theirs = [], []
+    for b in range(2):
+        idx = torch.nonzero(labels[b]).flatten()
+        mine.append(reflib.caa_refine(cams[b][:, idx].T.reshape(-1, 8, 8), aff[b], 0.79))
+        ref, cls_lst = authors.refine_cams_with_aff(cams[b], a_attn[:, b], labels[b], (64, 64), caa_thre=0.79,
+                                                    seg_attn=None if seg_attn is None else seg_attn[b:b + 1], patch=8)
+        assert cls_lst.tolist() == idx.tolist()
+        theirs.append(torch.stack(ref))
+    return mine, theirs, feats, a_feats
+
+
+@pytest.mark.parametrize("seg", [False, True])
+def test_caa_equals_the_authors_code_on_a_small_clip(seg):
+    mine, theirs, feats, a_feats = _authors_caa_case(seg=seg)
+    torch.testing.assert_close(feats, a_feats, rtol=1e-4, atol=1e-6)  # the same CLIP, bias included
+    for m, t in zip(mine, theirs):
+        assert t.abs().max() > 0
+        torch.testing.assert_close(m, t, rtol=1e-4, atol=1e-6)
+
+
+def test_caa_surgery_and_head_mean_modes_differ_from_the_code():
+    clip = CLIPBackbone.tiny(seed=1, layers=4, heads=4)
+    out = clip(images(1), surgery_layers=3, return_attn=True)
+    code = reflib.caa_attention(out.attn, 6, "code", 3)
+    surg = reflib.caa_attention(out.attn, 6, "surgery", 3, out.surgery_attn)
+    mean = reflib.caa_attention(out.attn, 6, "head-mean", 3)
+    assert not torch.allclose(code, surg) and not torch.allclose(code, mean)
+
+
+def test_config_refuses_the_old_caa_surgery_option():
+    with pytest.raises(ValueError, match="caa_surgery.*caa_attention"):
+        DiCLIPConfig.from_dict({"preset": "tiny", "caa_surgery": True})
+    with pytest.raises(ValueError, match="caa_attention"):
+        DiCLIPConfig(preset="tiny", caa_attention="sum")
+    assert DiCLIPConfig().caa_attention == "code"
 
 
 def test_sd_walk_matches_the_spec_reference():

@@ -99,8 +99,10 @@ class DiCLIPConfig(PresetConfig):
     cam_source: "static", "dynamic" or "patch" (see the module docstring; "static" without a cache is
     "patch"). dynamic_weight: 0.1 (paper 0.5). checkpoint: a trained adapter + head (``weakseg train
     diclip``). refine: the steps in order ("caa", "walk"; "par" as an option). caa_threshold / caa_layers /
-    caa_surgery: 0.88 (LAM inference; training uses 0.79), the last 6 blocks, surgery blocks as their
-    head-summed M. walk_layer / walk_heads / walk_ent / walk_steps: the 40x40 layer, heads (1, 2), 0.02,
+    caa_attention: 0.88 (LAM inference; training uses 0.79), the last 6 blocks, "code" (the surgery blocks
+    enter as their original-path attention summed over the heads, the others head-averaged, as the
+    authors' clip_custom.py hands them to refine_cams_with_aff), "surgery" (the surgery blocks as their
+    head-summed surgery matrix M, VCE bias included) or "head-mean" (every block head-averaged). walk_layer / walk_heads / walk_ent / walk_steps: the 40x40 layer, heads (1, 2), 0.02,
     10. par_dilations / par_iterations: PAR. adapter_prompts / adapter_dropout / adapter_zero_bias /
     adapter_text_values: 92 prompts, 0.1, the code's default biases and one-hot fc2 (paper: zero biases,
     text-weighted values). head_dim / head_blocks / head_heads / head_dropout: 256, 3, 8, 0.1.
@@ -149,7 +151,7 @@ class DiCLIPConfig(PresetConfig):
     refine: tuple = ("caa", "walk")
     caa_threshold: float = 0.88
     caa_layers: int = 6
-    caa_surgery: bool = True
+    caa_attention: str = "code"
     walk_layer: str = WALK_LAYER
     walk_heads: tuple = (1, 2)
     walk_ent: float = 0.02
@@ -186,6 +188,14 @@ class DiCLIPConfig(PresetConfig):
             self.templates = tuple(self.templates)
         self._validate()
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DiCLIPConfig":
+        if "caa_surgery" in values:
+            raise ValueError("DiCLIPConfig.caa_surgery: replaced by caa_attention = 'code' (the authors' code, the "
+                             "default) | 'surgery' (what caa_surgery=true did) | 'head-mean' (what caa_surgery=false "
+                             "did); rename the option")
+        return super().from_dict(values)
+
     def _validate(self) -> None:
         def bad(name, want):
             raise ValueError(f"DiCLIPConfig.{name}: expected {want}, got {getattr(self, name)!r}")
@@ -204,6 +214,8 @@ class DiCLIPConfig(PresetConfig):
             bad("feature_norm", "'tokens', 'channels' or 'none'")
         if self.cache_activation not in ("relu", "exp"):
             bad("cache_activation", "'relu' or 'exp'")
+        if self.caa_attention not in reflib.CAA_ATTENTION:
+            bad("caa_attention", "one of " + ", ".join(reflib.CAA_ATTENTION))
         if self.flip not in FLIPS:
             bad("flip", "one of " + ", ".join(FLIPS))
         if any(s not in REFINE_STEPS for s in self.refine):
@@ -517,7 +529,8 @@ class DiCLIP:
         h, w = fwd.grid
         aff = None
         if "caa" in steps:
-            aff = reflib.caa_attention(fwd.out.attn, fwd.out.surgery_attn, cfg.caa_layers, cfg.caa_surgery, seg_attn)
+            aff = reflib.caa_attention(fwd.out.attn, cfg.caa_layers, cfg.caa_attention, cfg.surgery_layers,
+                                       fwd.out.surgery_attn, seg_attn)
         out = []
         for b in range(B):
             idx = torch.nonzero(allowed[b]).flatten().tolist()

@@ -12,29 +12,52 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["caa_attention", "caa_transition", "box_mask", "caa_refine", "sd_walk", "PAR", "walk_reference"]
+__all__ = ["CAA_ATTENTION", "caa_attention", "caa_transition", "box_mask", "caa_refine", "sd_walk", "PAR", "walk_reference"]
 
 
-def caa_attention(attn: Sequence[torch.Tensor], surgery_attn: Sequence[torch.Tensor] | None, layers: int = 6,
-                  use_surgery: bool = True, seg_attn: torch.Tensor | None = None) -> torch.Tensor:
+CAA_ATTENTION = ("code", "surgery", "head-mean")
+
+
+def caa_attention(attn: Sequence[torch.Tensor], layers: int = 6, mode: str = "code", surgery_layers: int = 0,
+                  surgery_attn: Sequence[torch.Tensor] | None = None,
+                  seg_attn: torch.Tensor | None = None) -> torch.Tensor:
     """The CAA affinity (B, P, P) over the patch tokens: the mean over the last ``layers`` blocks of the
-    patch-patch attention, each block head-averaged (original path) except the surgery blocks, which
-    enter as their head-summed surgery matrix M (VCE bias included) when ``use_surgery`` (the code).
+    patch-patch attention of the original path, ``attn`` (per block (B, heads, 1+P, 1+P) probabilities).
+
+    mode: how the last ``surgery_layers`` blocks (the surgery blocks) enter —
+    ``"code"`` (the authors' code, clip_custom.py ``Attention.forward``): their original-path softmax
+    summed over the heads (rows sum to the head count), the blocks before them head-averaged (what
+    ``nn.MultiheadAttention`` returns); ``"surgery"``: the head-summed surgery matrix M of
+    ``surgery_attn`` (VCE bias included; rows sum to 3·heads plus the bias); ``"head-mean"``: every
+    block head-averaged (rows sum to 1).
 
     ``seg_attn`` (B, P, P), the head's affinity (the code's gating from iteration 4000): keep the
     blocks whose total Σ(seg_attn − attention) is at most the mean of those totals, average them, and
     multiply by ``seg_attn``."""
+    if mode not in CAA_ATTENTION:
+        raise ValueError(f"caa_attention: mode must be one of {', '.join(CAA_ATTENTION)}, got {mode!r}")
     L = len(attn)
-    n_surg = len(surgery_attn) if (use_surgery and surgery_attn) else 0
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ValueError(f"caa_attention: layers must be an int >= 1, got {layers!r}")
+    if not 0 <= surgery_layers <= L:
+        raise ValueError(f"caa_attention: surgery_layers must lie in [0, {L}], got {surgery_layers!r}")
+    if mode == "surgery" and (surgery_attn is None or len(surgery_attn) != surgery_layers):
+        raise ValueError(f"caa_attention: mode='surgery' needs the {surgery_layers} surgery matrices (surgery_attn), "
+                         f"got {None if surgery_attn is None else len(surgery_attn)}")
+    first = L - surgery_layers
     mats = []
-    for i, a in enumerate(attn):
-        j = i - (L - n_surg)
-        m = surgery_attn[j] if j >= 0 else a.float().mean(dim=1)
-        mats.append(m[:, 1:, 1:].float())
-    mats = mats[-min(layers, L):]
-    stack = torch.stack(mats, dim=1)  # (B, L', P, P)
+    for i in range(max(L - layers, 0), L):
+        if i >= first and mode == "surgery":
+            mats.append(surgery_attn[i - first][:, 1:, 1:].float())
+            continue
+        a = attn[i][:, :, 1:, 1:].float()  # the sum runs over a view: no copy of the (B, heads, P, P) block
+        mats.append(a.sum(dim=1) if (i >= first and mode == "code") else a.mean(dim=1))
     if seg_attn is None:
-        return stack.mean(dim=1)
+        out = mats[0].clone()
+        for m in mats[1:]:
+            out += m
+        return out / len(mats)
+    stack = torch.stack(mats, dim=1)  # (B, L', P, P)
     seg = seg_attn.float()
     diff = (seg[:, None] - stack).flatten(2).sum(-1)  # (B, L')
     keep = (diff <= diff.mean(dim=1, keepdim=True)).float()[..., None, None]
@@ -75,16 +98,17 @@ def box_mask(cam: np.ndarray | torch.Tensor, threshold: float) -> torch.Tensor:
 
 def caa_refine(cams: torch.Tensor, aff: torch.Tensor, threshold: float) -> torch.Tensor:
     """CAA for one image: cams (K, h, w) in [0, 1] (the present classes), aff (P, P) with P = h·w.
-    Per class: the transition with the columns outside the class's boxes zeroed, times the CAM."""
+    Per class: the transition with the columns outside the class's boxes zeroed, times the CAM —
+    computed as T (m ⊙ cam) for all classes in one product rather than a masked copy of T per class."""
     K, h, w = cams.shape
     if aff.shape != (h * w, h * w):
         raise ValueError(f"caa_refine: affinity {tuple(aff.shape)} does not match the {h}x{w} CAM grid")
+    if K == 0:
+        return torch.zeros(0, h, w)
     t = caa_transition(aff)
-    out = torch.empty(K, h * w)
-    for c in range(K):
-        m = box_mask(cams[c], threshold).flatten().to(t.device)
-        out[c] = ((t * m[None, :]) @ cams[c].flatten().float().to(t.device)).cpu()
-    return out.reshape(K, h, w)
+    masks = torch.stack([box_mask(cams[c], threshold) for c in range(K)]).flatten(1).to(t.device)
+    x = cams.flatten(1).float().to(t.device) * masks  # (K, P)
+    return (x @ t.T).cpu().reshape(K, h, w)
 
 
 def sd_walk(q: torch.Tensor, k: torch.Tensor, maps: torch.Tensor, steps: int, ent: float = 0.02,
