@@ -1,5 +1,8 @@
 import os
 
+# Tests are offline: hub names go to the local cache only (weakseg.backbones.hub makes no network probe).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings

@@ -174,13 +174,62 @@ def read_safetensors_file(path: str | Path, formats: Sequence[str], what: str, h
     return tensors, {k: json.loads(v) for k, v in meta.items() if k != "format"}
 
 
+class WeightsFileError(ValueError):
+    """A trained-weights file (a head, a training checkpoint) whose tensors do not fit the model that loads
+    them: missing, extra or renamed tensors, a wrong shape or dtype, NaN / Inf values."""
+
+
+def _names(keys: Iterable[str], limit: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_weights(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str | Path, what: str,
+                  hint: str = "") -> dict[str, torch.Tensor]:
+    """The one check of trained weights read from ``path`` (the argument ``what``) against ``expected`` (name ->
+    a tensor of the wanted shape and dtype, e.g. ``module.state_dict()``): the same names, the same shape and
+    dtype for each, finite values in every floating-point tensor. Returns ``tensors``; raises
+    :class:`WeightsFileError` (one line naming the file and what is wrong, then ``hint``) otherwise."""
+
+    def fail(problem: str):
+        raise WeightsFileError(f"{what}: {str(path)!r} {problem}" + (f"; {hint}" if hint else ""))
+
+    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    if missing or extra:
+        fail(", ".join(([f"lacks tensor(s) {_names(missing)}"] if missing else []) +
+                       ([f"has unexpected tensor(s) {_names(extra)}"] if extra else [])) +
+             " (renamed, missing or extra entries: not a file written for this model)")
+    for name in sorted(expected):
+        t, want = tensors[name], expected[name]
+        if t.dtype != want.dtype:
+            fail(f"tensor {name!r} has dtype {str(t.dtype).replace('torch.', '')}, expected "
+                 f"{str(want.dtype).replace('torch.', '')}")
+        if t.shape != want.shape:
+            fail(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(want.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            fail(f"tensor {name!r} holds NaN or Inf values (a diverged run or a corrupt file)")
+    return tensors
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML, YAML or JSON file of config values."""
+    """Read a TOML, YAML or JSON file of config values (a mapping at the top level). Every error names the
+    file: missing, a directory, unreadable, malformed, or not a mapping."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"config file {p}: is a directory, expected a .toml, .yaml, .yml or .json file")
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    text = p.read_text()
     suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {p}: expected .toml, .yaml, .yml or .json, got {suffix or 'no suffix'}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if suffix == ".toml":
         try:
             import tomllib
@@ -189,23 +238,124 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 import tomli as tomllib
             except ImportError:
                 raise ImportError(f"reading {p} on Python 3.10 needs tomli (pip install tomli)") from None
-        return tomllib.loads(text)
-    if suffix in (".yaml", ".yml"):
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p}: malformed TOML ({_one_line(e)})") from None
+    elif suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise ImportError(f"reading {p} needs PyYAML (pip install pyyaml)") from None
-        data = yaml.safe_load(text)
-        return data or {}
-    if suffix == ".json":
-        return json.loads(text)
-    raise ValueError(f"config file {p}: expected .toml, .yaml, .yml or .json, got {suffix or 'no suffix'}")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p}: malformed YAML ({_one_line(e)})") from None
+        data = {} if data is None else data
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {p}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p}: expected a mapping of option names to values at the top level, got "
+                         f"{type(data).__name__}")
+    return data
+
+
+# ---- value types of config fields (user input from files and --set is checked against them) -----------------
+def _field_types(config_cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation of a config dataclass (unresolvable annotations are left out)."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # an annotation that cannot be evaluated: fall back to per-field resolution below
+        hints = {}
+    return {f.name: hints[f.name] for f in fields(config_cls) if f.name in hints}
+
+
+def _type_name(tp: Any) -> str:
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "null"
+    if origin is typing.Union or (origin is not None and type(tp).__name__ == "UnionType"):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if tp in (tuple, list) or origin in (tuple, list) or getattr(origin, "__name__", "") == "Sequence":
+        return "a list"
+    if origin is dict or getattr(origin, "__name__", "") == "Mapping":
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` (a JSON / YAML / TOML value) fits the annotation ``tp``; annotations it does not know
+    are accepted (the config's own checks decide)."""
+    import collections.abc
+    import typing
+
+    if tp is Any:
+        return True
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and type(tp).__name__ == "UnionType"):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp in (tuple, list):
+        return isinstance(value, (list, tuple))
+    if origin is typing.Literal:
+        return value in args
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping) or tp is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def check_option_types(values: dict[str, Any], config_cls: type, source: str) -> dict[str, Any]:
+    """Check user-given option values (from ``source``: a config file, ``--set``) against the field types of
+    ``config_cls``: a ValueError names the option, the expected type and the value given. A bool is not an
+    int. Strings that spell a number are accepted for float fields (YAML 1.1 reads ``1e-3`` as a string).
+    Returns the (possibly converted) values."""
+    types = _field_types(config_cls)
+    out = dict(values)
+    for key, value in values.items():
+        tp = types.get(key)
+        if tp is None or _matches(value, tp):
+            continue
+        if isinstance(value, str) and _matches(1.0, tp) and not _matches(1, tp):
+            try:
+                out[key] = float(value)
+                continue
+            except ValueError:
+                pass
+        raise ValueError(f"{source}: option {key!r} expects {_type_name(tp)}, got {value!r} "
+                         f"({type(value).__name__})")
+    return out
 
 
 def parse_set_options(items: Iterable[str], config_cls: type | None = None) -> dict[str, Any]:
-    """Turn CLI ``key=value`` strings into typed values (JSON literals, else strings)."""
+    """Turn CLI ``key=value`` strings into typed values (JSON literals, else strings). With ``config_cls``,
+    a value is kept as the raw string where the field takes a string and the JSON reading does not fit
+    (``bank=2024``), and a value of the wrong type is refused naming the key (``steps=true`` for an int)."""
     out: dict[str, Any] = {}
-    types = {f.name: f.type for f in fields(config_cls)} if config_cls is not None else {}
+    types = _field_types(config_cls) if config_cls is not None else {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
@@ -215,10 +365,35 @@ def parse_set_options(items: Iterable[str], config_cls: type | None = None) -> d
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        if types.get(key) in ("str", str) and not isinstance(value, str):
+        tp = types.get(key)
+        if tp is not None and not _matches(value, tp) and _matches(raw, tp):
             value = raw
+        if tp is not None and not _matches(value, tp):
+            raise ValueError(f"--set {item}: option {key!r} expects {_type_name(tp)}, got {value!r} "
+                             f"({type(value).__name__})")
         out[key] = value
     return out
+
+
+def check_device(device: Any, what: str = "device") -> torch.device:
+    """``device`` as a torch.device, or a ValueError naming ``what`` for an unknown device string and for a
+    CUDA (or MPS) device this machine does not have."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{what}: unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}={device!r}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                             f"False; torch CUDA {torch.version.cuda or 'not built'}); use device=cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{what}={device!r}: MPS is not available here; use device=cpu")
+    elif d.type != "cpu":
+        raise ValueError(f"{what}: unsupported device {device!r}; expected cpu, cuda or cuda:N")
+    return d
 
 
 @dataclass
@@ -306,7 +481,10 @@ def create(name: str, config_file: str | Path | None = None, set_options: Sequen
     cfg_cls = METHODS.config_class(name) or MethodConfig
     values: dict[str, Any] = {}
     if config_file is not None:
-        values.update(load_config_file(config_file))
+        values.update(check_option_types(load_config_file(config_file), cfg_cls, f"config file {config_file}"))
     values.update(overrides)
     values.update(parse_set_options(set_options, cfg_cls))
-    return cls(cfg_cls.from_dict(values))
+    cfg = cfg_cls.from_dict(values)
+    if hasattr(cfg, "device"):
+        check_device(cfg.device, f"{name}: device")
+    return cls(cfg)

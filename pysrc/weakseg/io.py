@@ -1,10 +1,15 @@
-"""Atomic file writes: the one place where weakseg writes a file that a reader may see half-written.
+"""Atomic file writes (the one place where weakseg writes a file that a reader may see half-written) and
+the one image reader (:func:`read_image`, :func:`check_image_file`).
 
 Every write goes to a temporary file in the target's folder (so the final rename never crosses a file
 system) and is renamed over the target with :func:`os.replace` only after it was written completely; on
 any error the temporary file is removed and the target is left as it was. Readers therefore see either
 the old file or the whole new one, and an interrupted job (Ctrl-C, a killed worker) never leaves a
 truncated cache entry, checkpoint, report or model file behind.
+
+Images are read by :func:`read_image` only (the CLI, the dataset readers and the caption readers), so every
+input gets the same conversion to RGB uint8 (16-bit images are rescaled, not clipped) and the same one-line
+:class:`ImageReadError` for truncated, unidentifiable or oversized ("decompression bomb") files.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-__all__ = ["atomic_path", "write_text", "write_bytes", "write_json", "save_safetensors", "save_png"]
+__all__ = ["atomic_path", "write_text", "write_bytes", "write_json", "save_safetensors", "save_png", "read_image",
+           "check_image_file", "ImageReadError"]
 
 
 def _umask() -> int:
@@ -90,3 +96,86 @@ def save_png(arr, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class ImageReadError(ValueError):
+    """An image file that exists but cannot be decoded (truncated, not an image, too large)."""
+
+
+def _open_checked(source, what: str):
+    """Open ``source`` (a path or bytes) with Pillow, turning its decompression-bomb warning into an error
+    and every decoding failure into :class:`ImageReadError`; ``what`` names the input in the message."""
+    import io as _io
+    import warnings
+
+    from PIL import Image
+
+    data = _io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(data)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(f"{what}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise ImageReadError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _check_path(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise ImageReadError(f"{what}: {str(p)!r} is a directory, expected an image file")
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: no such file {str(p)!r}")
+    if not os.access(p, os.R_OK):
+        raise ImageReadError(f"{what}: {str(p)!r} is not readable (permission denied)")
+    return p
+
+
+def check_image_file(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """Check, without decoding the pixels, that ``path`` is a readable image file whose header Pillow
+    understands and whose size is below Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``);
+    for PNGs the chunk checksums are verified too (which catches most truncations). Returns (width,
+    height). Raises FileNotFoundError or :class:`ImageReadError` naming ``what`` and the path."""
+    p = _check_path(path, what)
+    im = _open_checked(p, f"{what} {str(p)!r}")
+    try:
+        size = im.size
+        im.verify()
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageReadError(f"{what} {str(p)!r}: not a readable image ({type(e).__name__}: {e})") from None
+    finally:
+        im.close()
+    return size
+
+
+def read_image(source: str | os.PathLike | bytes, what: str = "image"):
+    """An image file (a path, or its bytes) as a (3, H, W) uint8 RGB tensor.
+
+    16-bit images (grey modes ``I;16*`` and ``I``, whose values are taken as 0..65535) keep their high byte
+    (``v >> 8``), as Pillow does itself for 16-bit RGB PNGs, instead of being clipped at 255 by
+    ``convert("RGB")``; every other mode goes through ``convert("RGB")`` (palette, grey, CMYK, alpha
+    dropped). Raises FileNotFoundError for a missing path and :class:`ImageReadError` (a ValueError) for a
+    directory, a truncated or unidentifiable file or a decompression bomb, naming ``what`` and the path."""
+    import numpy as np
+    import torch
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = what
+    else:
+        source = _check_path(source, what)
+        label = f"{what} {str(source)!r}"
+    im = _open_checked(source, label)
+    try:
+        with im:
+            if im.mode.startswith("I;16") or im.mode == "I":
+                grey = np.asarray(im).astype(np.int64)
+                arr = np.repeat((np.clip(grey, 0, 65535) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated data surfaces only when decoding
+        raise ImageReadError(f"{label}: not a readable image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()

@@ -26,6 +26,7 @@ axis is a method-level step); text embeddings always are.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weakseg.backbones.hub import hub_errors, require_hub
 from weakseg.backbones.text import resolve_templates
 from weakseg.core import BACKBONES, check_images
 from weakseg.io import atomic_path, save_safetensors
@@ -376,9 +378,12 @@ class CLIPBackbone(nn.Module):
         if name.startswith("hf-hub:"):
             from open_clip.pretrained import download_pretrained_from_hf
 
-            model = open_clip.create_model(name, cache_dir=cache_dir, device="cpu")
-            tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
-            cfg_file = download_pretrained_from_hf(name[len("hf-hub:"):], filename=_CONFIG_NAME, cache_dir=cache_dir)
+            require_hub(name, "CLIP model")
+            with hub_errors(name, "CLIP model"):
+                model = open_clip.create_model(name, cache_dir=cache_dir, device="cpu")
+                tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+                cfg_file = download_pretrained_from_hf(name[len("hf-hub:"):], filename=_CONFIG_NAME,
+                                                       cache_dir=cache_dir)
             model_cfg = json.loads(Path(cfg_file).read_text())["model_cfg"]
             return cls._finish(model, tokenizer, model_cfg, pos_interp, device, dtype)
 
@@ -398,9 +403,14 @@ class CLIPBackbone(nn.Module):
             force_quick_gelu = bool(tag_cfg.get("quick_gelu", False)) if tag_cfg else False
         if force_quick_gelu:
             model_cfg["quick_gelu"] = True
-        model = open_clip.create_model(cleaned, pretrained=pretrained or None, cache_dir=cache_dir, device="cpu",
-                                       force_quick_gelu=force_quick_gelu)
-        tokenizer = open_clip.get_tokenizer(cleaned, cache_dir=cache_dir)
+        hub = contextlib.nullcontext()
+        if pretrained and not os.path.isfile(pretrained):  # a tag: open_clip fetches its weights from the hub
+            require_hub(f"{cleaned} ({pretrained})", "CLIP model")
+            hub = hub_errors(f"{cleaned} ({pretrained})", "CLIP model")
+        with hub:
+            model = open_clip.create_model(cleaned, pretrained=pretrained or None, cache_dir=cache_dir, device="cpu",
+                                           force_quick_gelu=force_quick_gelu)
+            tokenizer = open_clip.get_tokenizer(cleaned, cache_dir=cache_dir)
         return cls._finish(model, tokenizer, model_cfg, pos_interp, device, dtype)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.attention import AttentionStore, LayerCapture, attention_layer_info, install_capture
+from weakseg.backbones.hub import hub_error, require_hub
 from weakseg.backbones.tokenizer import CLIP_VOCAB_SIZE, EOS_TOKEN, make_clip_tokenizer
 from weakseg.core import BACKBONES, check_images
 
@@ -222,6 +223,7 @@ class StableDiffusionBackbone:
             raise FileNotFoundError(f"Stable Diffusion: {name!r} {what}; expected {expected}")
         else:
             source = name
+            require_hub(name, "Stable Diffusion model")
         where = dict(cache_dir=cache_dir, local_files_only=local)
         common = dict(where, **kw)
         try:
@@ -239,6 +241,8 @@ class StableDiffusionBackbone:
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common,
                                                          **({} if dtype is None else {"dtype": dtype}))
         except (OSError, ValueError) as e:
+            if not local and isinstance(e, OSError):
+                raise hub_error(e, name, "Stable Diffusion model") from None
             where = f"directory {str(path)!r}" if local else f"hub model {name!r} (cache_dir={cache_dir!r})"
             raise OSError(f"Stable Diffusion: could not load the {where}: {e}; expected {expected}") from e
         sd = cls(vae, unet, text_encoder, tokenizer, scheduler, name=name)

@@ -14,6 +14,7 @@ wrong path raises an error naming the path and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from weakseg.backbones.hub import hub_errors, require_hub
 from weakseg.core import BACKBONES, check_images
 
 __all__ = [
@@ -168,6 +170,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike, what: str, required: Seq
     Returns (string to hand to the library, is_local). A path that exists must be a directory
     holding every file of ``required``; a string that looks like a filesystem path (absolute,
     ``./``, ``../``, ``~`` or more than one ``/``) but does not exist is an error, not a hub name.
+    A hub name passes :func:`weakseg.backbones.hub.require_hub` (one line, at once, without network).
     """
     s = os.fspath(name_or_path)
     if not s:
@@ -187,6 +190,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike, what: str, required: Seq
     if looks_local:
         raise FileNotFoundError(f"{what}: local directory {p} does not exist (expected a directory written by "
                                 f"save_pretrained, with {', '.join(required)}, or a hub name like 'org/model')")
+    require_hub(s, what)
     return s, False
 
 
@@ -273,11 +277,13 @@ class DINOv2Features(torch.nn.Module):
         src, local = resolve_pretrained(name_or_path, "DINOv2Features.from_pretrained")
         if local:
             kw["local_files_only"] = True
-        config = AutoConfig.from_pretrained(src, cache_dir=cache_dir, **kw)
+        with contextlib.nullcontext() if local else hub_errors(src, "DINOv2 model"):
+            config = AutoConfig.from_pretrained(src, cache_dir=cache_dir, **kw)
         if config.model_type not in ("dinov2", "dinov2_with_registers"):
             raise ValueError(f"DINOv2Features.from_pretrained: {name_or_path} holds a {config.model_type!r} model; "
                              f"expected 'dinov2' or 'dinov2_with_registers'")
-        model = AutoModel.from_pretrained(src, config=config, cache_dir=cache_dir, dtype=dtype, **kw)
+        with contextlib.nullcontext() if local else hub_errors(src, "DINOv2 model"):
+            model = AutoModel.from_pretrained(src, config=config, cache_dir=cache_dir, dtype=dtype, **kw)
         return cls(model, layer=layer, layernorm=layernorm, pad=pad).to(device)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

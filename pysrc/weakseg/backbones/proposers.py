@@ -17,6 +17,7 @@ Proposers:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from weakseg.backbones.features import resolve_pretrained
+from weakseg.backbones.hub import hub_errors
 from weakseg.core import PROPOSERS
 
 __all__ = [
@@ -316,11 +318,13 @@ class SAMProposer(torch.nn.Module):
         if local:
             kw["local_files_only"] = True
         from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(src, **kw)
+        with contextlib.nullcontext() if local else hub_errors(src, f"{cls.model_type.upper()} model"):
+            config = AutoConfig.from_pretrained(src, **kw)
         if config.model_type != cls.model_type:
             raise ValueError(f"{what}: {name_or_path} holds a {config.model_type!r} model; expected {cls.model_type!r}")
-        model = model_cls.from_pretrained(src, config=config, dtype=dtype, **kw)
-        ip = ip_cls.from_pretrained(src, **kw)
+        with contextlib.nullcontext() if local else hub_errors(src, f"{cls.model_type.upper()} model"):
+            model = model_cls.from_pretrained(src, config=config, dtype=dtype, **kw)
+            ip = ip_cls.from_pretrained(src, **kw)
         return cls(model, ip, **options).to(device)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

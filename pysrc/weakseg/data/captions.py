@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
+
+from weakseg.io import read_image
 
 __all__ = ["CaptionSample", "WebDatasetShards", "CaptionFolder", "ToyCaptions", "open_caption_dataset",
            "IMAGE_KEYS"]
@@ -46,12 +46,7 @@ class CaptionSample:
 
 
 def _decode(data: bytes, what: str) -> torch.Tensor:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.array(im.convert("RGB"))
-    except Exception as e:  # PIL raises several types for broken files
-        raise ValueError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    return read_image(data, what)  # 16-bit images rescaled; ImageReadError (a ValueError) names ``what``
 
 
 class WebDatasetShards:

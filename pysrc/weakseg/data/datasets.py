@@ -77,7 +77,7 @@ from weakseg.data.classnames import (
     ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABELID_TO_TRAINID, CLASS_RENAMES, COCO_OBJECT_CLASSES,
     COCO_STUFF_CLASSES, COCO_THING_IDS, CONTEXT59_CLASSES, CONTEXT60_CLASSES, VOC_CLASSES, rename_classes,
 )
-from weakseg.io import save_png, write_json
+from weakseg.io import read_image, save_png, write_json
 
 __all__ = [
     "Sample", "SegDataset", "DatasetLayoutError", "VOCSegmentation", "COCOObject", "PascalContext59",
@@ -111,10 +111,9 @@ def collate_samples(batch: Sequence[Sample]) -> list[Sample]:
 
 # ---------------------------------------------------------------------------------------- helpers
 def read_rgb(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as a (3, H, W) uint8 RGB tensor."""
-    with Image.open(path) as im:
-        arr = np.array(im.convert("RGB"))
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    """An image file as a (3, H, W) uint8 RGB tensor (:func:`weakseg.io.read_image`: 16-bit images are
+    rescaled, unreadable files raise a ValueError naming the file)."""
+    return read_image(path, "dataset image")
 
 
 def read_id_png(path: str | os.PathLike) -> np.ndarray:
