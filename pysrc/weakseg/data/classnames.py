@@ -100,17 +100,36 @@ COCO_STUFF_CLASSES: tuple[str, ...] = COCO_THINGS + (
 )
 
 # Per dataset, per method: devkit name -> the name the method puts in its prompts / class file.
-# Only renames stated in the method specs are listed; every other class keeps its devkit name.
+# Only renames stated in the method specs or the authors' class tables are listed; every other class keeps
+# its devkit name.
+_DS_CONTEXT = {"aeroplane": "airplane", "pottedplant": "plant", "tvmonitor": "monitor"}
+_ISEG_CONTEXT = {"aeroplane": "plane", "bedclothes": "bedding", "computer": "laptop", "pottedplant": "plant",
+                 "tvmonitor": "monitor"}
 CLASS_RENAMES: dict[str, dict[str, dict[str, str]]] = {
     "voc": {
         # ModuSeg's class file (meta/class_mapping.json): ship, people, table.
         "moduseg": {"boat": "ship", "person": "people", "diningtable": "table"},
-        # DiffSegmenter's single-token VOC words.
+        # DiffSegmenter's single-token VOC words (open_vocabulary/voc12/ptp_stable_best.py, ``embs``).
         "diffsegmenter": {"aeroplane": "plane", "bus": "buses", "diningtable": "table", "person": "people",
                           "pottedplant": "plant", "tvmonitor": "monitor"},
-        # iSeg's voc_name20 spells the compound names as words (it then picks token subsets:
-        # "potted plant" -> token 1, "tv monitor" -> token 1, "dining table" -> tokens 0 and 1).
-        "iseg": {"pottedplant": "potted plant", "tvmonitor": "tv monitor", "diningtable": "dining table"},
+        # iSeg's voc_name20 (data/voc/voc_name20.py) spells the compound names as words (it then picks
+        # token subsets: "potted plant" -> token 1, "tv monitor" -> token 1, "dining table" -> tokens 0, 1).
+        "iseg": {"aeroplane": "plane", "pottedplant": "potted plant", "tvmonitor": "tv monitor",
+                 "diningtable": "dining table"},
+    },
+    # PASCAL Context (VOC2010 images): DiffSegmenter's open_vocabulary/voc10/ptp_stable_voc10.py ``embs``;
+    # iSeg's context_name59 (data/voc_context/context_name59.py, the keys of VOC_CONTEXT_NAME).
+    "context59": {"diffsegmenter": dict(_DS_CONTEXT), "iseg": dict(_ISEG_CONTEXT)},
+    "context60": {"diffsegmenter": dict(_DS_CONTEXT), "iseg": dict(_ISEG_CONTEXT)},
+    "coco_object": {
+        # DiffSegmenter's open_vocabulary/coco/ptp_stable_coco.py ``embs``: VOC-style spellings, and
+        # "toothbrus" as the reference writes it (its class JSON has that spelling, so its prompts do).
+        "diffsegmenter": {"motorcycle": "motorbike", "airplane": "aeroplane", "couch": "sofa",
+                          "potted plant": "pottedplant", "dining table": "diningtable", "tv": "tvmonitor",
+                          "toothbrush": "toothbrus"},
+        # iSeg's coco_name80 (data/coco14/coco_name80.py).
+        "iseg": {"person": "people", "airplane": "plane", "motorcycle": "motorbike", "couch": "sofa",
+                 "tv": "tv monitor"},
     },
 }
 

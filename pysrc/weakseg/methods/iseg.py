@@ -53,13 +53,15 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images
+from weakseg.data.classnames import CLASS_RENAMES
 from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, grid_seeds, has_background,
                                     image_label_mask, load_tagger_clip, minmax_per_class, resize_maps,
                                     scores_to_labels)
 from weakseg.methods.diffusion_common import (ClassPrompt, build_class_prompt, fuse_cross_attention,
                                               select_token_maps)
 
-__all__ = ["ISeg", "ISegConfig", "PRESETS", "SELF_LAYER", "CROSS_LAYERS_16", "CROSS_LAYERS_32", "VOC_HEADS_16",
+__all__ = ["ISeg", "ISegConfig", "PRESETS", "VOC_RENAMES", "COCO_RENAMES", "CONTEXT_RENAMES", "SELF_LAYER",
+           "CROSS_LAYERS_16", "CROSS_LAYERS_32", "VOC_HEADS_16",
            "VOC_HEADS_32", "cluster_seeds", "load_stable_diffusion"]
 
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
@@ -84,11 +86,11 @@ VOC_HEADS_16 = (76, 1, 43, 17, 81, 6, 44, 27, 2, 8, 22, 20, 60, 78, 12, 83, 94, 
 
 VOC_STUFF = "ground, land, grass, tree, building, wall, sky, lake, water"
 COCO_STUFF = "ground, land, grass, tree, building, wall, sky, lake, water, river, sea, railway, "
-# dataset name -> the name iSeg writes in its prompt (voc_name20 / coco_name80)
-VOC_RENAMES = {"aeroplane": "plane", "diningtable": "dining table", "pottedplant": "potted plant",
-               "tvmonitor": "tv monitor"}
-COCO_RENAMES = {"person": "people", "airplane": "plane", "motorcycle": "motorbike", "couch": "sofa",
-                "tv": "tv monitor"}
+# dataset name -> the name iSeg writes in its prompt (its voc_name20 / coco_name80 / context_name59 tables,
+# weakseg.data.classnames.CLASS_RENAMES[...]["iseg"])
+VOC_RENAMES = dict(CLASS_RENAMES["voc"]["iseg"])
+COCO_RENAMES = dict(CLASS_RENAMES["coco_object"]["iseg"])
+CONTEXT_RENAMES = dict(CLASS_RENAMES["context59"]["iseg"])
 # prompt name -> indices of the words whose tokens make the class map (others: every token)
 TOKEN_WORDS = {"potted plant": [1], "tv monitor": [1], "traffic light": [1], "fire hydrant": [1],
                "baseball bat": [1], "baseball glove": [1], "tennis racket": [1], "wine glass": [1]}
@@ -103,7 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     heads_32=VOC_HEADS_32, background_words=VOC_STUFF, background_separator="",
                     class_renames=VOC_RENAMES),
     "context-ovs": dict(ent=0.002, steps=5, background="power", background_value=2.0, heads_16=None, heads_32=None,
-                        background_words="", background_separator="", class_renames={}),
+                        background_words="", background_separator="", class_renames=dict(CONTEXT_RENAMES)),
     "coco-ovs": dict(ent=0.2, steps=10, background="threshold", background_value=0.45, heads_16=None, heads_32=None,
                      background_words=COCO_STUFF, background_separator="", class_renames=COCO_RENAMES),
 }
