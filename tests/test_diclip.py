@@ -481,3 +481,36 @@ def test_toy_preset_fits_the_toy_architecture():
     out = m.segment([sc.image], w.class_names, lab)
     assert out.labels.shape == (1, 64, 64)
     assert set(out.labels.unique().tolist()) <= set(sc.image_labels)
+
+
+# ------------------------------------------------------------------------------------------- cache build
+
+def test_kmeans_centroids_default_is_the_codes_kmeans_call():
+    from sklearn.cluster import KMeans
+
+    from weakseg.methods.diclip import cache as cachelib
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(30, 8, generator=g) + 3 * torch.randn(1, 8, generator=g) for _ in range(6)])
+    # the authors' call: KMeans(n_clusters, random_state=0) on their float32 features
+    ref = torch.from_numpy(KMeans(n_clusters=4, random_state=0).fit(x.float().numpy()).cluster_centers_)
+    torch.testing.assert_close(cachelib.kmeans_centroids(x, 4), ref.float())
+    ten = cachelib.kmeans_centroids(x, 4, n_init=10)  # the former pinned choice, still available
+    assert ten.shape == (4, 8) and not torch.allclose(ten, ref.float())
+    with pytest.raises(ValueError, match="n_init"):
+        cachelib.kmeans_centroids(x, 4, n_init=0)
+
+
+def test_cache_masks_are_made_at_the_image_size(models, monkeypatch):
+    m = make(models)
+    seen = []
+    orig = m.labels_from_maps
+
+    def spy(maps, allowed, names, size):
+        seen.append(size)
+        return orig(maps, allowed, names, size)
+
+    monkeypatch.setattr(m, "labels_from_maps", spy)
+    img = images(1, size=96)[0]
+    pooled = m.pseudo_mask_features(img, NAMES, [0, 1])
+    assert seen == [(96, 96)] and set(pooled) <= {0, 1} and pooled

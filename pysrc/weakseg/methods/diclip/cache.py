@@ -18,8 +18,11 @@ image-level labels) the training-free pipeline gives a pseudo mask (CAM -> CAA 0
 argmax), the VCE token features are pooled under each present class's mask and under the background
 (``weakseg.ops.masked_area_pool``, masks nearest-downsampled to the patch grid as in the code, or the
 area weights as an option), and the per-image results are written to ``<work_dir>/items/`` one file
-each (atomic, so an interrupted build resumes). Then per class k-means (scikit-learn, random_state 0;
-fg 10 for VOC / 5 for COCO, background 20) and the final file, written atomically.
+each (atomic, so an interrupted build resumes). The mask is made at the image's own size (512 px for
+generated images, as the code's masks) and nearest-downsampled to the patch grid. Then per class k-means
+(scikit-learn on float32 features, random_state 0, one k-means++ start as the code's ``KMeans(n, random_state=0)``
+runs on scikit-learn >= 1.4; fg 10 for VOC / 5 for COCO, background 20) and the final file, written
+atomically.
 """
 
 from __future__ import annotations
@@ -138,7 +141,9 @@ class CacheBuildConfig:
     4307 (image i of the build uses seed gen_seed + i), 384² generated, LANCZOS-resized to 512.
     gen_batch: images per generation call. max_images: cap on the dataset images used (None = all).
     fg_centroids / bg_centroids: k-means centroids per class (VOC 10, COCO 5) / for the background (20;
-    the top-level script 25). kmeans_seed: 0. mask_pooling: "nearest" (the code: mask nearest-downsampled
+    the top-level script 25). kmeans_seed: 0. kmeans_n_init: k-means++ starts, 1 (the code's call on
+    scikit-learn >= 1.4, where ``n_init="auto"`` means one start; older scikit-learn ran 10, which weakseg
+    pinned before: pass 10 for that behaviour, about 10x the clustering time). mask_pooling: "nearest" (the code: mask nearest-downsampled
     to the patch grid) or "area" (covered fraction of each patch). caa_threshold / walk_steps: the mask
     pipeline (0.79, 10). batch_size: images per CAM pass."""
 
@@ -155,6 +160,7 @@ class CacheBuildConfig:
     fg_centroids: int = 10
     bg_centroids: int = 20
     kmeans_seed: int = 0
+    kmeans_n_init: int = 1
     mask_pooling: str = "nearest"
     caa_threshold: float = 0.79
     walk_steps: int = 10
@@ -166,7 +172,7 @@ class CacheBuildConfig:
         if self.mask_pooling not in ("nearest", "area"):
             raise ValueError(f"CacheBuildConfig.mask_pooling: expected 'nearest' or 'area', got {self.mask_pooling!r}")
         for n in ("images_per_class", "gen_steps", "gen_size", "gen_batch", "fg_centroids", "bg_centroids",
-                  "batch_size"):
+                  "batch_size", "kmeans_n_init"):
             v = getattr(self, n)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"CacheBuildConfig.{n}: expected an int >= 1, got {v!r}")
@@ -184,16 +190,19 @@ class CacheBuildConfig:
         return cls(**values)
 
 
-def kmeans_centroids(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
-    """scikit-learn KMeans (random_state ``seed``, n_init 10) of the rows of ``x`` (n, D) -> (min(k, n), D)
-    centroids in float32; with n <= k the rows themselves."""
+def kmeans_centroids(x: torch.Tensor, k: int, seed: int = 0, n_init: int = 1) -> torch.Tensor:
+    """scikit-learn KMeans (k-means++, random_state ``seed``, ``n_init`` starts) of the rows of ``x`` (n, D)
+    as float32 (the code clusters its float32 features) -> (min(k, n), D) centroids in float32; with
+    n <= k the rows themselves."""
+    if not isinstance(n_init, int) or isinstance(n_init, bool) or n_init < 1:
+        raise ValueError(f"kmeans_centroids: n_init must be an int >= 1, got {n_init!r}")
     if x.shape[0] <= k:
         return x.float().clone()
     try:
         from sklearn.cluster import KMeans
     except ImportError:
         raise ImportError("building a DiCLIP cache clusters with scikit-learn: pip install scikit-learn") from None
-    km = KMeans(n_clusters=int(k), random_state=int(seed), n_init=10).fit(x.double().numpy())
+    km = KMeans(n_clusters=int(k), random_state=int(seed), n_init=n_init).fit(x.float().numpy())
     return torch.from_numpy(km.cluster_centers_).float()
 
 
@@ -313,7 +322,7 @@ def build_cache(method, class_names: Sequence[str], out: str | os.PathLike, conf
         if not per_class[c]:
             continue
         k = cfg.bg_centroids if c == 0 else cfg.fg_centroids
-        cent = kmeans_centroids(torch.stack(per_class[c]), k, cfg.kmeans_seed)
+        cent = kmeans_centroids(torch.stack(per_class[c]), k, cfg.kmeans_seed, cfg.kmeans_n_init)
         keys.append(cent)
         v = torch.zeros(cent.shape[0], C)
         v[:, c] = 1

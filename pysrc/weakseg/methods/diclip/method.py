@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.text import DICLIP_BACKGROUND_WORDS, DICLIP_VOC20, VOC20
-from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images, read_safetensors_file
+from weakseg.core import (METHODS, PresetConfig, SegmentationOutput, WeightsFileError, check_images,
+                          check_weights, read_safetensors_file)
 from weakseg.methods.common import (BackgroundRule, StageTimer, has_background, image_label_mask, minmax_per_class,
                                     scores_to_labels)
 from weakseg.methods.diclip import cam as camlib
@@ -283,10 +284,12 @@ def load_sd(name: str, config: DiCLIPConfig):
 
 
 def read_checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(adapter and head tensors, metadata) of a DiCLIP training checkpoint, with clear errors."""
+    """(adapter and head tensors, metadata) of a DiCLIP training checkpoint (``model.safetensors``, or the
+    resumable ``last.safetensors``, whose optimizer state and random streams are left out), with clear errors.
+    The tensors are checked against the model by :meth:`DiCLIP.load_checkpoint`."""
     tensors, info = read_safetensors_file(path, ("weakseg-diclip-checkpoint",), "checkpoint",
                                           "train one with `weakseg train diclip`")
-    tensors = {k: v for k, v in tensors.items() if k.startswith(("adapter.", "head."))}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))}
     return tensors, info
 
 
@@ -371,37 +374,46 @@ class DiCLIP:
                                  f"{name!r}, which has {layers[name][1]} heads")
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Load the trained adapter and head of ``weakseg train diclip`` (weights + their metadata)."""
+        """Load the trained adapter and head of ``weakseg train diclip`` (weights + their metadata). The file's
+        tensors must be exactly the adapter's and head's its metadata describes (names, shapes, float dtypes,
+        finite values): :class:`~weakseg.core.WeightsFileError` names the file and what differs."""
         tensors, info = read_checkpoint_weights(path)
         names = info.get("class_names")
-        if not names:
-            raise ValueError(f"checkpoint {str(path)!r}: metadata lacks class_names")
-        self.head_classes = list(names)
+        if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"checkpoint {str(path)!r}: metadata lacks class_names (a list of at least 2 names)")
         C1 = len(names)
-        arch = info.get("arch", {})
-        adapter_sd = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
-        if adapter_sd:
-            M = int(arch.get("adapter_keys", 0))
-            P = int(arch.get("adapter_prompts", adapter_sd["fc1.weight"].shape[0] - M))
-            D = adapter_sd["fc1.weight"].shape[1]
-            if D != self.clip.embed_dim:
-                raise ValueError(f"checkpoint {str(path)!r}: the adapter takes {D}-d features, this CLIP gives "
-                                 f"{self.clip.embed_dim}-d ones")
+        arch = info.get("arch")
+        try:
+            M, P = int(arch["adapter_keys"]), int(arch["adapter_prompts"])
+            L, width = int(arch["head_layers"]), int(arch["head_in_width"])
+            dim, blocks, heads = int(arch["head_dim"]), int(arch["head_blocks"]), int(arch["head_heads"])
+            ad_drop, head_drop = float(arch.get("adapter_dropout", 0.1)), float(arch.get("head_dropout", 0.1))
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightsFileError(f"checkpoint: {str(path)!r} has a malformed 'arch' entry in its metadata "
+                                   f"({type(e).__name__}: {e})") from None
+        D = self.clip.embed_dim
+        fc1 = tensors.get("adapter.fc1.weight")
+        if fc1 is not None and fc1.dim() == 2 and fc1.shape[1] != D:
+            raise ValueError(f"checkpoint {str(path)!r}: the adapter takes {fc1.shape[1]}-d features, this CLIP gives "
+                             f"{D}-d ones")
+        if L != self.clip.num_layers or width != self.clip.width:
+            raise ValueError(f"checkpoint {str(path)!r}: the head was trained on a CLIP with {L} layers of width "
+                             f"{width}, this CLIP has {self.clip.num_layers} of {self.clip.width}")
+        try:
             ad = KVAdapter(torch.zeros(M, D), torch.eye(C1)[torch.zeros(M, dtype=torch.long)], prompts=P,
-                           dropout=float(arch.get("adapter_dropout", 0.1)))
-            ad.load_state_dict(adapter_sd)
-            self.adapter = ad.to(self.config.device).eval()
-        head_sd = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-        if head_sd:
-            L = int(arch["head_layers"])
-            head = SegHead(int(arch["head_in_width"]), L, C1, dim=int(arch["head_dim"]),
-                           blocks=int(arch["head_blocks"]),
-                           heads=int(arch["head_heads"]), dropout=float(arch.get("head_dropout", 0.1)))
-            head.load_state_dict(head_sd)
-            self.head = head.to(self.config.device).eval()
-            if L != self.clip.num_layers or int(arch["head_in_width"]) != self.clip.width:
-                raise ValueError(f"checkpoint {str(path)!r}: the head was trained on a CLIP with {L} layers of width "
-                                 f"{arch['head_in_width']}, this CLIP has {self.clip.num_layers} of {self.clip.width}")
+                           dropout=ad_drop)
+            head = SegHead(width, L, C1, dim=dim, blocks=blocks, heads=heads, dropout=head_drop)
+        except (ValueError, RuntimeError) as e:
+            raise WeightsFileError(f"checkpoint: {str(path)!r} has an impossible 'arch' entry in its metadata "
+                                   f"({e})") from None
+        expected = {**{f"adapter.{k}": v for k, v in ad.state_dict().items()},
+                    **{f"head.{k}": v for k, v in head.state_dict().items()}}
+        check_weights(tensors, expected, path, "checkpoint", "train one with `weakseg train diclip`")
+        ad.load_state_dict({k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")})
+        head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+        self.head_classes = list(names)
+        self.adapter = ad.to(self.config.device).eval()
+        self.head = head.to(self.config.device).eval()
 
     # ------------------------------------------------------------------ text
     def prompt_name(self, name: str) -> str:
@@ -578,7 +590,8 @@ class DiCLIP:
     def pseudo_mask_features(self, image: torch.Tensor, class_names: Sequence[str], class_ids: Sequence[int], *,
                              caa_threshold: float = 0.79, walk_steps: int = 10, pooling: str = "nearest"):
         """For one image with its present class ids (0 = background included): the training-free pseudo
-        mask (patch CAM with VCE -> CAA -> walk -> argmax) and the VCE token features pooled under each
+        mask (patch CAM with VCE -> CAA -> walk -> argmax) at the image's own size (the code's masks are
+        made at the size of its 512 px generated images) and the VCE token features pooled under each
         present class's mask -> {class id: (D,) feature} (classes with an empty mask left out)."""
         from weakseg.methods.diclip.cache import _pool
 
@@ -592,7 +605,7 @@ class DiCLIP:
         cams = self.cams(fwd, class_names, source="patch")
         maps = self.refine_maps(cams, fwd, allowed, sized, steps=("caa", "walk"), caa_threshold=caa_threshold,
                                 walk_steps=walk_steps)
-        _, labels = self.labels_from_maps(maps, allowed, class_names, tuple(sized.shape[-2:]))
+        _, labels = self.labels_from_maps(maps, allowed, class_names, tuple(image.shape[-2:]))
         return _pool(self, sized, labels, fwd.feats, fwd.grid, [list(class_ids)], pooling)[0]
 
     # ------------------------------------------------------------------ trained head
