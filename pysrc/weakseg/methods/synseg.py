@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images, read_safetensors_file
+from weakseg.core import (METHODS, PresetConfig, SegmentationOutput, check_images, check_weights,
+                          read_safetensors_file)
 from weakseg.methods.common import BackgroundRule, has_background, image_label_mask, minmax_per_class, scores_to_labels
 
 __all__ = ["SynSeg", "SynSegConfig", "SynSegHead", "PRESETS", "bounded_cos", "fss_pool", "mccl_losses",
@@ -317,7 +318,7 @@ def read_head_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """A trained SynSeg head (safetensors) -> (weights, metadata with "arch")."""
     tensors, info = read_safetensors_file(path, (MODEL_FORMAT, "weakseg-synseg-checkpoint"), "SynSegConfig.checkpoint",
                                           "train one with `weakseg train synseg`")
-    return {k: v for k, v in tensors.items() if not k.startswith("optim.")}, info
+    return {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))}, info
 
 
 # ----------------------------------------------------------------------------------------- views
@@ -424,10 +425,11 @@ class SynSeg:
             if cfg.checkpoint:
                 weights, info = read_head_file(cfg.checkpoint)
                 if info.get("arch") != self.arch:
-                    diff = {k: (info.get("arch", {}).get(k), v) for k, v in self.arch.items()
-                            if info.get("arch", {}).get(k) != v}
+                    had = info["arch"] if isinstance(info.get("arch"), dict) else {}
+                    diff = {k: (had.get(k), v) for k, v in self.arch.items() if had.get(k) != v}
                     raise ValueError(f"SynSegConfig.checkpoint: {cfg.checkpoint!r} was trained for another model "
                                      f"(file vs config: {diff})")
+                check_weights(weights, head.state_dict(), cfg.checkpoint, "SynSegConfig.checkpoint")
                 head.load_state_dict(weights)
                 self.trained_steps = info.get("step")
         self.head = head.to(self.clip.device).eval()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakseg.train.common import (TrainOptions, after_step, dist_context, finish_training, load_checkpoint,
-                                  save_checkpoint, seeded_generator)
+                                  save_checkpoint, seeded_generator, truncate_log)
 
 __all__ = ["DiCLIPTrainConfig", "train_diclip", "lr_at", "augment", "CHECKPOINT_FORMAT", "DiCLIPTrainable"]
 
@@ -207,13 +207,19 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
     last = out / "last.safetensors"
     meta = {"class_names": names, "arch": _arch(method, cache, module), "train_config": asdict(cfg),
             "method_config": method.config.to_dict()}
-    step = 0
+    B = cfg.batch_size
+    step = position = 0  # iterations done, positions of the data stream consumed (all ranks)
     if resume and last.exists():
         info = load_checkpoint(last, module, optimizer, CHECKPOINT_FORMAT)
         if info.get("class_names") != names or info.get("arch") != meta["arch"]:
             raise ValueError(f"checkpoint {str(last)!r} was written for other classes or another architecture; "
                              f"use another out_dir or resume=False")
-        step = int(info["step"])
+        step = info["step"]
+        position = info.get("position", step * world * B)
+    start, first = step, position
+    log = out / "log.jsonl"
+    if rank == 0:
+        truncate_log(log, step)
     ddp = module
     if use_dist and world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -223,13 +229,13 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
     losses: list[dict[str, float]] = []
     end = cfg.iterations if stop_after is None else min(cfg.iterations, step + int(stop_after))
     bar = tqdm(total=cfg.iterations, initial=step, desc="train diclip", disable=not progress or rank != 0)
-    log = out / "log.jsonl"
     perm_cache: dict[int, torch.Tensor] = {}
     while step < end:
-        # ---- the batch: positions [step·B·world + rank·B, +B) of the epoch permutations
+        # ---- the batch: positions [step·B·world + rank·B, +B) of the epoch permutations (counted from the
+        # checkpoint's data position)
         batch, valid, labels = [], [], []
-        for j in range(cfg.batch_size):
-            pos = (step * world + rank) * cfg.batch_size + j
+        for j in range(B):
+            pos = first + ((step - start) * world + rank) * B + j
             epoch, at = divmod(pos, n)
             if epoch not in perm_cache:
                 perm_cache.clear()
@@ -279,11 +285,13 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
         loss.backward()
         optimizer.step()
         step += 1
+        position = first + (step - start) * world * B
         rec = {"step": step, "loss": float(loss.detach()), "seg": float(seg_loss.detach()),
                "aff": float(aff_loss.detach()), "dyn": float(dyn_loss.detach()), "lr": optimizer.param_groups[0]["lr"]}
         losses.append(rec)
         after_step(rec, step, end, cfg, rank, log, bar,
-                   lambda: save_checkpoint(last, module, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT))
+                   lambda: save_checkpoint(last, module, optimizer, {**meta, "step": step, "position": position},
+                                           CHECKPOINT_FORMAT))
     bar.close()
     model_path = finish_training(out, step, cfg.iterations, rank, use_dist, world,
                                  lambda p: save_checkpoint(p, module, None, {**meta, "step": step}, CHECKPOINT_FORMAT))

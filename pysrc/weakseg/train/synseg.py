@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from weakseg.train.common import (TrainOptions, after_step, dist_context, finish_training, load_checkpoint,
-                                  save_checkpoint, seeded_generator)
+                                  save_checkpoint, seeded_generator, truncate_log)
 
 __all__ = ["SynSegTrainConfig", "train_synseg", "lr_at", "random_resized_crop", "prepare_phrases", "toy_demo",
            "TOY_TRAIN", "TOY_TRAIN_SCENES", "CHECKPOINT_FORMAT"]
@@ -220,36 +220,48 @@ def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrai
     out.mkdir(parents=True, exist_ok=True)
     last = out / "last.safetensors"
     meta = {"arch": method.arch, "train_config": asdict(cfg), "method_config": mcfg.to_dict()}
-    step = 0
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    B = cfg.batch_size
+    # every phrase's text embedding, computed once in a fixed order (sorted, fixed chunks): a phrase's
+    # embedding must not depend on which other phrases were new in its first batch (float sums differ in
+    # the last bits with the batch's make-up), or a resumed run would drift from the uninterrupted one
+    vocab = sorted({p for i in eligible for p in phrases[i]})
+    text_table = torch.cat([method.clip.class_embeddings(vocab[i:i + 1024], templates=mcfg.templates,
+                                                         synonym_sep=mcfg.synonym_sep).embeddings.float()
+                            for i in range(0, len(vocab), 1024)]).to(device)
+    text_row = {p: i for i, p in enumerate(vocab)}
+    step = position = 0  # iterations done, positions of the data stream consumed (all ranks)
     if resume and last.exists():
-        info = load_checkpoint(last, head, optimizer, CHECKPOINT_FORMAT, method.arch)
-        step = int(info["step"])
+        info = load_checkpoint(last, head, optimizer, CHECKPOINT_FORMAT, method.arch, scaler)
+        step = info["step"]
+        position = info.get("position", step * world * B)
+    log = out / "log.jsonl"
+    if rank == 0:
+        truncate_log(log, step)
     ddp = head
     if use_dist and world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
-    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     end = cfg.iterations if stop_after is None else min(cfg.iterations, step + int(stop_after))
-    B = cfg.batch_size
-    batches = [[(s * world + rank) * B + j for j in range(B)] for s in range(step, end)]
+    start, first = step, position
+    batches = [[first + ((s - start) * world + rank) * B + j for j in range(B)] for s in range(start, end)]
+    # the loader draws its workers' base seed from its own generator, not from the restored global stream
     loader = torch.utils.data.DataLoader(_Positions(dataset, eligible, phrases, mcfg.size, cfg), batch_sampler=batches,
-                                         num_workers=cfg.num_workers, collate_fn=_collate)
+                                         num_workers=cfg.num_workers, collate_fn=_collate,
+                                         generator=seeded_generator(cfg.seed, 37, start))
     weights = mcfg.loss_weights
     losses: list[dict[str, float]] = []
     bar = tqdm(total=cfg.iterations, initial=step, desc="train synseg", disable=not progress or rank != 0)
-    log = out / "log.jsonl"
     for images, plist in loader:
         K = max(len(p) for p in plist)
-        names = sorted({p for ps in plist for p in ps})
-        table = dict(zip(names, method.text_embeddings(names)))
         text = torch.zeros(len(plist), K, method.clip.embed_dim, device=device)
         valid = torch.zeros(len(plist), K, dtype=torch.bool, device=device)
         for b, ps in enumerate(plist):
             for k, p in enumerate(ps):
-                text[b, k] = table[p]
+                text[b, k] = text_table[text_row[p]]
                 valid[b, k] = True
         with torch.no_grad():
             pixels = method.clip.preprocess(images)
@@ -269,10 +281,12 @@ def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrai
             terms["loss"].backward()
             optimizer.step()
         step += 1
+        position = first + (step - start) * world * B
         rec = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}, "lr": lr, "K": K}
         losses.append(rec)
         after_step(rec, step, end, cfg, rank, log, bar,
-                   lambda: save_checkpoint(last, head, optimizer, {**meta, "step": step}, CHECKPOINT_FORMAT))
+                   lambda: save_checkpoint(last, head, optimizer, {**meta, "step": step, "position": position},
+                                           CHECKPOINT_FORMAT, scaler))
     bar.close()
     model_path = finish_training(out, step, cfg.iterations, rank, use_dist, world,
                                  lambda p: save_checkpoint(p, head, None, {**meta, "step": step}, MODEL_FORMAT))
