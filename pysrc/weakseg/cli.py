@@ -104,11 +104,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ValueError(f"--format: unknown format {args.format!r}; expected one of {', '.join(FORMATS)}")
     classes = None
+    _check_out_dir(args.out)
     if args.classes is not None:
-        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-        if not classes:
-            raise ValueError("--classes: expected a comma-separated, non-empty list of class names, e.g. "
-                             "background,cat,dog")
+        classes = _class_list(args.classes, background=None)
     if args.method not in weakseg.list_methods():
         raise ValueError(f"NAME: unknown method {args.method!r}; registered: {', '.join(weakseg.list_methods())}")
     from weakseg.core import METHODS
@@ -128,6 +126,7 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from weakseg.demo import DEFAULT_IMAGES, run_demo
 
+    _check_out_dir(args.out)
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
     report = run_demo(args.out, num_images=args.images or DEFAULT_IMAGES, methods=methods, overlays=args.overlays,
                       progress=not args.quiet, threads=args.threads)
@@ -136,43 +135,117 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segment(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _check_out_dir(out: str | None, arg: str = "--out") -> None:
+    """An output directory argument must not name an existing file (checked before any model loads)."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"{arg}: {out} is an existing file; expected a directory (created if missing)")
 
-    import numpy as np
+
+def _check_out_file(out: str | None, arg: str = "--out") -> None:
+    """An output file argument must not name an existing directory."""
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"{arg}: {out} is a directory; expected a file path")
+
+
+def _class_list(spec: str, arg: str = "--classes", background: bool | None = True) -> list[str]:
+    """A comma-separated class list: names stripped, empty items dropped, duplicates refused (compared
+    without case). ``background=True``: a background name (``background``, ``bg``, ...) given anywhere goes
+    first, and ``background`` is added when none is given (never twice); False: no background name allowed
+    (--no-background); None: the names as given."""
+    from weakseg.methods.common import BACKGROUND_NAMES
+
+    items = [c.strip() for c in spec.split(",") if c.strip()]
+    if not items:
+        raise ValueError(f"{arg}: expected a comma-separated list of class names, e.g. cat,dog")
+    seen: dict[str, str] = {}
+    dups = []
+    for c in items:
+        if c.lower() in seen:
+            dups.append(c if c == seen[c.lower()] else f"{seen[c.lower()]}/{c}")
+        seen.setdefault(c.lower(), c)
+    if dups:
+        raise ValueError(f"{arg}: duplicate class name(s) {', '.join(dict.fromkeys(dups))}; give each class once")
+    bgs = [c for c in items if c.lower() in BACKGROUND_NAMES]
+    if len(bgs) > 1:
+        raise ValueError(f"{arg}: {', '.join(bgs)} all name the background; give it once")
+    rest = [c for c in items if c.lower() not in BACKGROUND_NAMES]
+    if background is None:
+        return items
+    if not background:
+        if bgs:
+            raise ValueError(f"{arg}: names the background ({bgs[0]!r}) but --no-background is set; drop one")
+        return items
+    return bgs[:1] + rest if bgs else ["background"] + rest
+
+
+def _output_stems(paths: list[str]) -> list[str]:
+    """File-name stems for the outputs of ``paths``: the image's stem, and where stems collide
+    (``a/x.png b/x.png``) the shortest run of parent folders that tells the colliding images apart, joined by
+    ``_`` (``a_x``, ``b_x``); failing that, with the extension (``x_jpg``, ``c_x_png``). The same file twice
+    is refused."""
+    resolved = [Path(p).resolve() for p in paths]
+    first: dict[Path, str] = {}
+    for p, r in zip(paths, resolved):
+        if r in first:
+            raise ValueError(f"IMAGE: {p} is given more than once" + (f" (also as {first[r]})" if first[r] != p else ""))
+        first[r] = p
+    stems = [r.stem for r in resolved]
+    out = list(stems)
+
+    def candidates(i: int, depth: int) -> list[str]:
+        parents, r = resolved[i].parent.parts[1:], resolved[i]
+        tail = [parents[-k:] if k else () for k in range(depth + 1)]
+        return ["_".join(t + (r.stem,)) for t in tail[1:]] + ["_".join(t + (r.name.replace(".", "_"),)) for t in tail]
+
+    for stem in dict.fromkeys(stems):
+        idx = [i for i, s in enumerate(stems) if s == stem]
+        if len(idx) == 1:
+            continue
+        taken = {s for s in stems if s != stem}
+        depth = max(len(resolved[i].parent.parts) - 1 for i in idx)
+        cands = {i: candidates(i, depth) for i in idx}
+        # each image: its first candidate that no other colliding image has at the same level
+        for i in idx:
+            out[i] = next((c for lvl, c in enumerate(cands[i]) if c not in taken
+                           and all(cands[j][lvl] != c for j in idx if j != i)), cands[i][-1])
+        if len({out[i] for i in idx}) < len(idx):  # rare: fall back to one level for the whole group
+            for names in zip(*cands.values()):
+                if len(set(names)) == len(names) and not taken & set(names):
+                    for i, n in zip(idx, names):
+                        out[i] = n
+                    break
+    return out
+
+
+def _segment(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     import weakseg
-    from weakseg.eval.visualize import colorize, overlay_panel, save_png
+    from weakseg.eval.visualize import colorize, overlay_panel
+    from weakseg.io import check_image_file, read_image, save_png, save_safetensors
 
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    if not classes:
-        raise ValueError("--classes: expected a comma-separated list of class names, e.g. cat,dog")
-    names = classes if args.no_background else ["background"] + classes
+    names = _class_list(args.classes, background=not args.no_background)
+    _check_out_dir(args.out)
+    for path in args.images:  # every input is checked before the (possibly slow) model load
+        check_image_file(path, "IMAGE")
+    stems = _output_stems(args.images)
     method = weakseg.create(args.method, config_file=args.config, set_options=args.set or ())
     out = Path(args.out)
     results = []
-    for path in args.images:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"IMAGE: no such file {p}")
-        with Image.open(p) as im:
-            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    for path, stem in zip(args.images, stems):
+        image = read_image(path, "IMAGE")
         # the given classes are the ones to segment; --open-vocab lets the method pick among them
         given = None if args.open_vocab else torch.ones(1, len(names), dtype=torch.bool)
         res = method.segment([image], names, given)
         labels = res.labels[0].cpu()
-        save_png(colorize(labels), out / f"{p.stem}_labels.png")
-        save_png(overlay_panel(image, None, labels), out / f"{p.stem}_overlay.png")
+        save_png(colorize(labels), out / f"{stem}_labels.png")
+        save_png(overlay_panel(image, None, labels), out / f"{stem}_overlay.png")
         if args.save_scores:
-            from safetensors.torch import save_file
-
-            save_file({"scores": res.scores[0].float().cpu().contiguous(), "labels": labels.contiguous()},
-                      str(out / f"{p.stem}_scores.safetensors"),
-                      metadata={"class_names": json.dumps(res.class_names), "method": args.method})
+            save_safetensors({"scores": res.scores[0].float(), "labels": labels}, out / f"{stem}_scores.safetensors",
+                             metadata={"class_names": json.dumps(res.class_names), "method": args.method})
         counts = torch.bincount(labels.flatten().clamp(0, 255), minlength=len(names))
-        results.append({"image": str(p), "pixels": {n: int(counts[i]) for i, n in enumerate(names)}})
+        results.append({"image": str(path), "output": stem,
+                        "pixels": {n: int(counts[i]) for i, n in enumerate(names)}})
     print(json.dumps({"out": str(out), "class_names": names, "images": results}, indent=2))
     return 0
 
@@ -184,6 +257,7 @@ def _eval(args: argparse.Namespace) -> int:
     ds_kwargs = {}
     if args.dataset == "toyworld" and args.limit is not None:
         ds_kwargs["num_scenes"] = args.limit
+    _check_out_dir(args.out)
     dataset = open_eval_dataset(args.dataset, args.root, args.split, **ds_kwargs)
     method = weakseg.create(args.method, config_file=args.config, set_options=args.set or ())
     out = args.out or f"outputs/eval/{args.method}_{args.dataset}"
@@ -201,6 +275,7 @@ def _bank_build(args: argparse.Namespace) -> int:
     from weakseg.eval import open_eval_dataset
 
     ds_kwargs = {"num_scenes": args.limit} if args.dataset == "toyworld" and args.limit is not None else {}
+    _check_out_file(args.out)
     dataset = open_eval_dataset(args.dataset, args.root, args.split or "train", **ds_kwargs)
     overrides = {"backbone": args.backbone} if args.backbone else {}
     seg = weakseg.create("moduseg", config_file=args.config, set_options=args.set or (), bank=None, **overrides)
@@ -235,10 +310,9 @@ def _class_names_arg(spec: str) -> list[str]:
         return list(CLASSES)
     if spec in named:
         return named[spec]
-    items = [c.strip() for c in spec.split(",") if c.strip()]
-    if not items:
+    if not any(c.strip() for c in spec.split(",")):
         raise ValueError("--classes: expected voc, coco, toyworld or a comma-separated list of class names")
-    return items if items[0] == "background" else ["background"] + items
+    return _class_list(spec)
 
 
 def _open_train_dataset(name: str, root: str | None, split: str | None, limit: int | None):
@@ -247,9 +321,13 @@ def _open_train_dataset(name: str, root: str | None, split: str | None, limit: i
 
         return ToyWorld(split=split or "train", num_scenes=limit if limit is not None else 1000)
     from weakseg.data import open_dataset
+    from weakseg.eval.runner import check_dataset_name
 
+    check_dataset_name(name)
     if root is None:
         raise ValueError(f"--dataset {name}: --root DIR is required")
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ValueError(f"--root: {root} is a file; expected the {name} dataset's directory")
     return open_dataset(name, root, split or "train")
 
 
@@ -258,20 +336,21 @@ def _cache_build(args: argparse.Namespace) -> int:
     from weakseg.core import parse_set_options
     from weakseg.methods.diclip.cache import CacheBuildConfig, build_cache
 
-    method = weakseg.create("diclip", config_file=args.config, set_options=args.set or ())
+    _check_out_file(args.out)
     opts = parse_set_options(args.build or (), CacheBuildConfig)
     dataset = None
     if args.dataset:
+        if args.classes:
+            raise ValueError("--classes: the class names come from --dataset; give one of the two")
         dataset = _open_train_dataset(args.dataset, args.root, args.split, args.limit)
         opts.setdefault("source", "dataset")
         names = list(dataset.class_names)
-        if args.classes:
-            raise ValueError("--classes: the class names come from --dataset; give one of the two")
     else:
         if not args.classes:
             raise ValueError("cache build: give --dataset (real images) or --classes (generated images)")
         opts.setdefault("source", "generated")
         names = _class_names_arg(args.classes)
+    method = weakseg.create("diclip", config_file=args.config, set_options=args.set or ())
     if args.images_per_class is not None:
         opts["images_per_class"] = args.images_per_class
     if args.limit is not None and args.dataset:
@@ -288,11 +367,12 @@ def _train_diclip(args: argparse.Namespace) -> int:
     from weakseg.core import parse_set_options
     from weakseg.train.diclip import DiCLIPTrainConfig, train_diclip
 
+    _check_out_dir(args.out)
     sets = list(args.set or ())
     if args.cache:
         sets.append(f"cache={args.cache}")
+    dataset = _open_train_dataset(args.dataset, args.root, args.split, args.limit)  # before the model loads
     method = weakseg.create("diclip", config_file=args.config, set_options=sets)
-    dataset = _open_train_dataset(args.dataset, args.root, args.split, args.limit)
     cfg = DiCLIPTrainConfig.from_dict(parse_set_options(args.train or (), DiCLIPTrainConfig))
     res = train_diclip(method, dataset, list(dataset.class_names), args.out, cfg, resume=not args.no_resume,
                        progress=not args.quiet)
@@ -314,6 +394,7 @@ def _train_synseg(args: argparse.Namespace) -> int:
     from weakseg.data.captions import open_caption_dataset
     from weakseg.train.synseg import SynSegTrainConfig, train_synseg
 
+    _check_out_dir(args.out)
     dataset = open_caption_dataset(args.data, limit=args.limit)  # before the (possibly downloaded) CLIP
     method = weakseg.create("synseg", config_file=args.config, set_options=args.set or ())
     opts = parse_set_options(args.train or (), SynSegTrainConfig)
@@ -481,10 +562,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    # Bad input and failed downloads or file access end in one line and exit status 2 (Ctrl-C: 130); the
+    # errors are weakseg's own checks (ValueError, TypeError, KeyError, FileNotFoundError), missing optional
+    # packages and OSError (files, hub). Anything else is a bug and keeps its traceback.
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, ImportError) as e:
-        print(f"weakseg {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"weakseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"weakseg {args.command}: error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 2
 
 

@@ -151,6 +151,8 @@ def read_safetensors(path: str | Path, what: str, hint: str = "", error: type[Ex
     from safetensors import safe_open
 
     p = Path(path)
+    if p.is_dir():
+        raise error(f"{what}: {str(p)!r} is a directory; expected a safetensors file")
     if not p.is_file():
         raise FileNotFoundError(f"{what}: no such file {str(p)!r}" + (f"; {hint}" if hint else ""))
     try:

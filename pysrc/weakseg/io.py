@@ -175,7 +175,7 @@ def read_image(source: str | os.PathLike | bytes, what: str = "image"):
                 grey = np.asarray(im).astype(np.int64)
                 arr = np.repeat((np.clip(grey, 0, 65535) >> 8).astype(np.uint8)[..., None], 3, axis=2)
             else:
-                arr = np.asarray(im.convert("RGB"))
+                arr = np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated data surfaces only when decoding
         raise ImageReadError(f"{label}: not a readable image ({type(e).__name__}: {e})") from None
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()

@@ -100,8 +100,13 @@ def hub_error(e: OSError, name: str, what: str) -> HubUnavailableError:
 @contextmanager
 def hub_errors(name: str, what: str) -> Iterator[None]:
     """Around a hub library's load of the hub name ``name``: its failures to fetch or find files (OSError and
-    the hub's errors, which derive from it) become one :class:`HubUnavailableError` line naming ``what``."""
+    the hub's errors, which derive from it, also when a library wraps them in a RuntimeError) become one
+    :class:`HubUnavailableError` line naming ``what``."""
     try:
         yield
     except OSError as e:
         raise hub_error(e, name, what) from None
+    except RuntimeError as e:  # open_clip re-raises a failed weight download as a RuntimeError
+        if not isinstance(e.__context__, OSError):
+            raise
+        raise hub_error(e.__context__, name, what) from None

@@ -4,6 +4,14 @@ For every image of a dataset (or of this process's shard), the method's label
 map is computed once and cached as a PNG under ``<out>/preds/``; a rerun skips
 the cached images (an interrupted run resumes where it stopped), and the
 confusion matrix is accumulated from the cached maps and the ground truth.
+
+The cache is keyed by ``<out>/preds/manifest.json``: the method's name, its
+resolved config, a digest of the weight files the config names (see
+:func:`weights_digest`), the dataset (name, split, root), the class names and
+whether image-level labels were given. A run whose key differs from the
+manifest's (or finds predictions without a manifest) deletes the cached PNGs
+and recomputes every image, saying so on stderr; a cached PNG that cannot be
+read or does not fit its image (size, class ids) is recomputed too.
 Under ``torchrun`` each rank takes the images ``i % world_size == rank`` and
 the integer confusion matrices are summed with ``all_reduce``, so the merged
 result is exactly the single-process one.
@@ -18,9 +26,11 @@ images.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +44,7 @@ from weakseg.eval.metrics import MIOU_CONVENTIONS, ConfusionMatrix
 from weakseg.eval.visualize import overlay_panel
 from weakseg.io import save_png, write_json, write_text
 
-__all__ = ["evaluate", "open_eval_dataset"]
+__all__ = ["evaluate", "open_eval_dataset", "weights_digest"]
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
@@ -73,9 +83,140 @@ def _read_label_png(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im).astype(np.int64))
 
 
+def _read_cached(path: Path, size: tuple[int, int], num_classes: int, ignore: int) -> tuple[torch.Tensor | None, str]:
+    """A cached prediction, or (None, why) when it cannot be used: unreadable (truncated, not a PNG), another
+    size than its image, or class ids outside [0, num_classes) other than ``ignore``."""
+    try:
+        pred = _read_label_png(path)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return None, f"unreadable ({type(e).__name__}: {e})"
+    if tuple(pred.shape) != tuple(size):
+        return None, f"{tuple(pred.shape)} for a {tuple(size)} image"
+    bad = (pred != ignore) & ((pred < 0) | (pred >= num_classes))
+    if bool(bad.any()):
+        return None, f"class id {int(pred[bad][0])} outside [0, {num_classes})"
+    return pred, ""
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".json", ".txt", ".model")
+_NOT_WEIGHTS = ("cache_dir", "work_dir")  # download / scratch folders, not what the method computes with
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def weights_digest(config: dict[str, Any]) -> str:
+    """A digest of the weights a method config names: the content (sha256) of every existing file a string
+    option names (banks, heads, checkpoints, caches), and for every existing directory (a model saved by
+    ``save_pretrained``) the path, size and mtime of its weight and config files up to two levels down;
+    ``"toy"`` stands for the committed toy-world weights. Hub names are covered by the config itself."""
+    h = hashlib.sha256()
+    seen: set[str] = set()
+    for key in sorted(config):
+        if key in _NOT_WEIGHTS:
+            continue
+        for s in _strings(config[key]):
+            if s in seen or s in ("", ".", ".."):
+                continue
+            seen.add(s)
+            if s == "toy":
+                from weakseg.toyworld import WEIGHTS_DIR
+
+                p = WEIGHTS_DIR
+            else:
+                p = Path(s.removeprefix("local-dir:")).expanduser()
+            try:
+                if p.is_file():
+                    h.update(f"file {key} {s}\n".encode())
+                    with open(p, "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            h.update(chunk)
+                elif p.is_dir():
+                    h.update(f"dir {key} {s}\n".encode())
+                    for q in sorted(p.glob("*")) + sorted(p.glob("*/*")):
+                        if q.is_file() and q.suffix in _WEIGHT_SUFFIXES:
+                            st = q.stat()
+                            h.update(f"{q.relative_to(p).as_posix()} {st.st_size} {st.st_mtime_ns}\n".encode())
+            except OSError:  # unreadable: the method itself reports it when it loads the file
+                h.update(f"unreadable {key} {s}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_key(segmenter, dataset, method_name: str | None, dataset_name: str | None, names: Sequence[str],
+               use_image_labels: bool) -> dict[str, Any]:
+    cfg = getattr(segmenter, "config", None)
+    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str)) if dataclasses.is_dataclass(cfg) else None
+    root = getattr(dataset, "root", None)
+    return {"method": method_name or type(segmenter).__name__, "config": config,
+            "weights": weights_digest(config or {}),
+            "dataset": {"name": dataset_name or type(dataset).__name__, "split": getattr(dataset, "split", None),
+                        "root": str(Path(root).resolve()) if root is not None else None},
+            "class_names": list(names), "image_labels_given": bool(use_image_labels)}
+
+
+def _key_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The entries (config options by name) in which two cache keys differ."""
+    diff = []
+    for k in new:
+        if k == "config" and isinstance(old.get(k), dict) and isinstance(new[k], dict):
+            diff += [f"config.{o}" for o in sorted(set(old[k]) | set(new[k])) if old[k].get(o) != new[k].get(o)]
+        elif old.get(k) != new[k]:
+            diff.append(k)
+    return diff
+
+
+def _note(msg: str) -> None:
+    tqdm.write(f"weakseg eval: {msg}", file=sys.stderr)
+
+
+def _sync_cache(preds_dir: Path, key: dict[str, Any], owner: bool) -> bool:
+    """Make ``preds_dir`` hold only predictions made under ``key``. Returns whether its PNGs may be reused.
+    The ``owner`` (rank 0) deletes stale PNGs and writes the manifest; other ranks only read it."""
+    manifest = preds_dir / "manifest.json"
+    cached = preds_dir.is_dir() and next(preds_dir.rglob("*.png"), None) is not None
+    old = None
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            why = f"its manifest {manifest} is unreadable ({type(e).__name__})"
+        else:
+            why = "" if old == key else ("they were made with another " + ", ".join(_key_difference(old, key)))
+    else:
+        why = f"there is no manifest {manifest.name} saying what made them"
+    if old == key:
+        return True
+    if not owner:
+        return False
+    if cached:
+        _note(f"the cached predictions in {preds_dir} cannot be reused: {why}; recomputing every image")
+        for p in preds_dir.rglob("*.png"):
+            p.unlink()
+    preds_dir.mkdir(parents=True, exist_ok=True)
+    write_json(manifest, key)
+    return True
+
+
+def check_dataset_name(name: str) -> None:
+    """A ValueError listing the known datasets when ``name`` is not one (before asking for a root)."""
+    from weakseg.data import DATASETS
+
+    if name != "toyworld" and name not in DATASETS:
+        raise ValueError(f"--dataset: unknown dataset {name!r}; known: {', '.join(sorted([*DATASETS, 'toyworld']))}")
+
+
 def open_eval_dataset(name: str, root: str | None = None, split: str | None = None, **kwargs: Any):
     """A dataset by name: the readers of :mod:`weakseg.data` (``root`` required) or
     ``"toyworld"`` (generated; ``split`` defaults to the held-out ``"test"``)."""
+    check_dataset_name(name)
     if name == "toyworld":
         from weakseg.data.toyworld import ToyWorld
 
@@ -84,6 +225,8 @@ def open_eval_dataset(name: str, root: str | None = None, split: str | None = No
 
     if root is None:
         raise ValueError(f"dataset {name!r}: --root DIR is required")
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ValueError(f"--root: {root} is a file; expected the {name} dataset's directory")
     return open_dataset(name, root, split if split is not None else "val", **kwargs)
 
 
@@ -108,14 +251,26 @@ def evaluate(segmenter, dataset, out_dir: str | os.PathLike, *, use_image_labels
     n = len(dataset) if limit is None else min(limit, len(dataset))
     r, w, use_dist = _dist_info(rank, world_size)
     preds_dir = out / "preds"
-    cm = ConfusionMatrix(C, getattr(dataset, "ignore_index", 255))
+    ignore = getattr(dataset, "ignore_index", 255)
+    key = _cache_key(segmenter, dataset, method_name, dataset_name, names, use_image_labels)
+    reusable = _sync_cache(preds_dir, key, owner=r == 0)
+    if use_dist and w > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has removed stale predictions before any rank reads the cache
+        reusable = reusable or _sync_cache(preds_dir, key, owner=False)
+    resume = resume and reusable
+    cm = ConfusionMatrix(C, ignore)
     computed, seconds, labelled = 0, 0.0, 0
     for i in tqdm(range(r, n, w), desc=f"eval {method_name or ''}".strip(), disable=not progress or r != 0):
         sample = dataset[i]
         path = preds_dir / f"{_safe_name(sample.name)}.png"
+        pred = None
         if resume and path.exists():
-            pred = _read_label_png(path)
-        else:
+            pred, why = _read_cached(path, tuple(sample.image.shape[1:]), C, ignore)
+            if pred is None:
+                _note(f"the cached prediction {path} is {why}; recomputing it")
+        if pred is None:
             image_labels = None
             if use_image_labels:
                 image_labels = torch.zeros(1, C, dtype=torch.bool)
