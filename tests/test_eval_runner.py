@@ -150,3 +150,85 @@ def test_cli_segment_writes_labels_overlays_and_scores(tmp_path, capsys):
     assert saved["scores"].shape == (3, 32, 32) and saved["labels"].shape == (32, 32)
     assert main(["segment", str(tmp_path / "missing.png"), "--method", "test-border-colour", "--classes", "a"]) == 2
     assert main(["segment", str(img_path), "--method", "test-border-colour", "--classes", " , "]) == 2
+
+
+# ---- the cache is keyed on method, config, weights and dataset (issue 25) -------------------------------------
+def _metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_cli_eval_cache_is_keyed_on_the_config(tmp_path, capsys):
+    """iSeg on the toy world: another config recomputes every image (and reports the new config's mIoU),
+    the same config reuses the cached predictions."""
+    out = tmp_path / "e"
+    base = ["eval", "--method", "iseg", "--dataset", "toyworld", "--limit", "1", "--out", str(out), "--quiet"]
+    assert main([*base, "--set", "preset=toy"]) == 0
+    first = _metrics(out)
+    assert first["images_computed_this_run"] == 1
+    capsys.readouterr()
+    assert main([*base, "--set", "preset=toy", "baseline=true"]) == 0
+    second = _metrics(out)
+    assert second["images_computed_this_run"] == 1 and second["config"]["baseline"] is True
+    err = capsys.readouterr().err
+    assert "config.baseline" in err and "recomputing every image" in err
+    fresh = tmp_path / "fresh"
+    assert main(["eval", "--method", "iseg", "--dataset", "toyworld", "--limit", "1", "--out", str(fresh), "--quiet",
+                 "--set", "preset=toy", "baseline=true"]) == 0
+    assert second["miou"] == _metrics(fresh)["miou"]
+    assert main([*base, "--set", "preset=toy", "baseline=true"]) == 0
+    assert _metrics(out)["images_computed_this_run"] == 0 and _metrics(out)["miou"] == second["miou"]
+
+
+def test_cache_key_covers_config_weights_dataset_and_labels(tmp_path, capsys):
+    world = ToyWorld(size=32, split="test", num_scenes=3)
+    weights = tmp_path / "head.bin"
+    weights.write_bytes(b"one")
+
+    @dataclass
+    class WeightedConfig(BorderConfig):
+        head: str = ""
+
+    def run(threshold=60.0, head=str(weights), **kw):
+        seg = BorderColourSegmenter(WeightedConfig(threshold=threshold, head=head))
+        return evaluate(seg, world, tmp_path / "o", progress=False, **kw)["images_computed_this_run"]
+
+    assert run() == 3
+    assert run() == 0
+    assert run(threshold=30.0) == 3  # another config
+    assert "config.threshold" in capsys.readouterr().err
+    assert run(threshold=30.0) == 0
+    weights.write_bytes(b"two")  # same path, other weights
+    assert run(threshold=30.0) == 3
+    assert "weights" in capsys.readouterr().err
+    assert run(threshold=30.0, use_image_labels=False) == 3
+    assert run(threshold=30.0, use_image_labels=False, dataset_name="other") == 3
+    assert run(threshold=30.0, use_image_labels=False, dataset_name="other") == 0
+    # predictions without a manifest (an older weakseg) are not trusted
+    (tmp_path / "o" / "preds" / "manifest.json").unlink()
+    assert run(threshold=30.0, use_image_labels=False, dataset_name="other") == 3
+    assert "no manifest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong-size", "bad-class"])
+def test_corrupt_cached_predictions_are_recomputed(tmp_path, capsys, damage):
+    world = ToyWorld(size=32, split="test", num_scenes=3)
+    seg = BorderColourSegmenter(BorderConfig())
+    want = evaluate(seg, world, tmp_path, progress=False)
+    victim = tmp_path / "preds" / f"{world[1].name}.png"
+    good = victim.read_bytes()
+    if damage == "truncated":
+        victim.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        victim.write_text("not a png")
+    elif damage == "wrong-size":
+        from PIL import Image
+
+        Image.fromarray(np.zeros((5, 7), np.uint8)).save(victim)
+    else:
+        from PIL import Image
+
+        Image.fromarray(np.full((32, 32), 77, np.uint8)).save(victim)
+    capsys.readouterr()
+    again = evaluate(seg, world, tmp_path, progress=False)
+    assert again["images_computed_this_run"] == 1 and again["miou"] == want["miou"]
+    assert str(victim) in capsys.readouterr().err and victim.read_bytes() == good

@@ -189,7 +189,7 @@ def _sync_cache(preds_dir: Path, key: dict[str, Any], owner: bool) -> bool:
         except (OSError, ValueError) as e:
             why = f"its manifest {manifest} is unreadable ({type(e).__name__})"
         else:
-            why = "" if old == key else ("they were made with another " + ", ".join(_key_difference(old, key)))
+            why = "" if old == key else ("this run differs in " + ", ".join(_key_difference(old, key)))
     else:
         why = f"there is no manifest {manifest.name} saying what made them"
     if old == key:
