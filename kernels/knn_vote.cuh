@@ -14,6 +14,10 @@
 #include "kernels/common.h"
 #include "kernels/knn_vote.h"
 
+#ifndef WS_EXTERN_SHARED  // nvcc; the CPU emulator (csrc/emu/cuda_emu.h) defines its own
+#define WS_EXTERN_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 namespace weakseg {
 namespace kernels {
 
@@ -46,7 +50,7 @@ __device__ inline void bitonic_sort_pairs(float* v, int64_t* id, int n) {
 // Shared memory: cap = next power of two >= k + KNN_SEG pairs.
 __global__ void topk_merge_kernel(const float* __restrict__ sims, int64_t tile, int64_t base,
                                   float* __restrict__ top_v, int64_t* __restrict__ top_i, int64_t k, int cap) {
-  extern __shared__ unsigned char smem_raw[];
+  WS_EXTERN_SHARED(unsigned char, smem_raw);  // extern __shared__ unsigned char smem_raw[];
   int64_t* sid = reinterpret_cast<int64_t*>(smem_raw);
   float* sv = reinterpret_cast<float*>(sid + cap);
   __shared__ int ncand;

@@ -23,10 +23,10 @@ static void line_pass(const T* in, T* out, T* G, T* Hs, int64_t planes, int64_t 
                       int64_t ls, int64_t es, int64_t r, T identity, cudaStream_t stream) {
   const int64_t k = 2 * r + 1, m = n + 2 * r;
   const int64_t blocks_total = planes * kernels::ceil_div(m, k) * L;
-  kernels::vanherk_blocks_kernel<T, Op><<<grid_for(blocks_total), kThreads, 0, stream>>>(
+  WS_LAUNCH(grid_for(blocks_total), kThreads, 0, stream, kernels::vanherk_blocks_kernel<T, Op>)(
       in, G, Hs, planes, L, n, plane_stride, ls, es, r, identity);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  kernels::vanherk_combine_kernel<T, Op><<<grid_for(planes * n * L), kThreads, 0, stream>>>(
+  WS_LAUNCH(grid_for(planes * n * L), kThreads, 0, stream, kernels::vanherk_combine_kernel<T, Op>)(
       G, Hs, out, planes, L, n, plane_stride, ls, es, r);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -76,7 +76,7 @@ static void erode_labels_typed_cuda(const at::Tensor& src, at::Tensor& out, int6
   rect_filter_cuda<T, MaxOp>(in, mx.data_ptr<T>(), tmp.data_ptr<T>(), planes, H, W, ry, rx,
                              std::numeric_limits<T>::lowest(), src);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  kernels::labels_keep_kernel<T><<<grid_for(src.numel()), kThreads, 0, stream>>>(
+  WS_LAUNCH(grid_for(src.numel()), kThreads, 0, stream, kernels::labels_keep_kernel<T>)(
       in, mn.data_ptr<T>(), mx.data_ptr<T>(), out.data_ptr<T>(), src.numel(), static_cast<T>(ignore_index));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

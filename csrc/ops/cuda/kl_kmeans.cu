@@ -19,7 +19,7 @@ static void kl_step_cuda(const at::Tensor& g, const at::Tensor& cconst, const at
   auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned int blocks = grid_for(B * N * 32);  // one warp per point
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kl_kmeans_cuda", [&] {
-    kernels::kl_assign_accumulate_kernel<scalar_t><<<blocks, kernels::KL_THREADS, 0, stream>>>(
+    WS_LAUNCH(blocks, kernels::KL_THREADS, 0, stream, kernels::kl_assign_accumulate_kernel<scalar_t>)(
         g.data_ptr<scalar_t>(), cconst.data_ptr<scalar_t>(), prev_counts.data_ptr<int32_t>(),
         x.data_ptr<scalar_t>(), B, N, S, D, assign.data_ptr<int64_t>(), sums.data_ptr<scalar_t>(),
         counts.data_ptr<int32_t>());

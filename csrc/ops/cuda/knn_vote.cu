@@ -50,14 +50,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cuda(const at::Tensor& q
     for (int64_t n0 = 0; n0 < N; n0 += NT) {
       const int64_t nn = std::min(NT, N - n0);
       auto sims = at::mm(qs, a.bank.narrow(0, n0, nn).t()).contiguous();
-      kernels::topk_merge_kernel<<<static_cast<unsigned int>(qn), kernels::KNN_THREADS, smem, stream>>>(
+      WS_LAUNCH(static_cast<unsigned int>(qn), kernels::KNN_THREADS, smem, stream, kernels::topk_merge_kernel)(
           sims.data_ptr<float>(), nn, n0, tv.data_ptr<float>(), ti.data_ptr<int64_t>(), kk, cap);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
   auto voter_labels = at::empty({Q, kk}, top_i.options());
   auto sums = at::zeros({Q, num_classes}, a.queries.options());
-  kernels::vote_kernel<<<grid_for(Q), kThreads, 0, stream>>>(
+  WS_LAUNCH(grid_for(Q), kThreads, 0, stream, kernels::vote_kernel)(
       top_v.data_ptr<float>(), top_i.data_ptr<int64_t>(), a.bank_labels.data_ptr<int64_t>(), Q, kk, num_classes,
       voter_labels.data_ptr<int64_t>(), votes.data_ptr<int64_t>(), sums.data_ptr<float>(), labels.data_ptr<int64_t>(),
       conf.data_ptr<float>());

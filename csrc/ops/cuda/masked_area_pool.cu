@@ -25,15 +25,15 @@ std::tuple<at::Tensor, at::Tensor> masked_area_pool_cuda(const at::Tensor& featu
     float* out = weights.data_ptr<float>();
     switch (m.scalar_type()) {
       case at::kByte:
-        kernels::patch_weights_kernel<uint8_t><<<grid_for(total), kThreads, 0, stream>>>(m.data_ptr<uint8_t>(), out,
+        WS_LAUNCH(grid_for(total), kThreads, 0, stream, kernels::patch_weights_kernel<uint8_t>)(m.data_ptr<uint8_t>(), out,
                                                                                          B * M, H, W, h, w);
         break;
       case at::kDouble:
-        kernels::patch_weights_kernel<double><<<grid_for(total), kThreads, 0, stream>>>(m.data_ptr<double>(), out,
+        WS_LAUNCH(grid_for(total), kThreads, 0, stream, kernels::patch_weights_kernel<double>)(m.data_ptr<double>(), out,
                                                                                         B * M, H, W, h, w);
         break;
       default:
-        kernels::patch_weights_kernel<float><<<grid_for(total), kThreads, 0, stream>>>(m.data_ptr<float>(), out,
+        WS_LAUNCH(grid_for(total), kThreads, 0, stream, kernels::patch_weights_kernel<float>)(m.data_ptr<float>(), out,
                                                                                        B * M, H, W, h, w);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();

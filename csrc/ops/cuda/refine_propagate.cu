@@ -43,7 +43,7 @@ int64_t col_tiles(int64_t P) { return kernels::ceil_div(P, kernels::RP_THREADS);
 template <typename acc_t>
 void colnorm(const at::Tensor& y, const acc_t* r, at::Tensor& c, cudaStream_t stream) {
   const int64_t P = y.size(0), K = y.size(1);
-  kernels::colnorm_kernel<acc_t><<<static_cast<unsigned int>(K), 512, 0, stream>>>(
+  WS_LAUNCH(static_cast<unsigned int>(K), 512, 0, stream, kernels::colnorm_kernel<acc_t>)(
       y.const_data_ptr<acc_t>(), r, P, K, c.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -74,7 +74,7 @@ at::Tensor refine_propagate_cuda(const at::Tensor& attn, const at::Tensor& maps,
       auto cmax = at::amax(ab, {0}).to(ct).contiguous();
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "refine_propagate_ers", [&] {
         kernels::DenseLoad<scalar_t, acc_t> load{ab.const_data_ptr<scalar_t>(), P};
-        kernels::ers_rows_kernel<<<row_grid(P, P), kernels::RP_THREADS, 0, stream>>>(
+        WS_LAUNCH(row_grid(P, P), kernels::RP_THREADS, 0, stream, kernels::ers_rows_kernel)(
             load, cmax.const_data_ptr<acc_t>(), P, P, lam, t_lo, t.data_ptr<acc_t>(), partial.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -126,15 +126,15 @@ at::Tensor refine_propagate_qk_cuda(const at::Tensor& q, const at::Tensor& k, co
         auto sb = s.narrow(1, 0, n);  // (H, n, P); contiguous only when n == R
         if (n != R) sb = at::empty({H, n, P}, opts);
         at::bmm_out(sb, qs[b].narrow(1, r0, n), kt);
-        kernels::row_lse_kernel<<<static_cast<unsigned int>(H * n), kernels::RP_THREADS, 0, stream>>>(
+        WS_LAUNCH(static_cast<unsigned int>(H * n), kernels::RP_THREADS, 0, stream, kernels::row_lse_kernel)(
             sb.const_data_ptr<float>(), P, lse.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         kernels::SoftmaxHeadsLoad load{sb.const_data_ptr<float>(), lse.const_data_ptr<float>(), H, n, P, inv_heads};
         if (pass == 0) {
-          kernels::colmax_kernel<<<row_grid(n, P), kernels::RP_THREADS, 0, stream>>>(load, n, P,
+          WS_LAUNCH(row_grid(n, P), kernels::RP_THREADS, 0, stream, kernels::colmax_kernel)(load, n, P,
                                                                                     cmax.data_ptr<float>());
         } else {
-          kernels::ers_rows_kernel<<<row_grid(n, P), kernels::RP_THREADS, 0, stream>>>(
+          WS_LAUNCH(row_grid(n, P), kernels::RP_THREADS, 0, stream, kernels::ers_rows_kernel)(
               load, cmax.const_data_ptr<float>(), n, P, lam, t_lo,
               t.data_ptr<at::BFloat16>() + r0 * P, partial.data_ptr<float>() + r0 * col_tiles(P));
         }
@@ -147,7 +147,7 @@ at::Tensor refine_propagate_qk_cuda(const at::Tensor& q, const at::Tensor& k, co
     const dim3 mm_grid(static_cast<unsigned int>(kernels::ceil_div(P, kernels::MM_ROWS)),
                        static_cast<unsigned int>(kernels::ceil_div(K, kernels::MM_COLS)));
     for (int64_t st = 0; st < steps; ++st) {
-      kernels::bf16_mm_kernel<<<mm_grid, kernels::MM_THREADS, 0, stream>>>(
+      WS_LAUNCH(mm_grid, kernels::MM_THREADS, 0, stream, kernels::bf16_mm_kernel)(
           t.const_data_ptr<at::BFloat16>(), c.const_data_ptr<float>(), P, K, y.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       colnorm<float>(y, r.const_data_ptr<float>(), c, stream);
