@@ -19,7 +19,7 @@ export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/c
 UV      := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 STAMP   := $(VENV)/.weakseg-deps
 
-.PHONY: help setup build test demo bench wheel wheel-check info clean cpp-app
+.PHONY: help setup build test demo bench wheel wheel-check info clean cpp-app emu-sanitize
 
 help:
 	@echo "make demo | test | bench | wheel | cpp-app | setup | info | clean"
@@ -68,6 +68,25 @@ cpp-app: $(STAMP)
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	$(VENV)/bin/cmake --build build/cpp-app -j $${CPP_APP_JOBS:-1}
 	@ls -l build/cpp-app/weakseg_app
+
+# The CUDA kernels on the CPU emulator (csrc/emu) under ThreadSanitizer and AddressSanitizer: a standalone
+# driver (csrc/emu/sanitize/driver.cpp) runs every launcher in OS-thread mode against the CPU ops.
+EMU_SAN_SRC := csrc/emu/cuda_emu.cpp $(wildcard csrc/emu/op_*.cpp) csrc/emu/sanitize/driver.cpp
+emu-sanitize: $(STAMP)
+	@set -e; T=$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))'); \
+	ABI=$$($(PY) -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))'); \
+	for san in thread address; do \
+	  out=build/emu-sanitize/$$san; mkdir -p $$out; \
+	  for f in $(EMU_SAN_SRC); do o=$$out/$$(basename $$f .cpp).o; \
+	    if [ ! -f $$o ] || [ -n "$$(find csrc kernels -newer $$o -name '*.[ch]*' | head -1)" ]; then echo "$$f $$o"; fi; \
+	  done | xargs -r -n 2 -P $${EMU_SAN_JOBS:-2} sh -c 'echo "  '$$san': $$0"; g++ -std=c++17 -O1 -g -fPIC \
+	    -fsanitize='$$san' -fno-omit-frame-pointer -I. -isystem '$$T'/include \
+	    -isystem '$$T'/include/torch/csrc/api/include -D_GLIBCXX_USE_CXX11_ABI='$$ABI' -c $$0 -o $$1'; \
+	  g++ -fsanitize=$$san $$out/*.o -o $$out/driver -L$$T/lib -ltorch -ltorch_cpu -lc10 -Wl,-rpath,$$T/lib; \
+	  echo "== $$san sanitizer"; \
+	  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WEAKSEG_EMU_MODE=threads TSAN_OPTIONS=halt_on_error=1 \
+	    ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 $$out/driver; \
+	done
 
 clean:
 	rm -rf build dist outputs .pytest_cache

@@ -1,5 +1,6 @@
 """Check a built wheel: it holds weakseg/_C, and that module registers CPU (and,
-when built with CUDA, CUDA) kernels for every op; it holds every committed toy-world weight file. Unpacked into a scratch dir
+when built with CUDA, CUDA) kernels for every op; it holds every committed toy-world weight file
+and not the test-only CUDA emulator weakseg/_C_emu. Unpacked into a scratch dir
 and imported from there, against the torch of the running interpreter."""
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def main() -> int:
         so = [n for n in names if n.startswith("weakseg/_C") and n.endswith(".so")]
         if not so:
             print(f"{wheel}: no weakseg/_C*.so inside", file=sys.stderr)
+            return 1
+        emu = [n for n in names if n.startswith("weakseg/_C_emu")]
+        if emu:  # the CUDA emulator build is a test tool of editable checkouts (CMakeLists.txt)
+            print(f"{wheel}: the test-only CUDA emulator is in the wheel: {emu}", file=sys.stderr)
             return 1
         want = sorted("weakseg/toyworld/weights/" + p.relative_to(WEIGHTS).as_posix()
                       for p in WEIGHTS.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".txt"))
