@@ -299,3 +299,36 @@ def test_head_crf_option(models, world, cache_file, tmp_path):
     out = m.segment([world[0].image], world.class_names)
     assert out.labels.shape == (1, 64, 64) and out.labels.max() < len(world.class_names)
     torch.testing.assert_close(out.scores.sum(1), torch.ones(1, 64, 64), rtol=1e-4, atol=1e-4)
+
+
+def test_corrupt_checkpoint_refused_naming_the_file(models, world, cache_file, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from weakseg.core import WeightsFileError
+
+    cfg = DiCLIPTrainConfig(iterations=1, batch_size=1, save_every=10, max_images=1)
+    good = train_diclip(make(models, cache=str(cache_file)), world, world.class_names, tmp_path / "run", cfg,
+                        progress=False)["model"]
+    assert make(models, mode="head", checkpoint=good).head is not None
+    with safe_open(good, "pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    cases = [
+        (lambda t: t["head.classifier.weight"].view(-1)[0].fill_(float("nan")), ["'head.classifier.weight'", "NaN"]),
+        (lambda t: t.update({"adapter.fc1.weight": t["adapter.fc1.weight"].double()}), ["'adapter.fc1.weight'",
+                                                                                       "float64"]),
+        (lambda t: t.update({"head.fuse.bias": t["head.fuse.bias"].to(torch.int32)}), ["'head.fuse.bias'", "int32"]),
+        (lambda t: t.update({"adapter.fc2.bias": t["adapter.fc2.bias"][:-1].clone()}), ["'adapter.fc2.bias'", "shape"]),
+        (lambda t: t.update({"adapter.fc1.w": t.pop("adapter.fc1.weight")}), ["lacks tensor(s) adapter.fc1.weight"]),
+        (lambda t: t.update({"other.x": torch.zeros(1)}), ["unexpected tensor(s) other.x"]),
+    ]
+    for tamper, words in cases:
+        tensors = {k: v.clone() for k, v in _weights(good).items()}
+        tamper(tensors)
+        save_file(tensors, str(bad), metadata=meta)
+        assert_raises_naming(lambda: make(models, mode="head", checkpoint=str(bad)), WeightsFileError,
+                             [f"checkpoint: {str(bad)!r}", *words])
+    save_file(_weights(good), str(bad), metadata={**meta, "arch": json.dumps({"head_dim": 8})})
+    assert_raises_naming(lambda: make(models, mode="head", checkpoint=str(bad)), WeightsFileError,
+                         [str(bad), "'arch'"])

@@ -80,6 +80,25 @@ def test_save_png_label_and_rgb(tmp_path):
     assert not (tmp_path / "x.png").exists() and _leftovers(tmp_path) == []
 
 
+def test_check_weights_names_the_file_and_the_problem():
+    from weakseg.core import WeightsFileError, check_weights
+
+    want = {"w": torch.zeros(2, 3), "b": torch.zeros(3), "n": torch.zeros(4, dtype=torch.int64)}
+    good = {"w": torch.ones(2, 3), "b": torch.ones(3), "n": torch.arange(4)}
+    assert check_weights(good, want, "/x/h.safetensors", "arg") is good
+    cases = [({**good, "w": torch.ones(2, 3, dtype=torch.float64)}, "tensor 'w' has dtype float64, expected float32"),
+             ({**good, "b": torch.ones(4)}, "tensor 'b' has shape (4,), expected (3,)"),
+             ({**good, "b": torch.tensor([0.0, float("nan"), 1.0])}, "tensor 'b' holds NaN or Inf"),
+             ({**good, "w": torch.full((2, 3), -float("inf"))}, "tensor 'w' holds NaN or Inf"),
+             ({"w": good["w"], "n": good["n"], "bias": good["b"]}, "lacks tensor(s) b, has unexpected tensor(s) bias")]
+    for tensors, words in cases:
+        with pytest.raises(WeightsFileError) as e:
+            check_weights(tensors, want, "/x/h.safetensors", "arg", "retrain")
+        msg = str(e.value)
+        assert isinstance(e.value, ValueError) and "\n" not in msg
+        assert msg.startswith("arg: '/x/h.safetensors' ") and words in msg and msg.endswith("; retrain"), msg
+
+
 def test_read_safetensors_errors_name_the_file_and_use_the_callers_error(tmp_path):
     from weakseg.core import read_safetensors, read_safetensors_file
     from weakseg.methods.diclip import CacheError, KVCache

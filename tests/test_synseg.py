@@ -264,15 +264,65 @@ def test_resume_equals_uninterrupted(clip, tmp_path):
     assert rest["step"] == 6
     got = [x["loss"] for x in part["losses"] + rest["losses"]]
     want = [x["loss"] for x in full["losses"]]
-    assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got == want  # bit-exact (tests/test_train_resume.py: a kill after a checkpoint)
     from weakseg.methods.synseg import read_head_file
 
     wa, _ = read_head_file(full["model"])
     wb, _ = read_head_file(rest["model"])
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     with pytest.raises(ValueError, match="architecture"):
         train_synseg(make(clip, reduce_dim=4), _toy(10), tmp_path / "b", SynSegTrainConfig(iterations=8),
                      progress=False)
+
+
+def _head_file(clip, path, tamper=None):
+    """A SynSeg head file for the tiny preset (a fresh head, as training writes it), ``tamper``ed."""
+    from weakseg.io import save_safetensors
+    from weakseg.methods.synseg import MODEL_FORMAT
+
+    m = make(clip)
+    tensors = {k: v.clone() for k, v in m.head.state_dict().items()}
+    if tamper:
+        tamper(tensors)
+    save_safetensors(tensors, path, metadata={"format": MODEL_FORMAT, "arch": json.dumps(m.arch), "step": "3"})
+    return path
+
+
+@pytest.mark.parametrize("tamper, words", [
+    (lambda t: t["film.mul.weight"].view(-1)[5].fill_(float("nan")), ["'film.mul.weight'", "NaN or Inf"]),
+    (lambda t: t["blocks.0.linear1.bias"].fill_(float("inf")), ["'blocks.0.linear1.bias'", "NaN or Inf"]),
+    (lambda t: t.update({"projector.weight": t["projector.weight"].double()}), ["'projector.weight'", "float64"]),
+    (lambda t: t.update({"reduces.1.bias": t["reduces.1.bias"].to(torch.int64)}), ["'reduces.1.bias'", "int64"]),
+    (lambda t: t.update({"reduces.0.weight": t["reduces.0.weight"][:, :-1].contiguous()}),
+     ["'reduces.0.weight'", "shape"]),
+    (lambda t: t.update({"film.mul.w": t.pop("film.mul.weight")}), ["lacks tensor(s) film.mul.weight", "film.mul.w"]),
+    (lambda t: t.pop("upsample.bias"), ["lacks tensor(s) upsample.bias"]),
+    (lambda t: t.update({"extra": torch.zeros(2)}), ["unexpected tensor(s) extra"]),
+])
+def test_corrupt_head_file_refused_naming_the_file(clip, tmp_path, tamper, words):
+    from weakseg.core import WeightsFileError
+
+    good = _head_file(clip, tmp_path / "good.safetensors")
+    assert make(clip, checkpoint=str(good)).trained_steps == 3
+    bad = _head_file(clip, tmp_path / "bad.safetensors", tamper)
+    with pytest.raises(WeightsFileError) as e:
+        make(clip, checkpoint=str(bad))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"SynSegConfig.checkpoint: {str(bad)!r}")
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_cli_corrupt_head_one_line(tmp_path, capsys):
+    from weakseg.backbones.clip import CLIPBackbone
+    from weakseg.cli import main
+
+    bad = _head_file(CLIPBackbone.tiny(seed=0), tmp_path / "head.safetensors",
+                     lambda t: t.update({"film.add.w": t.pop("film.add.weight")}))
+    rc = main(["eval", "--method", "synseg", "--dataset", "toyworld", "--limit", "1", "--set", "preset=tiny", "views=1",
+               f"checkpoint={bad}", "--out", str(tmp_path / "ev"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(bad) in err and "film.add.weight" in err, err
 
 
 def test_train_config_and_data_errors(clip, tmp_path):
