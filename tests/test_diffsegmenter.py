@@ -16,7 +16,8 @@ from weakseg.backbones.diffusion import StableDiffusionBackbone  # noqa: E402
 from weakseg.core import METHODS, create  # noqa: E402
 from weakseg.methods.common import clip_tag_classes  # noqa: E402
 from weakseg.methods.diffsegmenter import (DS_WEIGHTS, DiffSegmenter, DiffSegmenterConfig, build_prompt,  # noqa: E402
-                                           caption_continuation, class_token_positions, fuse_cross_attention,
+                                           caption_continuation, caption_seed, class_token_positions,
+                                           fuse_cross_attention,
                                            propagate_fused, propagate_reference, sweep_bg_threshold)
 
 NAMES = ["background", "cat", "dog", "potted plant"]
@@ -63,7 +64,9 @@ def test_prompt_construction_and_token_bookkeeping(sd):
     assert class_token_positions(sd, "a photograph of cat++ on a sofa", "cat") == [4]  # "on" does not end in ing
     assert class_token_positions(sd, "a photograph of cat++", "cat") == [4]  # nothing after the class
     assert class_token_positions(sd, "a photograph of cat++ ring", "cat") == [4, 5]  # word-level test
-    assert class_token_positions(sd, "a photograph of cat++, sitting", "cat") == [4]  # the next word is ","
+    # the reference tests the 5th whitespace word ("sitting") and reads the token after the class (",")
+    assert class_token_positions(sd, "a photograph of cat++, sitting", "cat") == [4, 5]
+    assert class_token_positions(sd, "a photograph of cat++, sitting", "cat", ing_rule="word") == [4]  # BPE: ","
     multi = "a photograph of (potted plant)++ standing"
     assert class_token_positions(sd, multi, "potted plant", "mean") == [4, 5, 6]
     assert class_token_positions(sd, multi, "potted plant", "first", fuse_ing=False) == [4]
@@ -73,10 +76,57 @@ def test_prompt_construction_and_token_bookkeeping(sd):
     assert caption_continuation("A Photograph of  cat, lying", "cat") == ", lying"
     assert caption_continuation("two dogs on grass", "cat") == "two dogs on grass"
     assert caption_continuation(None, "cat") == "" and caption_continuation("", "cat") == ""
-    # the VOC single-token renames go into the prompts only
+    # the VOC single-token renames (the default) go into the prompts only
     m = DiffSegmenter(_cfg(rename_classes=True), backbone=sd)
     assert m._renamed(["aeroplane", "pottedplant", "tvmonitor", "cat"]) == ["plane", "plant", "monitor", "cat"]
-    assert DiffSegmenter(_cfg(), backbone=sd)._renamed(["aeroplane"]) == ["aeroplane"]
+    assert DiffSegmenter(_cfg(), backbone=sd)._renamed(["aeroplane"]) == ["plane"]
+    assert DiffSegmenter(_cfg(rename_classes=None), backbone=sd)._renamed(["aeroplane"]) == ["aeroplane"]
+    assert DiffSegmenter(_cfg(rename_classes=False), backbone=sd)._renamed(["aeroplane"]) == ["aeroplane"]
+
+
+@pytest.mark.parametrize("preset", ["code", "code-context", "code-coco"])
+def test_code_presets_write_the_reference_prompts(sd, preset):
+    """Every class of VOC / Context / COCO-Object: the prompt and the token read equal the reference
+    scripts' (tests/authors_diffusion.py), without a caption and with one whose next word ends in "ing"."""
+    from authors_diffusion import DS_COCO_EMBS, DS_VOC10_EMBS, DS_VOC12_EMBS, ds_voc10_coco_prompt, ds_voc12_prompt
+    from weakseg.data.classnames import CONTEXT59_CLASSES, COCO_THINGS, VOC_CLASSES
+
+    names, embs = {"code": (VOC_CLASSES[1:], DS_VOC12_EMBS), "code-context": (CONTEXT59_CLASSES, DS_VOC10_EMBS),
+                   "code-coco": (COCO_THINGS, DS_COCO_EMBS)}[preset]
+    m = DiffSegmenter(DiffSegmenterConfig.from_preset(preset, model="tiny", image_size=64, open_vocab="all"),
+                      backbone=sd)
+    assert m._renamed(names) == embs  # the reference's class words, position by position
+    seed = caption_seed(m.config.prompt_template)
+    for word in embs:
+        for tail in ("", " standing on the grass", " on a table"):
+            blip = seed.format(c=word) + tail
+            if preset == "code":
+                want = ds_voc12_prompt(word, blip)
+            else:
+                want = ds_voc10_coco_prompt(word, sd.tokenizer, blip, coco=preset == "code-coco")
+            got = m.prompts_for(word, caption_continuation(blip, word, seed))
+            assert got[0] == want[0], (preset, word, tail)
+            if preset == "code-coco" and len(want[1]) == 2:
+                # the COCO script reads [3+L, 5+L], the token after the "ing" word; here the "ing" word itself
+                assert got[1] == [want[1][0], want[1][0] + 1]
+            else:
+                assert got[1] == want[1], (preset, word, tail)
+
+
+def test_reference_prompt_smallest_cases(sd):
+    m = DiffSegmenter(_cfg(), backbone=sd)
+    # VOC "diningtable": the reference writes the single token "table" at position 4 (not din ing table [4, 5, 6])
+    word = m._renamed(["diningtable"])[0]
+    assert m.prompts_for(word) == ("a photograph of table++", [4])
+    # "sitting," does not end in "ing" for the reference: only the class token
+    assert m.prompts_for("dog", "sitting, looking at the camera")[1] == [4]
+    w = DiffSegmenter(_cfg(ing_rule="word"), backbone=sd)
+    assert w.prompts_for("dog", "sitting, looking at the camera")[1] == [4, 5]
+    assert m.prompts_for("dog", "sitting on the grass")[1] == w.prompts_for("dog", "sitting on the grass")[1] == [4, 5]
+    # the Context / COCO scripts weight the last word of a multi-word class and read its last token
+    c = DiffSegmenter(DiffSegmenterConfig.from_preset("code-coco", model="tiny", image_size=64), backbone=sd)
+    assert c.prompts_for("traffic light") == ("a photography of traffic light++", [5])
+    assert build_prompt("a photo of {c}++", "traffic light", weight_words="last") == "a photo of traffic light++"
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -85,7 +135,12 @@ def test_config_defaults_presets_and_errors(sd, tmp_path, monkeypatch):
     assert (c.model, c.timesteps, c.cross_weights, c.image_size) == ("runwayml/stable-diffusion-v1-5", (100,),
                                                                     (0.3, 0.5, 0.1, 0.1), 512)
     assert c.prompt_template == "a photograph of {c}++" and c.fuse_ing and not c.baseline
-    assert c.propagation == "fused" and c.bg_threshold == 0.5 and c.dtype == "auto"
+    assert c.propagation == "auto" and c.bg_threshold == 0.5 and c.dtype == "auto"
+    assert (c.rename_classes, c.ing_rule, c.weight_words, c.class_token) == ("voc", "code", "all", "mean")
+    assert_raises_naming(lambda: DiffSegmenterConfig(rename_classes="ade"), ValueError, ["rename_classes", "ade"])
+    assert_raises_naming(lambda: DiffSegmenterConfig(ing_rule="bpe"), ValueError, ["ing_rule", "bpe"])
+    assert_raises_naming(lambda: DiffSegmenterConfig(weight_words="first"), ValueError, ["weight_words"])
+    assert_raises_naming(lambda: DiffSegmenterConfig(attention_budget_mib=-1), ValueError, ["attention_budget_mib"])
     assert METHODS.config_class("diffsegmenter") is DiffSegmenterConfig
     assert DiffSegmenterConfig.from_preset("paper").timesteps == (1, 50, 100, 150)
     assert DiffSegmenterConfig.from_preset("baseline").baseline is True
@@ -156,6 +211,32 @@ def test_captures_the_layers_resolutions_and_heads_the_spec_names(layout, sd, to
     torch.testing.assert_close(A, ref.resolution_mean("self", 8), atol=1e-6, rtol=1e-5)
 
 
+def test_reuse_capture_forms_each_map_once_and_keeps_the_output(sd, monkeypatch):
+    """The reference path's capture (reuse=True): the 64x64 self layers' output comes from the recorded
+    probabilities (no second SDPA), equal to the plain UNet's output and the recorded mean equal to the
+    non-reusing capture's."""
+    from weakseg.backbones.attention import LayerCapture
+
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    e, _ = sd.encode_prompt(["a photograph of cat++", "a photograph of dog++"])
+    plain = sd.unet(z, 100, e)
+    _, once = sd.unet(z, 100, e, capture=[LayerCapture(SELF64, store="mean", group="resolution")])
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(q.shape[2]) or sdpa(q, *a, **k))
+    out, reused = sd.unet(z, 100, e, capture=DiffSegmenter(_cfg(propagation="reference"), backbone=sd).capture_specs())
+    assert 64 not in calls  # the captured layers at the latent grid (8x8 here) call no SDPA
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reused.resolution_mean("self", 8), once.resolution_mean("self", 8), atol=1e-6, rtol=1e-5)
+    calls.clear()
+    _, _ = sd.unet(z, 100, e, capture=[LayerCapture(SELF64, store="mean", group="resolution")])
+    assert calls.count(64) >= len(SELF64)  # without reuse the captured layers call SDPA for their output
+    for bad in (dict(store="qk", reuse=True), dict(store="mean", heads=(0,), reuse=True),
+                dict(store="probs", cond_only=True, reuse=True)):
+        assert_raises_naming(lambda: LayerCapture(SELF64, **bad), ValueError, ["reuse"])
+
+
 # ---------------------------------------------------------------------------------------------- maths
 def test_propagate_fused_equals_the_explicit_mean_map():
     g = torch.Generator().manual_seed(0)
@@ -182,8 +263,11 @@ def test_fuse_cross_attention_minmax_weights_and_token_mean():
         r = int(maps.shape[1] ** 0.5)
         sel = torch.stack([maps[0, :, 4], maps[1, :, 4:6].mean(-1)]).view(2, 1, r, r)
         up = torch.nn.functional.interpolate(sel, size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
-        lo, hi = up.flatten(1).min(1).values, up.flatten(1).max(1).values
-        want += w * (up - lo[:, None, None]) / (hi - lo + 1e-5)[:, None, None]
+        lo, hi = up.flatten(1).min(1).values[:, None, None], up.flatten(1).max(1).values[:, None, None]
+        # the reference's (x - min) / (max - min), no eps; the 1x1 level, constant up to the rounding of the
+        # upsampling (where the reference would divide ~0 by ~0), gives 0 here
+        if r > 1:
+            want += w * (up - lo) / (hi - lo)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
     # the 1x1 level is constant, so its min-max map is 0 and its weight never counts
     assert out.min() >= 0 and out.max() <= sum(DS_WEIGHTS[1:]) + 1e-6
@@ -193,8 +277,14 @@ def test_fuse_cross_attention_minmax_weights_and_token_mean():
 def test_fused_reference_and_baseline_paths_agree(sd):
     imgs = list(_images(2))
     items = [(0, "cat", ""), (1, "dog", "sitting on grass")]
-    fused = DiffSegmenter(_cfg(), backbone=sd).class_maps(imgs, items)
+    fused = DiffSegmenter(_cfg(propagation="fused"), backbone=sd).class_maps(imgs, items)
     ref = DiffSegmenter(_cfg(propagation="reference"), backbone=sd).class_maps(imgs, items)
+    auto = DiffSegmenter(_cfg(), backbone=sd)
+    assert auto.propagation_for(2, 64) == "reference"  # 2 x 2 x 64² x 4 bytes fit the 2048 MiB budget
+    torch.testing.assert_close(auto.class_maps(imgs, items), ref, atol=0, rtol=0)
+    tight = DiffSegmenter(_cfg(attention_budget_mib=2 * 2 * 64 * 64 * 4 / 2 ** 20 * 0.99), backbone=sd)
+    assert tight.propagation_for(2, 64) == "fused" and tight.propagation_for(1, 64) == "reference"
+    torch.testing.assert_close(tight.class_maps(imgs, items), fused, atol=0, rtol=0)
     assert fused.shape == (2, 8, 8)
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-4)
     # baseline = the fused cross-attention maps; the propagated maps are their self-attention average

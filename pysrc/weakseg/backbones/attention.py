@@ -20,9 +20,13 @@ matched in full) and says what to keep of each:
 
 Probabilities are ``softmax(q kᵀ · d^-1/2)`` computed in float32 (the scale scaled-dot-product attention
 uses); an attention mask, if the UNet passes one, is applied as the default processor applies it. The
-layer's output is always computed exactly as diffusers' default ``AttnProcessor2_0`` computes it, so a
-capture never changes the UNet's result. ``cond_only=True`` keeps only the second half of the batch
-(the conditional half of a classifier-free-guidance batch ``[uncond, cond]``).
+layer's output is computed exactly as diffusers' default ``AttnProcessor2_0`` computes it (scaled dot-product
+attention), so a capture never changes the UNet's result — unless the spec sets ``reuse=True`` (store
+"probs" or "mean" of every head, cond_only False): then the output is ``probs @ v`` from the recorded
+float32 probabilities, equal to SDPA up to float rounding, and every map is formed once per layer (as in
+the references' processors) instead of once for the output and once for the record. ``cond_only=True``
+keeps only the second half of the batch (the conditional half of a classifier-free-guidance batch
+``[uncond, cond]``).
 
 Kinds: layers named ``...attn1`` are self-attention, ``...attn2`` cross-attention.
 
@@ -60,6 +64,7 @@ class LayerCapture:
     heads: tuple[int, ...] | None = None
     group: str = "layer"
     cond_only: bool = False
+    reuse: bool = False
 
     def __post_init__(self) -> None:
         layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
@@ -71,6 +76,10 @@ class LayerCapture:
             raise ValueError(f"LayerCapture: store must be one of {', '.join(STORES)}, got {self.store!r}")
         if self.group not in GROUPS:
             raise ValueError(f"LayerCapture: group must be one of {', '.join(GROUPS)}, got {self.group!r}")
+        if self.reuse and (self.store == "qk" or self.heads is not None or self.cond_only):
+            raise ValueError(f"LayerCapture: reuse=True computes the layer output from the recorded probabilities, "
+                             f"so it needs store 'probs' or 'mean' of every head (heads=None) and cond_only=False; "
+                             f"got store={self.store!r}, heads={self.heads!r}, cond_only={self.cond_only}")
         if self.group == "resolution" and self.store != "mean":
             raise ValueError(f"LayerCapture: group='resolution' needs store='mean', got store={self.store!r}")
         if self.heads is not None:
@@ -92,7 +101,7 @@ class LayerCapture:
             for pattern, opts in spec.items():
                 if not isinstance(opts, Mapping):
                     raise TypeError(f"capture spec {pattern!r}: expected a mapping of options "
-                                    f"(store, heads, group, cond_only), got {type(opts).__name__}")
+                                    f"(store, heads, group, cond_only, reuse), got {type(opts).__name__}")
                 out.append(cls(pattern, **dict(opts)))
             return out
         raise TypeError(f"capture spec: expected a LayerCapture, a layer pattern string or a mapping "
@@ -211,8 +220,20 @@ class AttentionStore:
         self._probs.clear(), self._qk.clear(), self._means.clear(), self._counts.clear(), self._grids.clear()
 
     # ------------------------------------------------------------------ recording (called by processors)
-    def _record(self, name: str, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def attend(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Record layer ``name`` from its head-split (B, H, P, d) q, k, v and return its attention output
+        (B, H, P, d_v) in q's dtype: ``probs @ v`` from the recorded probabilities when the spec says
+        ``reuse`` (module docstring), else ``scaled_dot_product_attention``."""
+        out = self._record(name, q, k, mask, v)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return out
+
+    def _record(self, name: str, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                v: torch.Tensor | None = None) -> torch.Tensor | None:
         spec = self.plan[name]
+        reuse = spec.reuse and v is not None  # the output from the probabilities (every head and item)
         if spec.cond_only:
             if q.shape[0] % 2:
                 raise ValueError(f"capture of {name!r}: cond_only=True needs an even batch [uncond, cond], "
@@ -233,10 +254,10 @@ class AttentionStore:
         self._scale[name] = scale
         if spec.store == "qk":
             self._qk[name] = (q.contiguous(), k.contiguous())
-            return
+            return None
         if spec.store == "probs":
-            self._probs[name] = self._probs_of(q, k, scale, mask)
-            return
+            probs = self._probs[name] = self._probs_of(q, k, scale, mask)
+            return torch.matmul(probs, v.float()).to(q.dtype) if reuse else None
         key = name if spec.group == "layer" else (self.info[name].kind, grid)
         buf = self._means.get(key)
         B, P, T = q.shape[0], q.shape[2], k.shape[2]
@@ -244,17 +265,21 @@ class AttentionStore:
             raise ValueError(f"capture of {name!r}: a running mean of shape {tuple(buf.shape)} cannot take maps of "
                              f"shape {(B, P, T)}; reset() the capture between inputs of different sizes")
         n = self._counts.get(key, 0)
+        out = torch.empty((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device) if reuse else None
         for h in range(q.shape[1]):
             m = None if mask is None else mask[:, min(h, mask.shape[1] - 1)]
             p = self._probs_of(q[:, h], k[:, h], scale, m)
+            if out is not None:
+                out[:, h] = torch.matmul(p, v[:, h].float())
             if buf is None:
                 buf = p
                 self._means[key] = buf
             else:
-                buf.mul_(n / (n + 1)).add_(p, alpha=1.0 / (n + 1))
+                buf.lerp_(p, 1.0 / (n + 1))  # the running mean in one pass
                 del p
             n += 1
         self._counts[key] = n
+        return out
 
     @staticmethod
     def _probs_of(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -353,8 +378,9 @@ class AttentionStore:
 
 
 class CaptureProcessor:
-    """A diffusers attention processor that computes the layer exactly as ``AttnProcessor2_0`` does
-    (scaled-dot-product attention) and hands the head-split q and k to an :class:`AttentionStore`."""
+    """A diffusers attention processor that computes the layer as ``AttnProcessor2_0`` does and hands the
+    head-split q, k, v to an :class:`AttentionStore` (:meth:`AttentionStore.attend`, which records and
+    returns the attention output)."""
 
     def __init__(self, store: AttentionStore, name: str):
         if not hasattr(F, "scaled_dot_product_attention"):  # pragma: no cover - torch >= 2.0 is required
@@ -397,10 +423,7 @@ class CaptureProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        self.store._record(self.name, query, key, attention_mask)
-
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                       dropout_p=0.0, is_causal=False)
+        hidden_states = self.store.attend(self.name, query, key, value, attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

@@ -34,17 +34,23 @@ def minmax_per_class(maps: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """(B, C, ...) -> each (b, c) map min-max normalised to [0, 1]: (x - min) / (max - min + eps).
 
     iSeg's and DiffSegmenter's per-class normalisation, which divide by the range with no eps: the
-    default ``eps=0`` is theirs exactly wherever the range is positive, whatever its scale (an absolute
-    eps of 1e-5 shrinks a map of range 1e-4 to [0, 0.91] and changes labels). A constant map (range 0,
-    where the references divide 0 by 0 and get NaN) becomes 0 everywhere."""
+    default ``eps=0`` is theirs exactly wherever the range is real, whatever its scale (an absolute eps of
+    1e-5 shrank a map of range 1e-4 to [0, 0.91] and changed labels). A range at the rounding level of
+    the map's values, max - min <= 16 ulps of max(|min|, |max|) (16 x the dtype's machine epsilon,
+    relative: 1.9e-6 in float32) — a constant map, or one made "constant" by a bilinear upsampling of a
+    1x1 map — carries no location and gives 0 everywhere (the references' 0 / 0 would give NaN, and
+    normalising the rounding noise would give an arbitrary [0, 1] map)."""
     if not eps >= 0:
         raise ValueError(f"minmax_per_class: eps must be >= 0, got {eps}")
     flat = maps.flatten(2)
+    if not flat.is_floating_point():
+        flat = flat.float()
     lo = flat.amin(dim=2, keepdim=True)
-    rng = flat.amax(dim=2, keepdim=True) - lo + eps
-    pos = rng > 0
-    return torch.where(pos, (flat - lo) / torch.where(pos, rng, torch.ones_like(rng)),
-                       torch.zeros_like(flat)).view_as(maps)
+    hi = flat.amax(dim=2, keepdim=True)
+    rng = hi - lo
+    pos = rng > 16 * torch.finfo(flat.dtype).eps * torch.maximum(lo.abs(), hi.abs())
+    return torch.where(pos, (flat - lo) / torch.where(pos, rng + eps, torch.ones_like(rng)),
+                       torch.zeros_like(flat)).view(maps.shape)
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:

@@ -56,7 +56,7 @@ from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes
                                     load_tagger_clip, minmax_per_class, resize_maps, scores_to_labels)
 
 __all__ = ["DiffSegmenterConfig", "DiffSegmenter", "PRESETS", "SELF_ATTENTION_LAYERS", "CROSS_ATTENTION_LAYERS",
-           "MODEL_BUILDERS", "register_model", "build_prompt", "class_token_positions", "caption_continuation",
+           "MODEL_BUILDERS", "register_model", "build_prompt", "class_token_positions", "caption_continuation", "caption_seed",
            "fuse_cross_attention", "propagate_fused", "propagate_reference", "sweep_bg_threshold"]
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
@@ -70,9 +70,17 @@ DS_WEIGHTS = (0.3, 0.5, 0.1, 0.1)  # for the resolutions latent/8, /4, /2, /1 (8
 PROMPT_TEMPLATE = "a photograph of {c}++"
 CAPTION_SEED = "a photograph of {c}"
 
+RENAME_TABLES = ("voc", "context", "coco")
+PROPAGATIONS = ("auto", "fused", "reference")
 PRESETS: dict[str, dict[str, Any]] = {
-    # the public code (DS:open_vocabulary/voc12/ptp_stable_best.py): one timestep, t = 100
+    # the public code (DS:open_vocabulary/voc12/ptp_stable_best.py): one timestep, t = 100, VOC words
     "code": {},
+    # the Context and COCO-Object scripts (open_vocabulary/voc10/ptp_stable_voc10.py, coco/ptp_stable_coco.py):
+    # "a photography of", the weight on the class's last word, its last token read, their class words
+    "code-context": {"rename_classes": "context", "prompt_template": "a photography of {c}++", "weight_words": "last",
+                     "class_token": "last"},
+    "code-coco": {"rename_classes": "coco", "prompt_template": "a photography of {c}++", "weight_words": "last",
+                  "class_token": "last"},
     # the paper's best setting (SEM Tab. 5): the maps averaged over t in {1, 50, 100, 150}
     "paper": {"timesteps": (1, 50, 100, 150)},
     # the issue's baseline: fused cross-attention maps, no self-attention propagation
@@ -80,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the toy world's SD (weakseg.toyworld: 64 px, 16x16 latents, cross-attention at 2/4/8/16): its text
     # encoder knows the caption form "a photo of a red circle ..." (no "photograph", no Compel weight);
     # the 2x2 and 4x4 grids are too coarse for 8-14 px objects, so the finer grids carry the weight
-    "toy": {"model": "toy", "image_size": 64, "prompt_template": "a photo of a {c}",
+    "toy": {"model": "toy", "image_size": 64, "prompt_template": "a photo of a {c}", "rename_classes": None,
             "cross_weights": (0.0, 0.2, 0.4, 0.4), "clip_model": "toy", "clip_pretrained": None},
 }
 
@@ -153,17 +161,32 @@ class DiffSegmenterConfig(PresetConfig):
     image_size: side of the square the image is resized to before the VAE (512 → 64x64 latents).
     timesteps: the UNet timesteps whose maps are averaged ((100,) in the code; (1, 50, 100, 150) the paper).
     prompt_template: the class prompt; ``{c}`` is the class name, ``++`` Compel's up-weighting.
+    weight_words: which words of a multi-word class name ``++`` weights: "all" (the phrase in parentheses,
+        ``(potted plant)++``) or "last" (``potted plant++``, the reference's Context / COCO scripts).
     class_token: which tokens of a multi-token class name give its map: "mean" (all, averaged), "first",
-        "last". Single-token names (the VOC renames) are unaffected.
+        "last" (the Context / COCO scripts read the last). Single-token names (the VOC renames) are unaffected.
     fuse_ing: average the class map with the next word's if that word ends in "ing" (the code's fusion).
+    ing_rule: how the "ing" word is found: "code" (the reference: the whitespace word after the class
+        phrase in the prompt, punctuation included, ``split(" ")[i].endswith("ing")``; the one token after
+        the class is fused, so "dog++ sitting, looking" fuses nothing) or "word" (the BPE word after the
+        class, letters only, all its tokens: "sitting" in "sitting," fuses).
     cross_weights: weights of the min-max normalised cross-attention at the resolutions latent/8, /4,
         /2, /1 (coarsest first; 8/16/32/64 at 512²); one weight per cross-attention resolution of the UNet.
     baseline: skip the self-attention product (the fused cross-attention maps are the scores).
-    propagation: "fused" (SDPA from q/k per layer, no P x P map) or "reference" (mean probability map,
-        then A @ x). Same result up to rounding.
+    propagation: "fused" (SDPA from q/k per layer after the UNet pass, no P x P map), "reference" (the
+        head-mean probabilities captured in the UNet pass, whose 64x64 self-attention layers then compute
+        their output from them, so every map is formed once; one P x P float32 buffer, then A @ x) or
+        "auto" (the default: "reference" on the CPU when a chunk's two P x P float32 maps per item — the
+        mean and one head's map — fit ``attention_budget_mib``, else "fused"; on CUDA always "fused").
+        Same result up to rounding.
+    attention_budget_mib: the memory "auto" allows the captured P x P maps of one UNet call (2048 MiB: 8
+        items at 512², P = 4096).
     bg_threshold: the constant background score τ in [0, 1].
-    rename_classes: use DiffSegmenter's single-token VOC words (plane, buses, table, people, plant,
-        monitor) in the prompts; other names are unchanged. Outputs keep the caller's names.
+    rename_classes: the reference's class words for a dataset, put in the prompts (outputs keep the
+        caller's names; names not in the table are unchanged): "voc" (the default, the single-token words
+        plane, buses, table, people, plant, monitor), "context" (airplane, plant, monitor), "coco"
+        (motorbike, aeroplane, sofa, pottedplant, diningtable, tvmonitor, toothbrus — as the reference
+        spells it) or None (the names as given; ``CLASS_RENAMES[...]["diffsegmenter"]`` holds the tables).
     batch_size: (image, class) items per UNet call.
     open_vocab: candidates when no image labels are given: "clip" (CLIP zero-shot tagging, top
         ``tag_topk`` with probability ≥ ``tag_threshold``) or "all" (every class).
@@ -183,13 +206,16 @@ class DiffSegmenterConfig(PresetConfig):
     image_size: int = 512
     timesteps: tuple[int, ...] = (100,)
     prompt_template: str = PROMPT_TEMPLATE
+    weight_words: str = "all"
     class_token: str = "mean"
     fuse_ing: bool = True
+    ing_rule: str = "code"
     cross_weights: tuple[float, ...] = DS_WEIGHTS
     baseline: bool = False
-    propagation: str = "fused"
+    propagation: str = "auto"
+    attention_budget_mib: float = 2048.0
     bg_threshold: float = 0.5
-    rename_classes: bool = False
+    rename_classes: str | None = "voc"
     batch_size: int = 8
     open_vocab: str = "clip"
     clip_model: str = "ViT-B-16"
@@ -206,18 +232,29 @@ class DiffSegmenterConfig(PresetConfig):
                                                  else (self.timesteps,)))
         self.cross_weights = tuple(float(w) for w in self.cross_weights)
         self._apply_preset()
+        if isinstance(self.rename_classes, bool):  # the former switch: True = the VOC words
+            self.rename_classes = "voc" if self.rename_classes else None
+        if self.rename_classes in ("none", ""):
+            self.rename_classes = None
+        if self.rename_classes is not None and self.rename_classes not in RENAME_TABLES:
+            raise ValueError(f"DiffSegmenterConfig.rename_classes: expected one of {', '.join(RENAME_TABLES)} or "
+                             f"None, got {self.rename_classes!r}")
         if not self.timesteps or min(self.timesteps) < 0 or max(self.timesteps) >= 1000:
             raise ValueError(f"DiffSegmenterConfig.timesteps: expected timesteps in [0, 1000), got {self.timesteps}")
         if not self.cross_weights or min(self.cross_weights) < 0:
             raise ValueError(f"DiffSegmenterConfig.cross_weights: expected non-negative weights, got {self.cross_weights}")
         if "{c}" not in self.prompt_template:
             raise ValueError(f"DiffSegmenterConfig.prompt_template: must contain '{{c}}', got {self.prompt_template!r}")
-        choices = {"class_token": ("mean", "first", "last"), "propagation": ("fused", "reference"),
+        choices = {"class_token": ("mean", "first", "last"), "propagation": PROPAGATIONS,
+                   "weight_words": ("all", "last"), "ing_rule": ("code", "word"),
                    "open_vocab": ("clip", "all"), "dtype": ("auto", "float32", "float16", "bfloat16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DiffSegmenterConfig.{name}: expected one of {', '.join(allowed)}, "
                                  f"got {getattr(self, name)!r}")
+        if not self.attention_budget_mib >= 0:
+            raise ValueError(f"DiffSegmenterConfig.attention_budget_mib: expected a number >= 0, got "
+                             f"{self.attention_budget_mib}")
         if not 0 <= self.bg_threshold <= 1:
             raise ValueError(f"DiffSegmenterConfig.bg_threshold: expected a value in [0, 1], got {self.bg_threshold}")
         if self.image_size <= 0 or self.image_size % 8:
@@ -232,12 +269,17 @@ class DiffSegmenterConfig(PresetConfig):
 
 # ----------------------------------------------------------------------------------------- prompts, tokens
 
-def build_prompt(template: str, name: str, continuation: str = "") -> str:
+def build_prompt(template: str, name: str, continuation: str = "", weight_words: str = "all") -> str:
     """The class prompt: ``template`` with ``{c}`` = ``name``, then the caption continuation (if any)
-    after one space. A multi-word name followed by a weight (``{c}++``) is parenthesised, so Compel's
-    weight covers every word of it (``(potted plant)++``), not only the last."""
+    after one space. A multi-word name followed by a weight (``{c}++``) is parenthesised with
+    ``weight_words="all"``, so Compel's weight covers every word of it (``(potted plant)++``); with
+    ``"last"`` it is not, and the weight falls on the last word (``potted plant++``, the reference's
+    Context / COCO scripts)."""
+    if weight_words not in ("all", "last"):
+        raise ValueError(f"build_prompt: weight_words must be 'all' or 'last', got {weight_words!r}")
     weighted = "{c}+" in template
-    prompt = template.format(c=f"({name})" if weighted and len(name.split()) > 1 else name)
+    group = weighted and weight_words == "all" and len(name.split()) > 1
+    prompt = template.format(c=f"({name})" if group else name)
     cont = continuation.strip()
     return f"{prompt} {cont}" if cont else prompt
 
@@ -254,18 +296,39 @@ def caption_continuation(caption: str | None, name: str, seed: str = CAPTION_SEE
     return text.strip()
 
 
-def class_token_positions(sd, prompt: str, name: str, mode: str = "mean", fuse_ing: bool = True) -> list[int]:
+def caption_seed(template: str) -> str:
+    """BLIP's seed text for a prompt template: the template without Compel's ``++`` ("a photograph of
+    {c}++" -> "a photograph of {c}", as the reference seeds BLIP)."""
+    return template.replace("++", "")
+
+
+def class_token_positions(sd, prompt: str, name: str, mode: str = "mean", fuse_ing: bool = True,
+                          ing_rule: str = "code") -> list[int]:
     """Token positions (0 = start-of-text) whose cross-attention maps are averaged into the class map:
     the class phrase's tokens (all, the first or the last, by ``mode``) and, with ``fuse_ing``, the
-    tokens of the word right after it when that word ends in "ing" (DS: ptp_stable_best.py L515-518)."""
+    word right after it when that word ends in "ing" (DS: ptp_stable_best.py L515-518). ``ing_rule``:
+    "code" tests the reference's word, ``prompt.split(" ")[i]`` right after the class phrase with its
+    punctuation (so "sitting," does not end in "ing"), and fuses the one token after the class; "word"
+    tests the BPE word after the class (letters only) and fuses all of its tokens."""
     from weakseg.backbones.diffusion import parse_prompt_weights
 
+    if ing_rule not in ("code", "word"):
+        raise ValueError(f"class_token_positions: ing_rule must be 'code' or 'word', got {ing_rule!r}")
     span = sd.token_indices(prompt, name)
     pos = span if mode == "mean" else [span[0]] if mode == "first" else [span[-1]]
     if not fuse_ing:
         return list(pos)
     text, _ = parse_prompt_weights(prompt)
     ids = sd.tokenizer(text, add_special_tokens=True).input_ids[: sd.tokenizer.model_max_length - 1]
+    if ing_rule == "code":
+        nxt = span[-1] + 1
+        before = len(sd.tokenizer.decode(ids[1:span[0]]).split())  # whitespace words before the class
+        words = prompt.split(" ")
+        i = before + len(name.split())
+        if i < len(words) and words[i].endswith("ing") and nxt < len(ids) \
+                and ids[nxt] not in sd.tokenizer.all_special_ids:
+            return list(pos) + [nxt]
+        return list(pos)
     toks = sd.tokenizer.convert_ids_to_tokens(ids)
     word, nxt = [], span[-1] + 1
     while nxt < len(toks) and ids[nxt] not in sd.tokenizer.all_special_ids:
@@ -373,11 +436,13 @@ class DiffSegmenter:
 
     # ------------------------------------------------------------------ helpers
     def _renamed(self, names: Sequence[str]) -> list[str]:
-        if not self.config.rename_classes:
+        table = self.config.rename_classes
+        if table is None:
             return list(names)
         from weakseg.data.classnames import CLASS_RENAMES, rename_classes
 
-        return rename_classes(names, CLASS_RENAMES["voc"]["diffsegmenter"])
+        dataset = {"voc": "voc", "context": "context59", "coco": "coco_object"}[table]
+        return rename_classes(names, CLASS_RENAMES[dataset]["diffsegmenter"])
 
     def self_attention_layers(self) -> list[str]:
         """The names of the UNet's self-attention layers that the propagation averages."""
@@ -385,16 +450,31 @@ class DiffSegmenter:
 
         return [n for n in self.sd.attention_layers("self") if any(fnmatchcase(n, p) for p in SELF_ATTENTION_LAYERS)]
 
-    def capture_specs(self) -> list[LayerCapture]:
+    def propagation_for(self, items: int, pixels: int) -> str:
+        """The propagation ("fused" / "reference") of a UNet call over ``items`` prompts at ``pixels``
+        latent pixels: ``config.propagation`` unless "auto" (see :class:`DiffSegmenterConfig`)."""
+        cfg = self.config
+        if cfg.propagation != "auto":
+            return cfg.propagation
+        if self.sd.device.type != "cpu":
+            return "fused"
+        need = 2 * items * pixels * pixels * 4
+        return "reference" if need <= cfg.attention_budget_mib * 2 ** 20 else "fused"
+
+    def capture_specs(self, propagation: str | None = None) -> list[LayerCapture]:
         """What one UNet pass records: every cross layer's per-resolution head mean (N, P_r, 77); for the
-        propagation, the 64x64 self layers' q/k (fused) or their per-resolution mean (reference)."""
-        specs = [LayerCapture(CROSS_ATTENTION_LAYERS, store="mean", group="resolution")]
-        if not self.config.baseline:
-            if self.config.propagation == "fused":
+        propagation, the 64x64 self layers' q/k (fused) or their per-resolution mean (reference).
+        ``propagation``: "fused" / "reference" (default: ``config.propagation``, "auto" read as
+        "fused")."""
+        propagation = propagation or self.config.propagation
+        if self.config.baseline or propagation in ("fused", "auto"):
+            specs = [LayerCapture(CROSS_ATTENTION_LAYERS, store="mean", group="resolution")]
+            if not self.config.baseline:
                 specs.append(LayerCapture(SELF_ATTENTION_LAYERS, store="qk"))
-            else:
-                specs.append(LayerCapture(SELF_ATTENTION_LAYERS, store="mean", group="resolution"))
-        return specs
+            return specs
+        # every map formed once in the UNet pass, its output computed from it (the references' processors)
+        return [LayerCapture(CROSS_ATTENTION_LAYERS, store="mean", group="resolution", reuse=True),
+                LayerCapture(SELF_ATTENTION_LAYERS, store="mean", group="resolution", reuse=True)]
 
     def _tagger(self):
         if self._clip is None:
@@ -426,18 +506,20 @@ class DiffSegmenter:
         """BLIP conditional caption of ``image`` seeded with "a photograph of {name}"; returns the
         continuation after the seed (what DS appends to its prompt)."""
         model, proc = self._blip()
-        seed = CAPTION_SEED.format(c=name)
+        seed = caption_seed(self.config.prompt_template).format(c=name)
         inputs = proc(images=image.permute(1, 2, 0).cpu().numpy(), text=seed, return_tensors="pt")
         inputs = {k: (v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device))
                   for k, v in inputs.items()}
         kw = {} if self.config.caption_max_new_tokens is None else {"max_new_tokens": self.config.caption_max_new_tokens}
         out = model.generate(**inputs, **kw)
-        return caption_continuation(proc.decode(out[0], skip_special_tokens=True), name)
+        return caption_continuation(proc.decode(out[0], skip_special_tokens=True), name,
+                                    caption_seed(self.config.prompt_template))
 
     def prompts_for(self, name: str, continuation: str = "") -> tuple[str, list[int]]:
         """(prompt, token positions) of class ``name`` (already renamed) with a caption continuation."""
-        prompt = build_prompt(self.config.prompt_template, name, continuation)
-        return prompt, class_token_positions(self.sd, prompt, name, self.config.class_token, self.config.fuse_ing)
+        cfg = self.config
+        prompt = build_prompt(cfg.prompt_template, name, continuation, cfg.weight_words)
+        return prompt, class_token_positions(self.sd, prompt, name, cfg.class_token, cfg.fuse_ing, cfg.ing_rule)
 
     # ------------------------------------------------------------------ the pipeline
     def candidates(self, images: list[torch.Tensor], class_names: Sequence[str],
@@ -480,18 +562,19 @@ class DiffSegmenter:
             idx = torch.tensor([items[i][0] for i in chunk], device=sd.device)
             embeds, _ = sd.encode_prompt([prompts[i] for i in chunk])
             acc = torch.zeros(len(chunk), *hw, dtype=torch.float32, device=sd.device)
+            propagation = self.propagation_for(len(chunk), hw[0] * hw[1])
             for t in cfg.timesteps:
                 with self.timer("unet", sd.device):
                     zt, _ = sd.add_noise(z[idx], t, noise=eps[idx])
-                    _, store = sd.unet(zt, t, embeds, capture=self.capture_specs())
+                    _, store = sd.unet(zt, t, embeds, capture=self.capture_specs(propagation))
                 with self.timer("refine", sd.device):
-                    x = self._refine(store, tokens, chunk, hw, self_names)
+                    x = self._refine(store, tokens, chunk, hw, self_names, propagation)
                 acc += x
                 store.reset()
             out[s:s + len(chunk)] = acc / len(cfg.timesteps)
         return out
 
-    def _refine(self, store, tokens, chunk, hw, self_names) -> torch.Tensor:
+    def _refine(self, store, tokens, chunk, hw, self_names, propagation: str) -> torch.Tensor:
         """Fused cross-attention maps of a chunk, propagated once by the 64x64 self-attention."""
         cfg = self.config
         cross = [store.resolution_mean("cross", r) for r in reversed(store.resolutions("cross"))]
@@ -503,7 +586,7 @@ class DiffSegmenter:
             raise ValueError(f"DiffSegmenter: the self-attention layers {self_names} run at "
                              f"{sorted(grids)}, not at the latent grid {hw}")
         flat = x.flatten(1)
-        if cfg.propagation == "fused":
+        if propagation == "fused":
             m = propagate_fused([store.qk(n) for n in self_names], flat)
         else:
             m = propagate_reference(store.resolution_mean("self", hw), flat)
@@ -536,7 +619,7 @@ class DiffSegmenter:
                 if not allowed[b, bg + j]:
                     continue
                 if captions is not None:
-                    cont = caption_continuation(captions[b], name)
+                    cont = caption_continuation(captions[b], name, caption_seed(self.config.prompt_template))
                 elif self.config.captioner is not None or self._captioner is not None:
                     cont = self.caption(items_in[b], name)
                 else:

@@ -109,8 +109,9 @@ def build_class_prompt(tokenizer, names: Sequence[str], *, prefix: str = "a phot
 def normalize_token_maps(maps: torch.Tensor, mode: str = "sum", eps: float = 0.0) -> torch.Tensor:
     """(B, T, h, w) -> each (b, t) map normalised over its pixels: "sum" divides by the sum (iSeg),
     "minmax" maps to [0, 1] (DiffSegmenter), "none" returns the maps. ``eps`` is added to the
-    denominator (0: a zero map gives NaN for "sum", as the reference code would; a constant map 0 for
-    "minmax" where the range is 0)."""
+    denominator (0: a zero map gives NaN for "sum", as the reference code would). "minmax" is
+    :func:`weakseg.methods.common.minmax_per_class` (no eps; a range at the rounding level of the values
+    gives 0)."""
     if mode not in NORMS:
         raise ValueError(f"normalize_token_maps: mode must be one of {', '.join(NORMS)}, got {mode!r}")
     if maps.dim() < 3:
@@ -120,9 +121,9 @@ def normalize_token_maps(maps: torch.Tensor, mode: str = "sum", eps: float = 0.0
     flat = maps.flatten(-2)
     if mode == "sum":
         return (flat / (flat.sum(-1, keepdim=True) + eps)).view_as(maps)
-    lo = flat.amin(-1, keepdim=True)
-    rng = flat.amax(-1, keepdim=True) - lo + eps
-    return torch.where(rng > 0, (flat - lo) / torch.where(rng > 0, rng, 1), torch.zeros_like(flat)).view_as(maps)
+    from weakseg.methods.common import minmax_per_class
+
+    return minmax_per_class(flat.reshape(1, -1, flat.shape[-1]), eps).view_as(maps)
 
 
 def fuse_cross_attention(maps: Mapping[object, torch.Tensor], weights: Mapping[object, float],
