@@ -160,3 +160,44 @@ def test_demo_rejects_bad_arguments(tmp_path):
     assert "toyworld.train" in report["skipped"]["x"] and report["methods"] == {}
     with pytest.raises(TypeError, match="DemoEntry"):
         run_demo(tmp_path, num_images=1, entries={"x": lambda w, p: object()}, progress=False)
+
+def test_malformed_safetensors_metadata_names_the_file(tmp_path):
+    """Issue 25: a metadata entry that is not JSON is a ValueError naming the file, not a bare JSONDecodeError."""
+    from weakseg.core import read_safetensors_file
+    from weakseg.io import save_safetensors
+
+    p = tmp_path / "head.safetensors"
+    save_safetensors({"w": torch.zeros(2)}, p, metadata={"format": "test-head", "class_names": "[\"a\", "})
+    with pytest.raises(ValueError, match="checkpoint.*head.safetensors.*malformed metadata"):
+        read_safetensors_file(p, ["test-head"], "checkpoint")
+    save_safetensors({"w": torch.zeros(2)}, p, metadata={"format": "test-head", "class_names": "[\"a\"]"})
+    assert read_safetensors_file(p, ["test-head"], "checkpoint")[1] == {"class_names": ["a"]}
+
+
+def test_set_and_file_values_are_type_checked():
+    """Issue 25: a bool is not an int, a list is not an int (the error names the key and the type), a string
+    field keeps the raw text, and a YAML 1.1 number string is read as a float."""
+    from weakseg.core import check_device, check_option_types
+
+    @dataclass
+    class Typed(MethodConfig):
+        steps: int = 1
+        rate: float = 0.5
+        name: str | None = None
+        sizes: tuple[int, ...] = (1,)
+
+    assert parse_set_options(["steps=3", "rate=2", "name=2024", "sizes=[2, 3]"], Typed) == \
+        {"steps": 3, "rate": 2, "name": "2024", "sizes": [2, 3]}
+    assert parse_set_options(["name=null"], Typed) == {"name": None}
+    for bad, want in [("steps=true", "expects int, got True (bool)"), ("steps=[1]", "expects int"),
+                      ("rate=false", "expects float"), ("sizes=[1, true]", "expects a list")]:
+        with pytest.raises(ValueError, match=want.replace("(", r"\(").replace(")", r"\)")):
+            parse_set_options([bad], Typed)
+    assert check_option_types({"rate": "1e-3", "steps": 2}, Typed, "config file c.yaml") == {"rate": 1e-3, "steps": 2}
+    with pytest.raises(ValueError, match=r"config file c.yaml: option 'steps' expects int, got \[1, 2\] \(list\)"):
+        check_option_types({"steps": [1, 2]}, Typed, "config file c.yaml")
+    assert check_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        check_device("gpu0")
+    with pytest.raises(ValueError, match="cuda:99"):
+        check_device("cuda:99")

@@ -173,7 +173,10 @@ def read_safetensors_file(path: str | Path, formats: Sequence[str], what: str, h
     if meta.get("format") not in formats:
         raise ValueError(f"{what}: {str(path)!r} has format {meta.get('format')!r}, expected "
                          f"{' or '.join(repr(f) for f in formats)}")
-    return tensors, {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    try:
+        return tensors, {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {str(path)!r} has malformed metadata (not JSON: {e})") from None
 
 
 class WeightsFileError(ValueError):
@@ -341,7 +344,7 @@ def check_option_types(values: dict[str, Any], config_cls: type, source: str) ->
         tp = types.get(key)
         if tp is None or _matches(value, tp):
             continue
-        if isinstance(value, str) and _matches(1.0, tp) and not _matches(1, tp):
+        if isinstance(value, str) and _matches(0.5, tp):
             try:
                 out[key] = float(value)
                 continue
