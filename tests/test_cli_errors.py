@@ -152,7 +152,8 @@ def test_save_scores_uses_the_atomic_writer(tmp_path, monkeypatch, capsys):
 
     written = []
     real = weakseg.io.save_safetensors
-    monkeypatch.setattr(weakseg.io, "save_safetensors", lambda t, p, metadata=None: written.append(p) or real(t, p, metadata))
+    monkeypatch.setattr(weakseg.io, "save_safetensors",
+                        lambda t, p, metadata=None: written.append(p) or real(t, p, metadata))
     img = _png(tmp_path / "x.png")
     assert _segment(str(img), "--out", str(tmp_path / "out"), "--save-scores") == 0
     assert [p.name for p in written] == ["x_scores.safetensors"]

@@ -187,7 +187,8 @@ def _output_stems(paths: list[str]) -> list[str]:
     first: dict[Path, str] = {}
     for p, r in zip(paths, resolved):
         if r in first:
-            raise ValueError(f"IMAGE: {p} is given more than once" + (f" (also as {first[r]})" if first[r] != p else ""))
+            also = f" (also as {first[r]})" if first[r] != p else ""
+            raise ValueError(f"IMAGE: {p} is given more than once{also}")
         first[r] = p
     stems = [r.stem for r in resolved]
     out = list(stems)
