@@ -17,9 +17,10 @@ the method's ``size`` with the padding ignored):
 
 Determinism and resume: the data order (one permutation per epoch), the augmentation, the SD noise and
 dropout all come from generators seeded by (seed, iteration, rank), so a run resumed from a checkpoint
-continues exactly as the uninterrupted run would. Checkpoints (``last.safetensors``: weights, AdamW
-state and the iteration; ``model.safetensors`` at the end: weights only) are safetensors with JSON
-metadata, written atomically by rank 0. Under ``torchrun`` (WORLD_SIZE > 1) the trained parts run in
+continues exactly as the uninterrupted run would (bit for bit on the CPU; ``log.jsonl`` is cut back to the
+checkpoint's step). Checkpoints (``last.safetensors``: weights, AdamW state, the iteration, the data
+position and the global random streams; ``model.safetensors`` at the end: weights only) are safetensors
+with JSON metadata, written atomically by rank 0. Under ``torchrun`` (WORLD_SIZE > 1) the trained parts run in
 DistributedDataParallel (NCCL on CUDA, Gloo on the CPU) and each rank takes its share of the batch
 order; the effective batch is ``batch_size × world_size``.
 """

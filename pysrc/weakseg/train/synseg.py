@@ -4,8 +4,8 @@ Data: image-caption pairs (:mod:`weakseg.data.captions`: webdataset tar shards, 
 or the toy world's captions). Each caption becomes its noun phrases (:mod:`weakseg.data.phrases`: spaCy
 noun chunks with a NOUN token when a pipeline is installed, else the documented fallback; the
 generic-phrase exclusion list; or a precomputed phrases file); images without a phrase are skipped, at
-most ``k_max`` (4) phrases per image are kept (a random subset). Each phrase is one category, its text
-embedding ("a photo of a {}.") computed once and cached.
+most ``k_max`` (4) phrases per image are kept (a random subset). Each phrase is one category; the text
+embeddings ("a photo of a {}.") of all phrases are computed once before the first step, in sorted order.
 
 One iteration, per image of the batch (random resized crop to the method's ``size`` + flip): the frozen
 CLIP once (no gradients) -> the decoder on B·K rows (one per phrase, padded phrases masked) -> FSS
@@ -14,8 +14,11 @@ weight decay 1e-4 [R]); bf16 autocast on CUDA by default. Paper: batch 256, 10,0
 
 Determinism and resume: the data order (one permutation per epoch), the crops and the phrase subsets come
 from generators seeded by (seed, position), so a resumed run sees exactly the batches of the uninterrupted
-run. Checkpoints are safetensors with JSON metadata, written atomically (temp file + rename) by rank 0:
-``last.safetensors`` (head weights, AdamW state, step) every ``save_every`` iterations and
+run; the phrase embeddings do not depend on the batches (see above), and the checkpoint restores the
+global random streams, so a resumed run equals the uninterrupted one bit for bit on the CPU (README:
+"Checkpoints and resume"); ``log.jsonl`` is cut back to the checkpoint's step. Checkpoints are safetensors
+with JSON metadata, written atomically (temp file + rename) by rank 0: ``last.safetensors`` (head weights,
+AdamW state, step, data position, random streams, fp16 scaler) every ``save_every`` iterations and
 ``model.safetensors`` (weights + the architecture, what ``SynSegConfig.checkpoint`` reads) at the end.
 Under ``torchrun`` (WORLD_SIZE > 1) the process group is initialised (NCCL on CUDA, Gloo on the CPU), the
 head runs in DistributedDataParallel and rank r takes positions r·B .. r·B + B − 1 of each global batch of
