@@ -253,7 +253,8 @@ def test_a_directory_where_a_file_is_expected(tmp_path, capsys):
 def test_hub_names_fail_fast_without_network(tmp_path, capsys, monkeypatch):
     from weakseg.backbones import hub
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HF_HUB_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
     probes = []
     monkeypatch.setattr(hub, "_reachable", None)
     monkeypatch.setattr(hub, "_probe", lambda host, port, timeout: probes.append((host, port)) or False)
@@ -263,6 +264,8 @@ def test_hub_names_fail_fast_without_network(tmp_path, capsys, monkeypatch):
                      "--set", "model=someorg/some-model", "tagger=all"]) == 2
         _one_line_error(capsys, "someorg/some-model", "unreachable", "HF_HUB_OFFLINE", "local directory")
     assert probes == [("huggingface.co", 443)]  # checked once per process
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub._endpoint() == ("proxy.example", 3128)  # behind a proxy, the proxy is what must answer
     from weakseg.backbones.clip import CLIPBackbone
 
     with pytest.raises(hub.HubUnavailableError, match="HF_HUB_OFFLINE"):
@@ -283,3 +286,19 @@ def test_hub_failures_under_offline_mode_are_one_line(tmp_path, capsys, monkeypa
     assert main(["segment", str(img), "--method", "iseg", "--classes", "cat", "--out", str(tmp_path / "o"),
                  "--set", "model=someorg/some-model", "tagger=all", f"cache_dir={tmp_path / 'hub'}"]) == 2
     _one_line_error(capsys, "someorg/some-model", "HF_HUB_OFFLINE is set")
+
+
+def test_probe_is_bounded_in_time(monkeypatch):
+    """The reachability probe gives up after its timeout even when name resolution hangs."""
+    import time
+
+    from weakseg.backbones import hub
+
+    def hang(*a, **k):
+        time.sleep(5)
+        raise OSError("never")
+
+    monkeypatch.setattr(hub.socket, "create_connection", hang)
+    t0 = time.perf_counter()
+    assert hub._probe("huggingface.co", 443, 0.3) is False
+    assert time.perf_counter() - t0 < 2
