@@ -212,6 +212,19 @@ def test_broken_checkpoint_metadata_refused(tmp_path):
                              [str(path), *words])
 
 
+def test_optimizer_without_state_only_with_a_loss_scaler(tmp_path):
+    module, opt = _fresh()  # no step yet: what an fp16 run whose scaler skipped every step so far saves
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    path = tmp_path / "last.safetensors"
+    common.save_checkpoint(path, module, opt, {"step": 1, "position": 2}, "fmt", scaler)
+    m2, o2 = _fresh()
+    s2 = torch.amp.GradScaler("cpu")
+    assert common.load_checkpoint(path, m2, o2, "fmt", scaler=s2)["step"] == 1
+    assert s2.get_scale() == 8.0 and not o2.state_dict()["state"]
+    assert_raises_naming(lambda: common.load_checkpoint(path, *_fresh(), "fmt"), WeightsFileError,
+                         [str(path), "lacks tensor(s) optim.0.exp_avg"])
+
+
 def test_truncate_log(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')

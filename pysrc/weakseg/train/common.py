@@ -148,7 +148,9 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer, fmt: str,
                          f"model: {arch}); use another out_dir or resume=False")
     expected = dict(module.state_dict())
     if optimizer is not None:
-        expected.update(_optimizer_template(optimizer))
+        # an optimizer without state is legitimate only when the fp16 scaler skipped every step so far
+        if scaler is None or any(k.startswith("optim.") for k in tensors):
+            expected.update(_optimizer_template(optimizer))
         if "rng" in info or any(k.startswith("rng.") for k in tensors):  # absent from older checkpoints only
             expected.update({k: v for k, v in tensors.items() if k.startswith("rng.cuda.")})
             expected["rng.torch"] = torch.get_rng_state()
