@@ -244,9 +244,15 @@ def test_unknown_dataset_lists_the_known_ones(capsys):
     _one_line_error(capsys, "--dataset", "'nope'", "ade20k")
 
 
-def test_a_directory_where_a_file_is_expected(tmp_path, capsys):
+def test_a_directory_where_a_file_is_expected_and_the_reverse(tmp_path, capsys):
     assert main(["bank", "info", str(tmp_path)]) == 2
     _one_line_error(capsys, str(tmp_path), "is a directory")
+    f = tmp_path / "voc.tar"
+    f.write_bytes(b"\0" * 10)
+    assert main(["eval", "--method", "test-cli-probe", "--dataset", "voc", "--root", str(f)]) == 2
+    _one_line_error(capsys, "--root", str(f), "is a file")
+    assert main(["bank", "build", "--pseudo-masks", str(tmp_path), "--dataset", "toyworld", "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--out", "is a directory")
 
 
 # ---------------------------------------------------------------------------------------------- hub
