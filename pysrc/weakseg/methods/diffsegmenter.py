@@ -7,33 +7,43 @@ Per image and candidate class ``c`` (one conditional UNet item each, batched):
    sample**, noised to each timestep of ``timesteps`` (t = 100) with one noise draw per image (all of
    its classes and timesteps share it); the generator is re-seeded with ``config.seed`` for every image,
    so an image's result does not depend on the batch it comes in;
-2. prompt ``"a photograph of {c}++"`` (+ an optional caption continuation; ``word++`` = Compel weight
-   1.21 on the class tokens, ``StableDiffusionBackbone.encode_prompt``); one UNet pass at t;
+2. prompt ``"a photograph of {c}++"`` with the reference's class words (``rename_classes``: VOC's
+   plane, buses, table, people, plant, monitor by default; the ``code-context`` / ``code-coco`` presets
+   write the Context / COCO scripts' words and ``"a photography of {c}++"``) + an optional caption
+   continuation; ``word++`` = Compel weight 1.21 on the class tokens (``StableDiffusionBackbone.
+   encode_prompt``); one UNet pass at t;
 3. cross-attention of every cross layer, averaged over layers and heads per resolution (8/16/32/64 for
-   a 512² input; in general latent/8 … latent), the class token column(s) selected (with the next word
-   if it ends in "ing", ``fuse_ing``), bilinearly upsampled to the latent grid, min-max normalised and
-   weighted ``cross_weights`` = [0.3, 0.5, 0.1, 0.1] → ``x`` (P,), P = latent pixels;
+   a 512² input; in general latent/8 … latent), the class token column(s) selected (with the token
+   after the class if the next whitespace word ends in "ing", ``fuse_ing`` / ``ing_rule``), bilinearly
+   upsampled to the latent grid, min-max normalised and weighted ``cross_weights`` = [0.3, 0.5, 0.1, 0.1]
+   → ``x`` (P,), P = latent pixels;
 4. ``M = mean_{l,h} softmax(Q_lh K_lhᵀ/√d) · x`` over the 64x64 self-attention layers
-   (``down_blocks.0`` ×2 + ``up_blocks.3`` ×3, every head). The fused path (default) is plain attention
-   with V = x: ``scaled_dot_product_attention(q, k, x)`` per layer from the captured q/k, never forming a
-   P x P map; ``propagation="reference"`` averages the probabilities in one P x P buffer and takes A @ x
-   (the reference code's order; tested to agree);
+   (``down_blocks.0`` ×2 + ``up_blocks.3`` ×3, every head). ``propagation="reference"`` (what "auto",
+   the default, picks on the CPU while two P x P float32 maps per item fit ``attention_budget_mib``)
+   keeps one running mean of the probabilities in the UNet pass, the captured layers computing their
+   output from the same probabilities (each map formed once, as in the reference's processor), then
+   A @ x; ``propagation="fused"`` (auto on CUDA or over the budget) is plain attention with V = x:
+   ``scaled_dot_product_attention(q, k, x)`` per layer from the captured q/k, never forming a P x P map
+   (tested to agree);
 5. M averaged over timesteps, bilinearly upsampled to the image size, per-class min-max; background =
    constant τ (``bg_threshold``), label = argmax over [τ, M_1, …].
 
 ``baseline=True`` skips step 4 (the fused cross-attention maps with the same background rule).
 
-Differences from the reference code, all output-preserving or documented:
+Differences from the reference code, all output-preserving or documented (docs/methods.md):
 
 - the reference runs the batch [uncond "", prompt] and keeps the conditional half's attention; the noise
   prediction is never used and UNet batch items are independent, so only the conditional item is run;
-- the reference reads fixed token positions (4, and 5 for the "ing" word) after renaming VOC classes to
-  single tokens; here the positions are found by tokenizing, so multi-token class names work
-  (``class_token``: mean of all their tokens by default, or the first / last);
+- the reference reads fixed token positions (4, and 5 for the "ing" word; Context / COCO 3 + L) after
+  renaming classes to its words; here the positions are found by tokenizing, so multi-token class names
+  work (``class_token``: mean of all their tokens by default, or the first / last); the COCO script's
+  "ing" token 5 + L (the token after the "ing" word) is read as 4 + L;
 - captions: the reference seeds BLIP-large with "a photograph of {c}" and appends BLIP's continuation;
   here a caption is optional: ``segment(..., captions=[...])`` (one user text per image, appended after
   the class phrase), or BLIP when ``config.captioner`` names a ``BlipForConditionalGeneration`` model, or
   none (the default: the prompt is just "a photograph of {c}++", so the "ing" fusion has nothing to fuse);
+- min-max without the reference's 0 / 0 on constant maps: a range at the rounding level of the values
+  gives 0 (``methods.common.minmax_per_class``);
 - candidate classes: the image-level labels when given (weakly-supervised), else CLIP zero-shot tagging
   (``open_vocab="clip"``, the reference reads a precomputed JSON whose generator is unpublished) or every
   class (``open_vocab="all"``);

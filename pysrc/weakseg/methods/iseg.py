@@ -34,9 +34,12 @@ Per image (batched through the UNet, one prompt per image):
 8. Maps (K, 64, 64) -> bilinear to the image size -> per-class min-max -> background rule
    (``(1 - max)^2``, or a threshold, ``methods.common.scores_to_labels``).
 
-Deliberate differences from the reference code: the maps are resized straight to the image size (the
-code goes through 512x512 and then to the mask size); the KL distance clamps at 1e-5 (the code
-replaces exact zeros by 1e-6); token counts come from the tokenizer rather than a hand-written table.
+Deliberate differences from the reference code (docs/methods.md): the maps are resized straight to the
+image size (the code goes through 512x512 and then to the mask size); the final min-max has no eps, as
+the code, but a range at the rounding level of the values gives 0 (the code's 0 / 0 gives NaN); the KL
+distance clamps at 1e-5 (the code replaces exact zeros by 1e-6); token counts come from the tokenizer
+rather than a hand-written table (the prompt words are the tables': voc_name20, coco_name80,
+context_name59).
 
 Presets (:data:`PRESETS`, ``ISegConfig.from_preset(name)`` or ``create("iseg", preset=name)``):
 ``voc-wsss``, ``coco-wsss`` (pseudo-masks with image-level labels), ``voc-ovs``, ``context-ovs``,
