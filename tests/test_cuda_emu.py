@@ -221,9 +221,9 @@ def _knn_check(queries, bank, bank_labels, k, C):
     return ok
 
 
-@given(Q=st.integers(0, 12), N=st.integers(0, 60), D=st.integers(1, 16), k=st.integers(1, 70),
+@given(Q=st.integers(0, 20), N=st.integers(0, 60), D=st.integers(1, 16), k=st.integers(1, 70),
        C=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
-@settings(max_examples=30)
+@settings(max_examples=40)
 def test_knn_vote_cuda_kernels_match_reference(Q, N, D, k, C, seed):
     g = torch.Generator().manual_seed(seed)
     queries = torch.randn(Q, D, generator=g)
@@ -356,10 +356,10 @@ def _kl_compare(x, seeds, iterations, gap_tol=1e-3):
     return False
 
 
-@given(B=st.integers(0, 2), N=st.integers(0, 50), D=st.integers(1, 40), S=st.integers(1, 12),
-       iterations=st.integers(1, 5), kind=st.sampled_from(["softmax", "sparse", "uniform"]),
+@given(B=st.integers(0, 3), N=st.integers(0, 100), D=st.integers(1, 40), S=st.integers(1, 20),
+       iterations=st.integers(1, 8), kind=st.sampled_from(["softmax", "sparse", "uniform"]),
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
-@settings(max_examples=20)
+@settings(max_examples=30)
 def test_kl_kmeans_cuda_kernel_matches_reference(B, N, D, S, iterations, kind, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = _data(kind, B, N, D, g).to(dtype)
