@@ -4,8 +4,10 @@
 // anchor (kernels/kl_kmeans.h, the same rule as the CPU loop), a butterfly of
 // shuffles gives every lane the warp's winner, then the lanes add the point's
 // raw row into that anchor's sum (coalesced atomicAdd over D) and lane 0
-// counts it. Dead anchors stay in place (masked by prev_counts == 0), so the
-// host never has to look at the alive set.
+// counts it. The op runs it with T = double (csrc/ops/kl_kmeans.cpp): float64
+// scores, and float64 sums whose rounding, whatever the order of the atomics,
+// stays far below the float32 output. Dead anchors stay in place (masked by
+// prev_counts == 0), so the host never has to look at the alive set.
 #pragma once
 #include <cstdint>
 

@@ -1,8 +1,9 @@
 // Framework-free pieces of kl_kmeans (k-means under the symmetric KL distance),
 // shared by the CPU loops and the CUDA kernel so both pick the same anchor.
 //
-// The assignment step works on the expanded form of the distance. With x~ and
-// c~ clamped at eps,
+// The assignment step works on the expanded form of the distance. With
+// x~ = max(x, 0) + eps and c~ likewise (eps ADDED to every entry, as the
+// authors' kl_dis),
 //   2 d(x, c) = sum_d (x~ - c~)(ln x~ - ln c~)
 //             = sum x~ ln x~  +  [ sum c~ ln c~ - x~ . ln c~ - ln x~ . c~ ],
 // and the first term does not depend on the anchor, so
@@ -10,6 +11,10 @@
 // with cconst[c] = sum c~ ln c~ and g = [x~, ln x~] . [ln c~, c~] (one GEMM
 // row). Dead anchors (no members in the previous iteration) are skipped;
 // among equal scores the smaller anchor index wins; a NaN score ranks last.
+// The expanded form cancels: its terms are of the size of sum x~ ln x~ while
+// the gaps between two anchors' distances can be 1e-6 of the distance (sum-
+// normalised attention maps), so the callers evaluate it in float64 (T =
+// double); the direct form's terms are all >= 0 and need no such care.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -19,7 +24,7 @@
 namespace weakseg {
 namespace kernels {
 
-constexpr double KL_EPS = 1e-5;
+constexpr double KL_EPS = 1e-5;  // added to every (non-negative) entry
 
 // The comparable key of a score: NaN ranks after everything (as +inf).
 template <typename T>

@@ -1,9 +1,10 @@
 // kl_kmeans: schema, input checks, the Lloyd loop shared by both backends
-// (GEMM scores via at::bmm, anchor updates and relabelling with tensor ops,
-// no host sync inside) and the CPU step. Kernel bodies: kernels/kl_kmeans.h.
+// (float64 GEMM scores via at::bmm, anchor updates and relabelling with tensor
+// ops, no host sync inside) and the CPU step. Everything runs in float64 (the
+// expanded distance cancels, see kernels/kl_kmeans.h); the centroids are
+// returned in float32, or float64 for float64 input. Kernel bodies: kernels/kl_kmeans.h.
 // CUDA step: cuda/kl_kmeans.cu.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -32,24 +33,24 @@ KlArgs prepare_kl_args(const at::Tensor& x, const at::Tensor& seeds, int64_t ite
     const int64_t l = lo.item<int64_t>(), h = hi.item<int64_t>();
     WS_CHECK(l >= 0 && h < N, op, "seeds must lie in [0, N=", N, "), found values in [", l, ", ", h, "]");
   }
-  const auto cdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {x.to(cdt).contiguous(), seeds.to(at::kLong).contiguous(), iterations};
+  const auto out = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {x.to(at::kDouble).contiguous(), seeds.to(at::kLong).contiguous(), iterations, out};
 }
 
 std::tuple<at::Tensor, at::Tensor> kl_kmeans_loop(const KlArgs& a, KlStepFn step) {
   const auto& x = a.x;
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), S = a.seeds.size(0);
   auto labels = at::zeros({B, N}, x.options().dtype(at::kLong));
-  if (B == 0 || N == 0) return {labels, at::zeros({B, S, D}, x.options())};
+  if (B == 0 || N == 0) return {labels, at::zeros({B, S, D}, x.options().dtype(a.out_dtype))};
 
   const double eps = kernels::KL_EPS;
-  auto xc = x.clamp_min(eps);
+  auto xc = x.clamp_min(0) + eps;            // x~: eps added to every entry, negatives count as 0
   auto points = at::cat({xc, xc.log()}, 2);  // (B, N, 2D): [x~, ln x~]
   auto anchors = x.index_select(1, a.seeds);  // (B, S, D)
   auto counts = at::ones({B, S}, x.options().dtype(at::kInt));
   auto assign = at::empty({B, N}, labels.options());
   for (int64_t it = 0; it < a.iterations; ++it) {
-    auto ac = anchors.clamp_min(eps);
+    auto ac = anchors.clamp_min(0) + eps;
     auto la = ac.log();
     auto cconst = (ac * la).sum(2).contiguous();                          // (B, S): sum c~ ln c~
     auto g = at::bmm(points, at::cat({la, ac}, 2).transpose(1, 2)).contiguous();  // (B, N, S)
@@ -68,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> kl_kmeans_loop(const KlArgs& a, KlStepFn step
   auto dest = at::where(alive, remap, at::full({}, S, remap.options()));  // dead rows -> scratch row S
   auto buf = at::zeros({B, S + 1, D}, x.options());
   buf.scatter_(1, dest.unsqueeze(2).expand({B, S, D}), anchors);
-  return {labels, buf.narrow(1, 0, S).contiguous()};
+  return {labels, buf.narrow(1, 0, S).to(a.out_dtype).contiguous()};
 }
 
 template <typename T>
@@ -95,8 +96,9 @@ static void kl_step_cpu_impl(const at::Tensor& g, const at::Tensor& cconst, cons
   });
   // Pass 2: member sums, each (image, column block) owned by one task and summed
   // in point order, so the result does not depend on the thread count.
+  // At least one block, even for D == 0: block 0 also counts the members.
   constexpr int64_t DB = 32;
-  const int64_t nblk = (D + DB - 1) / DB;
+  const int64_t nblk = std::max<int64_t>(1, (D + DB - 1) / DB);
   const int64_t job_grain = std::max<int64_t>(1, kGrainWork / std::max<int64_t>(N * DB, 1));
   at::parallel_for(0, B * nblk, job_grain, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
@@ -110,9 +112,7 @@ static void kl_step_cpu_impl(const at::Tensor& g, const at::Tensor& cconst, cons
 
 static void kl_step_cpu(const at::Tensor& g, const at::Tensor& cconst, const at::Tensor& prev_counts,
                         const at::Tensor& x, at::Tensor& assign, at::Tensor& sums, at::Tensor& counts) {
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kl_kmeans_cpu", [&] {
-    kl_step_cpu_impl<scalar_t>(g, cconst, prev_counts, x, assign, sums, counts);
-  });
+  kl_step_cpu_impl<double>(g, cconst, prev_counts, x, assign, sums, counts);  // the loop runs in float64
 }
 
 std::tuple<at::Tensor, at::Tensor> kl_kmeans_cpu(const at::Tensor& x, const at::Tensor& seeds, int64_t iterations) {

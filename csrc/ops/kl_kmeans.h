@@ -7,16 +7,17 @@
 namespace weakseg {
 namespace ops {
 struct KlArgs {
-  at::Tensor x;        // (B, N, D) in the compute dtype (float32, or float64 for float64 input), contiguous
-  at::Tensor seeds;    // (S,) int64, in [0, N) when N > 0
-  int64_t iterations;  // >= 1
+  at::Tensor x;             // (B, N, D) float64 (every backend computes in float64), contiguous
+  at::Tensor seeds;         // (S,) int64, in [0, N) when N > 0
+  int64_t iterations;       // >= 1
+  at::ScalarType out_dtype; // of the centroids: float32, or float64 for float64 input
 };
 // Checks the arguments (dtypes, shapes, devices, seed range) and converts.
 KlArgs prepare_kl_args(const at::Tensor& x, const at::Tensor& seeds, int64_t iterations);
 
 // One assignment + accumulation step (the device-specific part):
 //   g (B, N, S) GEMM rows, cconst (B, S) anchor constants, prev_counts (B, S)
-//   int32 (anchor alive iff > 0), x (B, N, D) raw rows; writes assign (B, N)
+//   int32 (anchor alive iff > 0), x (B, N, D) raw rows, all float64 but the counts; writes assign (B, N)
 //   int64 and adds into sums (B, S, D) and counts (B, S) int32 (zero on entry).
 using KlStepFn = void (*)(const at::Tensor& g, const at::Tensor& cconst, const at::Tensor& prev_counts,
                           const at::Tensor& x, at::Tensor& assign, at::Tensor& sums, at::Tensor& counts);
