@@ -61,6 +61,39 @@ def test_iterations_zero_is_identity():
     assert torch.equal(erode(mask, 3, 0), mask)
 
 
+def test_huge_windows_saturate(device):
+    """A window wider than the image covers all of it, however large kernel_size or iterations are:
+    (k // 2) * iterations overflowed int64 in the compiled op (3 // 2 * 2**62 ... = 2**63) and gave garbage."""
+    mask = torch.ones(3, 7, 9, dtype=torch.bool)
+    mask[0, 6, 2] = mask[1, 0, 5] = mask[1, 1, 8] = False  # plane 2 has no hole
+    # radius (3 // 2) * 4 = 4 down the rows, the whole row across: rows 0-1 of plane 0 and row 6
+    # of plane 1 are more than 4 rows from every hole
+    whole_rows = torch.zeros_like(mask)
+    whole_rows[0, :2] = whole_rows[1, 6:] = whole_rows[2] = True
+    whole_plane = torch.zeros_like(mask)
+    whole_plane[2] = True
+    assert torch.equal(erode_reference(mask, (9, 19)), whole_rows)
+    m = mask.to(device)
+    for kernel, it, expect in [((3, 2**62 + 1), 4, whole_rows), ((3, 2**63 - 1), 4, whole_rows),
+                               ((3, 10**30 + 1), 4, whole_rows), (3, 2**62, whole_plane), (3, 2**63 - 1, whole_plane),
+                               ((2**61 + 1, 2**61 + 1), 2**40, whole_plane)]:
+        assert torch.equal(erode(m, kernel, it).cpu(), expect), (kernel, it)
+        assert torch.equal(erode_reference(mask, kernel, it), expect), (kernel, it)
+        if max(pair_of(kernel)) < 2**63 and it < 2**63:  # what fits the op's int64 arguments
+            assert torch.equal(torch.ops.weakseg.erode(m, pair_of(kernel), it).cpu(), expect), (kernel, it)
+    # labels keep their value iff the (vertically widened) whole row agrees: the survivors of the mask
+    labels = mask.long() * 3
+    expect_labels = torch.where(whole_rows, labels, torch.full_like(labels, 255))
+    for out in (erode_labels(labels.to(device), (3, 2**62 + 1), 4).cpu(),
+                torch.ops.weakseg.erode_labels(labels.to(device), [3, 2**62 + 1], 4, 255).cpu(),
+                erode_labels_reference(labels, (3, 2**62 + 1), 4)):
+        assert torch.equal(out, expect_labels)
+
+
+def pair_of(kernel):
+    return [kernel, kernel] if isinstance(kernel, int) else list(kernel)
+
+
 def test_matches_opencv():
     cv2 = pytest.importorskip("cv2")
     import numpy as np
@@ -93,6 +126,11 @@ def test_noncontiguous_and_empty(device):
     (lambda: erode(torch.zeros(4, 4, dtype=torch.bool), 3, -1), ValueError, ["iterations"]),
     (lambda: erode_labels(torch.zeros(4, 4), 3), TypeError, ["labels", "int64"]),
     (lambda: erode_labels(torch.zeros(4, 4, dtype=torch.uint8), 3, ignore_index=300), ValueError, ["ignore_index"]),
+    # a raw "'<=' not supported between int and NoneType" before
+    (lambda: erode_labels(torch.zeros(4, 4, dtype=torch.uint8), 3, ignore_index=None), TypeError,
+     ["erode_labels", "ignore_index must be an int", "None"]),
+    (lambda: erode_labels(torch.zeros(4, 4, dtype=torch.uint8), 3, ignore_index=2.0), TypeError, ["ignore_index"]),
+    (lambda: erode(torch.zeros(4, 4, dtype=torch.bool), 3, True), ValueError, ["iterations", "int"]),
 ])
 def test_errors(bad, exc, words):
     assert_raises_naming(bad, exc, words)

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from weakseg.ops import knn_vote, knn_vote_reference
+from weakseg.ops.knn_vote import MAX_CLASSES
 
 
 def _unambiguous(queries, bank, bank_labels, k, num_classes, margin=1e-4):
@@ -136,6 +137,13 @@ def test_matches_faiss_flat_ip():
     (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 0, 2), ValueError, ["k must be"]),
     (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, 0), ValueError, ["num_classes"]),
     (lambda: knn_vote(torch.randint(0, 3, (2, 3)), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, 2), TypeError, ["queries"]),
+    # issue 25.10: 2**31 + 5 classes got the process killed allocating the votes
+    (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, 2**31 + 5), ValueError,
+     ["num_classes must be an int in [1, 65536]", str(2**31 + 5)]),
+    (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, MAX_CLASSES + 1),
+     ValueError, ["num_classes", "65536"]),
+    (lambda: knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, True), ValueError,
+     ["num_classes", "True"]),
 ])
 def test_errors(bad, exc, words):
     assert_raises_naming(bad, exc, words)
@@ -144,6 +152,32 @@ def test_errors(bad, exc, words):
 def test_compiled_op_checks_inputs():
     with pytest.raises(RuntimeError, match="weakseg.knn_vote: bank_labels must lie in"):
         torch.ops.weakseg.knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.full((4,), 7), 2, 3)
+    with pytest.raises(RuntimeError, match=r"weakseg.knn_vote: num_classes must be in \[1, 65536\], got 2147483653"):
+        torch.ops.weakseg.knn_vote(torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2, 2**31 + 5)
+
+
+def test_largest_num_classes_works(device):
+    q, b = torch.randn(3, 4).to(device), torch.randn(5, 4).to(device)
+    bl = torch.tensor([0, MAX_CLASSES - 1, 7, MAX_CLASSES - 1, 0], device=device)
+    labels, conf, votes = knn_vote(q, b, bl, 5, MAX_CLASSES)
+    assert votes.shape == (3, MAX_CLASSES) and votes.sum().item() == 15 and votes[:, MAX_CLASSES - 1].tolist() == [2] * 3
+
+
+def test_wrapper_traces_under_fake_tensors_and_compile():
+    # Issue 25.11: the wrapper read the labels' range in Python (DataDependentOutputException under fake
+    # tensors); traced labels are range-checked by the compiled op when it runs.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        labels, conf, votes = knn_vote(torch.randn(6, 8), torch.randn(20, 8), torch.randint(0, 3, (20,)), 4, 3)
+        assert labels.shape == (6,) and conf.shape == (6,) and votes.shape == (6, 3)
+    g = torch.Generator().manual_seed(2)
+    q, b, bl = torch.randn(6, 8, generator=g), torch.randn(20, 8, generator=g), torch.randint(0, 3, (20,), generator=g)
+    f = torch.compile(lambda q, b, bl: knn_vote(q, b, bl, 4, 3), fullgraph=True, backend="eager")
+    for x, y in zip(f(q, b, bl), knn_vote(q, b, bl, 4, 3)):
+        assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match="weakseg.knn_vote: bank_labels must lie in"):
+        f(q, b, torch.full((20,), 3))
 
 
 def test_opcheck(device):

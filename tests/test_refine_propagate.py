@@ -328,6 +328,13 @@ def test_input_errors():
         (lambda: refine_propagate_qk(torch.rand(1, 2, 4, 3), torch.rand(1, 2, 4, 3), torch.rand(1, 5, 2)), ValueError,
          ["maps", "(1, 4, K)"]),
         (lambda: refine_propagate_qk(torch.rand(1, 0, 4, 3), torch.rand(1, 0, 4, 3), m), ValueError, ["head"]),
+        # d = 0 with the default scale (d ** -0.5) was a ZeroDivisionError; the reference says the same
+        (lambda: refine_propagate_qk(torch.rand(1, 2, 4, 0), torch.rand(1, 2, 4, 0), m), ValueError,
+         ["q and k", "head dimension d >= 1", "(1, 2, 4, 0)"]),
+        (lambda: refine_propagate_qk_reference(torch.rand(1, 2, 4, 0), torch.rand(1, 2, 4, 0), m, 0.1, 1), ValueError,
+         ["q and k", "head dimension d >= 1"]),
+        (lambda: head_mean_attention(torch.rand(1, 2, 4, 0), torch.rand(1, 2, 4, 0)), ValueError,
+         ["head_mean_attention", "d >= 1"]),
         (lambda: refine_propagate_qk(torch.rand(1, 2, 4, 3), torch.rand(1, 2, 4, 3), m, scale=float("inf")),
          ValueError, ["scale", "finite"]),
         (lambda: refine_propagate_qk(torch.ones(1, 2, 4, 3, dtype=torch.long), torch.ones(1, 2, 4, 3, dtype=torch.long),

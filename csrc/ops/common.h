@@ -3,7 +3,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
 #include <string>
+#include <utility>
 
 namespace weakseg {
 namespace ops {
@@ -34,7 +36,15 @@ inline std::pair<int64_t, int64_t> window_radius(c10::IntArrayRef kernel_size, i
   }
   WS_CHECK(iterations >= 0, op, "iterations must be >= 0, got ", iterations);
   // `iterations` passes of a k-window equal one pass of a ((k-1)*iterations+1)-window.
-  return {(kernel_size[0] / 2) * iterations, (kernel_size[1] / 2) * iterations};
+  // The product saturates instead of overflowing: every radius >= the image
+  // extent gives the same result (the kernels clamp it to H / W first), and
+  // kMaxRadius keeps 2r+1 representable as well.
+  constexpr int64_t kMaxRadius = std::numeric_limits<int64_t>::max() / 4;
+  auto radius = [&](int64_t k) {
+    const int64_t r = k / 2;
+    return (iterations != 0 && r > kMaxRadius / iterations) ? kMaxRadius : r * iterations;
+  };
+  return {radius(kernel_size[0]), radius(kernel_size[1])};
 }
 
 }  // namespace ops

@@ -39,7 +39,8 @@ KnnArgs prepare_knn_args(const at::Tensor& queries, const at::Tensor& bank, cons
   WS_CHECK(bank_labels.size(0) == bank.size(0), op, "bank_labels must have one label per bank row: ",
            bank_labels.size(0), " labels for ", bank.size(0), " rows");
   WS_CHECK(k >= 1, op, "k must be >= 1, got ", k);
-  WS_CHECK(num_classes >= 1, op, "num_classes must be >= 1, got ", num_classes);
+  WS_CHECK(num_classes >= 1 && num_classes <= kKnnMaxClasses, op, "num_classes must be in [1, ", kKnnMaxClasses,
+           "], got ", num_classes);
   if (bank_labels.numel() > 0) {
     auto [lo, hi] = at::aminmax(bank_labels);
     const int64_t l = lo.item<int64_t>(), h = hi.item<int64_t>();

@@ -6,6 +6,12 @@
 
 namespace weakseg {
 namespace ops {
+// The largest num_classes accepted (weakseg.ops.knn_vote.MAX_CLASSES): votes are
+// Q x num_classes int64 and each CPU worker keeps a num_classes float buffer, so
+// an unbounded value is a multi-GiB allocation; 2^16 keeps a query's vote row at
+// 512 KiB, far above the label spaces in use (ImageNet-21k: 21,841 classes).
+constexpr int64_t kKnnMaxClasses = int64_t(1) << 16;
+
 struct KnnArgs {
   at::Tensor queries;      // (Q, D) float32, rows L2-normalised
   at::Tensor bank;         // (N, D) float32, rows L2-normalised

@@ -7,7 +7,9 @@ k-window equal one pass of a ((k-1)*iterations+1)-window. For uint8 the result
 is the window minimum (binary erosion for binary masks, as OpenCV). Label maps:
 a pixel keeps its label iff every in-image pixel of its window has the same
 label, else ``ignore_index`` (ModuSeg's Semantic Boundary Purification:
-3x3 x 20 iterations == 41x41).
+3x3 x 20 iterations == 41x41). Any kernel_size / iterations a Python int can
+hold is exact: a window larger than the image covers all of it (the wrappers
+pass the op that capped window; the compiled op saturates its radius).
 
 The compiled kernels do O(1) work per pixel in the window size (van Herk /
 Gil-Werman); the references below are max-pool based and O(k^2).
@@ -29,7 +31,8 @@ def _radius(kernel_size, iterations, op: str) -> tuple[int, int]:
     kh, kw = pair(kernel_size, "kernel_size", op)
     check(kh >= 1 and kw >= 1 and kh % 2 == 1 and kw % 2 == 1, op,
           f"kernel_size must be odd and positive, got ({kh}, {kw})")
-    check(isinstance(iterations, int) and iterations >= 0, op, f"iterations must be >= 0, got {iterations!r}")
+    check(isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 0, op,
+          f"iterations must be an int >= 0, got {iterations!r}")
     return (kh // 2) * iterations, (kw // 2) * iterations
 
 
@@ -48,6 +51,8 @@ def _check_labels(labels, ignore_index) -> None:
     _check_planes(labels, "labels", "erode_labels")
     check(labels.dtype in _LABEL_DTYPES, "erode_labels",
           f"expected labels of dtype int64, int32 or uint8, got {labels.dtype}", TypeError)
+    check(isinstance(ignore_index, int) and not isinstance(ignore_index, bool), "erode_labels",
+          f"ignore_index must be an int, got {ignore_index!r}", TypeError)
     info = torch.iinfo(labels.dtype)
     check(info.min <= ignore_index <= info.max, "erode_labels",
           f"ignore_index {ignore_index} does not fit the labels' dtype {labels.dtype}")
@@ -87,20 +92,27 @@ def erode_labels_reference(labels: torch.Tensor, kernel_size, iterations: int = 
     return torch.where(keep, labels, torch.full_like(labels, ignore_index))
 
 
+def _effective_window(t: torch.Tensor, kernel_size, iterations, op: str) -> list[int]:
+    """The one-pass window equal to ``iterations`` passes of ``kernel_size`` on ``t``'s planes, its radii
+    capped at the plane's extent (a larger window covers the same pixels): what the compiled op gets, so
+    that any Python int (2**62 + 1, 10**30) is exact and nothing overflows int64."""
+    ry, rx = _radius(kernel_size, iterations, op)
+    ry, rx = min(ry, t.shape[-2]), min(rx, t.shape[-1])
+    return [2 * ry + 1, 2 * rx + 1]
+
+
 def erode(mask: torch.Tensor, kernel_size, iterations: int = 1) -> torch.Tensor:
     """Binary erosion of (..., H, W) bool/uint8 masks with a rectangle; borders never erode."""
     _check_mask(mask)
-    kh, kw = pair(kernel_size, "kernel_size", "erode")
-    _radius((kh, kw), iterations, "erode")
-    return run_op("erode", erode_reference, mask.device, mask, [kh, kw], iterations)
+    window = _effective_window(mask, kernel_size, iterations, "erode")
+    return run_op("erode", erode_reference, mask.device, mask, window, 1)
 
 
 def erode_labels(labels: torch.Tensor, kernel_size, iterations: int = 1, ignore_index: int = 255) -> torch.Tensor:
     """Label-map erosion: labels survive only where their whole window agrees, else ``ignore_index``."""
     _check_labels(labels, ignore_index)
-    kh, kw = pair(kernel_size, "kernel_size", "erode_labels")
-    _radius((kh, kw), iterations, "erode_labels")
-    return run_op("erode_labels", erode_labels_reference, labels.device, labels, [kh, kw], iterations, ignore_index)
+    window = _effective_window(labels, kernel_size, iterations, "erode_labels")
+    return run_op("erode_labels", erode_labels_reference, labels.device, labels, window, 1, ignore_index)
 
 
 if has_library_op("erode"):

@@ -7,7 +7,12 @@ votes, ties broken by the larger sum of its voters' similarities, then the
 smaller class id; confidence is the mean similarity of the winner's voters;
 votes (Q, num_classes) are int64 counts. With an empty bank every query gets
 label -1, confidence 0. Similarities are computed in float32; a NaN similarity
-(from non-finite inputs) ranks last, like -inf.
+(from non-finite inputs) ranks last, like -inf. ``num_classes`` is at most
+``MAX_CLASSES`` = 2**16: votes hold Q x num_classes int64 counts and every
+CPU worker a num_classes float buffer, so an unbounded num_classes turns a
+typo into a multi-GiB allocation (2**31 classes get the process killed); 2**16
+keeps one query's vote row at 512 KiB and is far above the largest label
+spaces in use (ImageNet-21k's 21,841 classes; LVIS 1,203; ADE20K-full 3,688).
 
 The compiled kernels stream the bank in tiles (one GEMM per tile) and keep a
 running top-k per query, so no Q x N matrix is ever formed.
@@ -18,9 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from weakseg.ops._common import check, has_library_op, run_op
+from weakseg.ops._common import check, has_library_op, has_values, run_op
 
-__all__ = ["knn_vote", "knn_vote_reference"]
+__all__ = ["knn_vote", "knn_vote_reference", "MAX_CLASSES"]
+
+MAX_CLASSES = 1 << 16  # the same bound as the compiled op (csrc/ops/knn_vote.h)
 
 
 def _check(queries, bank, bank_labels, k, num_classes) -> None:
@@ -42,8 +49,9 @@ def _check(queries, bank, bank_labels, k, num_classes) -> None:
     check(bank_labels.shape[0] == bank.shape[0], op,
           f"bank_labels must have one label per bank row: {bank_labels.shape[0]} labels for {bank.shape[0]} rows")
     check(isinstance(k, int) and k >= 1, op, f"k must be an int >= 1, got {k!r}")
-    check(isinstance(num_classes, int) and num_classes >= 1, op, f"num_classes must be an int >= 1, got {num_classes!r}")
-    if bank_labels.numel():
+    check(isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= MAX_CLASSES, op,
+          f"num_classes must be an int in [1, {MAX_CLASSES}], got {num_classes!r}")
+    if bank_labels.numel() and has_values(bank_labels):  # traced (fake) labels: the compiled op checks them
         lo, hi = int(bank_labels.min()), int(bank_labels.max())
         check(lo >= 0 and hi < num_classes, op,
               f"bank_labels must lie in [0, num_classes={num_classes}), found values in [{lo}, {hi}]")

@@ -80,6 +80,14 @@ def _check_qk(q, k, maps, ent, steps, scale) -> None:
           f"scale must be a finite number, got {scale!r}")
 
 
+def _default_scale(q, scale):
+    """``scale``, or d ** -0.5 when it is None and q is (B, heads, P, d) with d >= 1 (otherwise the
+    check names what is wrong with q)."""
+    if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] >= 1:
+        return float(q.shape[-1] ** -0.5)
+    return scale
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -111,6 +119,7 @@ def refine_propagate_reference(attn, maps, ent: float, steps: int):
 
 def head_mean_attention(q, k, scale: float | None = None):
     """mean over heads of softmax(q k^T * scale): (B, H, P, d) x 2 -> (B, P, P) in q's compute dtype."""
+    check(q.shape[-1] >= 1, "head_mean_attention", f"q and k need a head dimension d >= 1, got {tuple(q.shape)}")
     dt = _compute_dtype(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return torch.softmax((q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale, dim=-1).mean(dim=1)
@@ -118,7 +127,7 @@ def head_mean_attention(q, k, scale: float | None = None):
 
 def refine_propagate_qk_reference(q, k, maps, ent: float, steps: int, scale: float | None = None):
     """Builds the head-mean softmax attention, then :func:`refine_propagate_reference`."""
-    scale = float(q.shape[-1] ** -0.5) if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4 else scale
+    scale = _default_scale(q, scale)
     _check_qk(q, k, maps, ent, steps, scale)
     return refine_propagate_reference(head_mean_attention(q, k, scale), maps, ent, steps)
 
@@ -131,8 +140,7 @@ def refine_propagate(attn, maps, ent: float = 0.015, steps: int = 10):
 
 def refine_propagate_qk(q, k, maps, ent: float = 0.015, steps: int = 10, scale: float | None = None):
     """:func:`refine_propagate` on ``mean_h softmax(q_h k_h^T * scale)`` without storing it in float32."""
-    if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
-        scale = float(q.shape[-1] ** -0.5)
+    scale = _default_scale(q, scale)
     _check_qk(q, k, maps, ent, steps, scale)
     return run_op("refine_propagate_qk", refine_propagate_qk_reference, q.device, q, k, maps, float(ent), int(steps),
                   float(scale))
