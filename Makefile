@@ -78,7 +78,8 @@ emu-sanitize: $(STAMP)
 	for san in thread address; do \
 	  out=build/emu-sanitize/$$san; mkdir -p $$out; \
 	  for f in $(EMU_SAN_SRC); do o=$$out/$$(basename $$f .cpp).o; \
-	    if [ ! -f $$o ] || [ -n "$$(find csrc kernels -newer $$o -name '*.[ch]*' | head -1)" ]; then echo "$$f $$o"; fi; \
+	    if [ ! -f $$o ] || [ $$f -nt $$o ] || [ -n "$$(find csrc kernels -newer $$o \( -name '*.h' -o -name '*.cuh' \
+	      -o -name '*.cu' -o -path 'csrc/ops/*.cpp' \) | head -1)" ]; then echo "$$f $$o"; fi; \
 	  done | xargs -r -n 2 -P $${EMU_SAN_JOBS:-2} sh -c 'echo "  '$$san': $$0"; g++ -std=c++17 -O1 -g -fPIC \
 	    -fsanitize='$$san' -fno-omit-frame-pointer -I. -isystem '$$T'/include \
 	    -isystem '$$T'/include/torch/csrc/api/include -D_GLIBCXX_USE_CXX11_ABI='$$ABI' -c $$0 -o $$1'; \

@@ -40,7 +40,7 @@ static void check(bool ok, const char* what) {
   if (!ok) ++failures;
 }
 static bool close(const at::Tensor& a, const at::Tensor& b, double tol) {
-  return a.sizes() == b.sizes() && (a.numel() == 0 || (a.double_() - b.double_()).abs().max().item<double>() <= tol);
+  return a.sizes() == b.sizes() && (a.numel() == 0 || (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() <= tol);
 }
 
 int main() {
