@@ -8,6 +8,14 @@ rebuild (bitwise).
         [--train 40] [--test 20] [--bank-sizes 1000 10000 100000] [--dim 256] [--queries 30]
         [--device cpu] [--out benchmarks/results]
 
+``--authors``: only the two stages against the authors' code (tests/authors_moduseg.py), each output
+checked equal before timing, CPU, one thread, medians of interleaved rounds, ratio = authors' time /
+weakseg's: region extraction of one 375 x 500 VOC-like pseudo label map (SBP 3 x 3 x 20, area floor 300,
+21 classes: ``purify_regions`` vs ``_extract_class_regions``) and retrieval per image (40 overlapping
+proposals, their query vectors, a 20k x 768 bank, K = 25, per-class NMS 0.4, painting: ``search`` +
+``_paint``, which also fills the per-class score maps, vs ``predict_instances`` steps 3-6 with the
+matrix-product search and with FAISS flat, + ``rasterize_instances``).
+
 Toy sizes by default (64 x 64 toy-world scenes, the tiny random CLIP on 8 px patches, ground-truth
 label maps as the pseudo masks, superpixel proposals), so the pseudo-mask method is not in the build
 time, as with the reference's precomputed CorrCLIP masks. The paper's VOC figures (84 minutes, 5.3 GB
@@ -33,7 +41,7 @@ from PIL import Image
 from weakseg.bench import machine_facts
 from weakseg.io import write_text
 from weakseg.data.toyworld import ToyWorld
-from weakseg.methods.moduseg import (TOY_CONFIG, FaissSearch, ModuSeg, ModuSegConfig, encode_regions,
+from weakseg.methods.moduseg import (TOY_CONFIG, FaissSearch, FeatureBank, ModuSeg, ModuSegConfig, encode_regions,
                                      vote_from_neighbors)
 from weakseg.ops import knn_vote, knn_vote_reference, masked_area_pool, masked_area_pool_reference
 
@@ -167,6 +175,119 @@ def knn_scaling(args) -> list[dict]:
     return rows
 
 
+def authors_stages(rounds: int = 15) -> list[dict]:
+    """The region-extraction and retrieval stages against the authors' code (module docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests import authors_moduseg as authors
+    from weakseg.methods.moduseg import purify_regions
+
+    def interleaved(fns: dict) -> dict:
+        for f in fns.values():
+            f()
+        ts = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                ts[k].append(time.perf_counter() - t0)
+        return {k: 1e3 * statistics.median(v) for k, v in ts.items()}
+
+    g = torch.Generator().manual_seed(0)
+    H, W, C = 375, 500, 21
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    lab = torch.zeros(H, W, dtype=torch.int64)
+    for c, (cy, cx, r) in zip((5, 12, 15), ((120, 150, 90), (250, 330, 110), (100, 400, 60))):
+        lab[((yy - cy) ** 2 + (xx - cx) ** 2) < r * r] = c
+    lab_np = lab.numpy().astype(np.uint8)
+    classes, masks = purify_regions(lab, C)
+    ref = sorted((r["cls_id"], r["mask"].astype(bool)) for r in authors.extract_class_regions(lab_np, 300, C - 1))
+    _check(classes == [c for c, _ in ref] and all(np.array_equal(m.numpy(), r) for m, (_, r) in zip(masks, ref)),
+           "purify_regions vs the authors' _extract_class_regions")
+    t = interleaved({"weakseg": lambda: purify_regions(lab, C),
+                     "authors": lambda: authors.extract_class_regions(lab_np, 300, C - 1)})
+    rows = [{"stage": "ModuSeg region extraction (375x500, 3 classes + bg)", "check": "classes and masks equal",
+             "weakseg_ms": t["weakseg"], "authors_ms": t["authors"], "ratio": t["authors"] / t["weakseg"]}]
+
+    N, D, Q, K = 20_000, 768, 40, 25
+    names = ["background"] + [f"c{i}" for i in range(1, C)]
+    centres = F.normalize(torch.randn(C, D, generator=g), dim=1)
+    blab = torch.randint(0, C, (N,), generator=g)
+    bank_v = F.normalize(centres[blab] + 0.05 * torch.randn(N, D, generator=g), dim=1)
+
+    class Stand:  # a stand-in backbone: only its id and dim are read here
+        backbone_id, dim = "bench", D
+
+    bank = FeatureBank(bank_v, blab, torch.zeros(N, dtype=torch.int64), ["s"], names, "bench")
+    seg = ModuSeg(ModuSegConfig(proposer="superpixel"), backbone=Stand(), bank=bank)
+    pm = torch.zeros(Q, H, W, dtype=torch.bool)
+    for j in range(Q):
+        cy, cx = int(torch.randint(0, H, (1,), generator=g)), int(torch.randint(0, W, (1,), generator=g))
+        ry, rx = torch.randint(20, 120, (2,), generator=g).tolist()
+        pm[j] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    q = F.normalize(centres[torch.randint(0, C, (Q,), generator=g)] + 0.05 * torch.randn(Q, D, generator=g), dim=1)
+    to_out = torch.arange(C)
+
+    def ours():
+        lab_, conf, votes = seg.search(q)
+        labels, scores = torch.zeros(H, W, dtype=torch.int64), torch.zeros(C, H, W)
+        seg._paint(pm, lab_, conf, votes, to_out, True, labels, scores)
+        return labels
+
+    masks_np, q_np, bank_np = [m.numpy() for m in pm], [v.numpy() for v in q], bank_v.numpy()
+    bank_names = [names[i] for i in blab.tolist()]
+    flat_ip = None
+    try:
+        import faiss
+        flat_ip = faiss.IndexFlatIP(D)
+        flat_ip.add(bank_np)
+    except ImportError:
+        pass
+
+    def theirs(index):
+        inst = authors.retrieve(masks_np, q_np, bank_np, bank_names, index, 0.4, K, 300)
+        return authors.rasterize_instances(inst, H, W, names[1:])
+
+    mine = ours().numpy()
+    _check(np.array_equal(mine, theirs(None)), "retrieval labels vs the authors' code (matrix-product search)")
+    fns = {"weakseg": ours, "authors_mm": lambda: theirs(None)}
+    if flat_ip is not None:
+        _check(np.array_equal(mine, theirs(flat_ip)), "retrieval labels vs the authors' code (FAISS flat)")
+        fns["authors_faiss"] = lambda: theirs(flat_ip)
+    t = interleaved(fns)
+    rows.append({"stage": f"ModuSeg retrieval per image ({Q} proposals, {N // 1000}k x {D} bank; authors: matrix product)",
+                 "check": "label maps equal", "weakseg_ms": t["weakseg"], "authors_ms": t["authors_mm"],
+                 "ratio": t["authors_mm"] / t["weakseg"]})
+    if "authors_faiss" in t:
+        rows.append({"stage": "ModuSeg retrieval per image (authors: FAISS flat)", "check": "label maps equal",
+                     "weakseg_ms": t["weakseg"], "authors_ms": t["authors_faiss"],
+                     "ratio": t["authors_faiss"] / t["weakseg"]})
+    return rows
+
+
+def _authors_main(a) -> int:
+    import os
+
+    torch.set_num_threads(1)
+    rows = authors_stages(a.rounds)
+    lines = ["| stage | check | weakseg ms | authors ms | authors / weakseg |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['stage']} | {r['check']} | {r['weakseg_ms']:.1f} | {r['authors_ms']:.1f} | {r['ratio']:.2f}x |"
+              for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": "python " + " ".join(sys.argv),
+                "machine": machine_facts(["cpu"]), "load_average": os.getloadavg(), "threads": 1, "rows": rows}
+        write_text(out / "moduseg_vs_authors_cpu.json", json.dumps(meta, indent=2) + "\n")
+        write_text(out / "moduseg_vs_authors_cpu.md",
+                   f"# ModuSeg stages vs the authors' code (tests/authors_moduseg.py)\n\n{meta['date']}, "
+                   f"`{meta['command']}`, CPU, 1 thread, load average {meta['load_average'][0]:.2f} (2-core machine "
+                   f"shared with other jobs); medians of interleaved rounds; each output checked equal before "
+                   f"timing.\n\n" + text + "\n")
+    return 0
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -188,7 +309,11 @@ def main(argv=None) -> int:
     p.add_argument("--reference-all", action="store_true", help="time the reference on every bank size")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--authors", action="store_true", help="only the stages against the authors' code")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds of the authors' stages")
     a = p.parse_args(argv)
+    if a.authors:
+        return _authors_main(a)
     with tempfile.TemporaryDirectory() as tmp:
         pipe, info = pipeline(a, Path(tmp))
     scaling = knn_scaling(a)

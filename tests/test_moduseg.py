@@ -21,7 +21,7 @@ from weakseg.core import DemoEntry, SegmentationOutput, check_images
 from weakseg.data import Sample
 from weakseg.methods.moduseg import (
     BANK_FORMAT, BANK_FORMAT_VERSION, BankError, FaissSearch, FeatureBank, ModuSeg, ModuSegConfig, encode_regions,
-    majority_in_regions, nms_per_class, outlier_filter, pseudo_labels_from_scores, purify_regions,
+    exact_topk, majority_in_regions, nms_per_class, outlier_filter, pseudo_labels_from_scores, purify_regions,
     vote_from_neighbors,
 )
 from weakseg.ops import erode_labels_reference, knn_vote
@@ -759,3 +759,89 @@ def test_toy_demo_on_the_toy_architectures(tmp_path):
     assert out.scores.shape == (2, 6, 64, 64) and out.labels.shape == (2, 64, 64)
     for i, s in enumerate(scenes):
         assert set(out.labels[i].unique().tolist()) <= set(s.image_labels)
+
+
+# ----------------------------------------------------------------------------------------------- the authors' code
+
+def _blob_map(seed, H=70, W=90, C=6):
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    lab = torch.zeros(H, W, dtype=torch.int64)
+    for _ in range(5):
+        c = int(torch.randint(1, C, (1,), generator=g))
+        cy, cx, r = (int(v) for v in (torch.randint(0, H, (1,), generator=g), torch.randint(0, W, (1,), generator=g),
+                                      torch.randint(8, 30, (1,), generator=g)))
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = c
+    return lab
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_purify_regions_equals_the_authors_extraction(seed):
+    from tests import authors_moduseg as authors
+
+    lab = _blob_map(seed)
+    classes, masks = purify_regions(lab, 6, kernel=3, iterations=4, min_area=40)
+    ref = authors.extract_class_regions(lab.numpy().astype(np.uint8), 40, 5, 3, 4)
+    ref = sorted((r["cls_id"], r["mask"].astype(bool)) for r in ref)  # the code lists 0 last
+    assert classes == [c for c, _ in ref] and classes
+    for m, (_, r) in zip(masks, ref):
+        assert np.array_equal(m.numpy(), r)
+    # the same regions as the erode_labels op (a 9x9 square = 3x3 four times)
+    er = erode_labels_reference(lab, 9)
+    for c, m in zip(classes, masks):
+        assert torch.equal(m, er == c)
+    with pytest.raises(ValueError, match="class ids"):
+        purify_regions(torch.full((5, 5), 6), 6)
+    keep_ignore = lab.clone()
+    keep_ignore[:10] = 255
+    assert purify_regions(keep_ignore, 6, iterations=0, min_area=1)[0] == sorted(set(keep_ignore.unique().tolist()) - {255})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_retrieval_equals_the_authors_code(seed):
+    """Votes, per-class NMS and painting of overlapping proposals, against predict_instances' steps 3-6
+    and rasterize_instances (tests/authors_moduseg.py)."""
+    from tests import authors_moduseg as authors
+
+    g = torch.Generator().manual_seed(seed)
+    names = [f"c{i}" for i in range(6)]
+    names[0] = "background"
+    centres = F.normalize(torch.randn(6, 16, generator=g), dim=1)
+    blab = torch.randint(0, 6, (300,), generator=g)
+    bank = F.normalize(centres[blab] + 0.3 * torch.randn(300, 16, generator=g), dim=1)
+    seg = _seg_with_bank(bank, blab, names=names, k=7, min_area=30)
+    H, W, Q = 40, 50, 14
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    masks = torch.zeros(Q, H, W, dtype=torch.bool)
+    for j in range(Q):
+        cy, cx, ry, rx = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((0, H), (0, W), (4, 20), (4, 20)))
+        masks[j] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+    q = F.normalize(centres[torch.randint(0, 6, (Q,), generator=g)] + 0.3 * torch.randn(Q, 16, generator=g), dim=1)
+    lab, conf, votes = seg.search(q)
+    label_map, score_map = torch.zeros(H, W, dtype=torch.int64), torch.zeros(6, H, W)
+    seg._paint(masks, lab, conf, votes, torch.arange(6), True, label_map, score_map)
+    inst = authors.retrieve([m.numpy() for m in masks], [v.numpy() for v in q], bank.numpy(),
+                            [names[i] for i in blab.tolist()], None, 0.4, 7, 30)
+    ref = authors.rasterize_instances(inst, H, W, names[1:])
+    assert np.array_equal(label_map.numpy(), ref) and len(set(ref.flatten().tolist())) > 2
+    # the scores: the vote share of the proposal that claims each pixel, 1 on the background elsewhere
+    assert torch.allclose(score_map.sum(0), torch.ones(H, W))
+    assert bool((score_map.argmax(0)[torch.from_numpy(ref) > 0] == torch.from_numpy(ref)[torch.from_numpy(ref) > 0]).all())
+
+
+def test_gemm_search_equals_the_op_and_breaks_ties_by_row():
+    g = torch.Generator().manual_seed(4)
+    bank = F.normalize(torch.randn(500, 16, generator=g), dim=1)
+    labels = torch.randint(0, 6, (500,), generator=g)
+    q = F.normalize(torch.randn(40, 16, generator=g), dim=1)
+    names = [f"c{i}" for i in range(6)]
+    seg_g = _seg_with_bank(bank, labels, names=names, k=9, search="gemm")
+    ref = knn_vote(pad16(q), pad16(bank), labels, 9, 6)
+    for got in (seg_g.search(pad16(q)), _seg_with_bank(bank, labels, names=names, k=9).search(pad16(q))):
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2])
+        assert torch.allclose(got[1], ref[1], atol=1e-6)
+    assert ModuSegConfig().search == "auto"
+    # ties at the k-th similarity: the smaller row index is taken
+    dup = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    sims, idx = exact_topk(torch.tensor([[0.0, 1.0]]), dup, 2)
+    assert idx.tolist() == [[1, 2]] and sims.tolist() == [[1.0, 1.0]]
