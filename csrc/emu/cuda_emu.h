@@ -6,10 +6,11 @@
 //     thread (mode "threads": real concurrency, what TSan/ASan need) or a
 //     fiber, i.e. a ucontext coroutine with its own stack (mode "fibers", the
 //     default: one OS thread switches between the CUDA threads at every
-//     barrier / shuffle, about 100x faster). Blocks run one at a time, in a
+//     barrier / shuffle, 4-6x faster here). Blocks run one at a time, in a
 //     shuffled order; in "fibers" mode the threads are also resumed in a
 //     shuffled order after every barrier, in "threads" mode they start after
-//     random yields. The seed is set with configure().
+//     random yields. Mode and seed: configure(), or the environment
+//     variables WEAKSEG_EMU_MODE and WEAKSEG_EMU_SEED.
 //   * __syncthreads() is a barrier of all threads of the block that checks
 //     divergence: threads waiting at different __syncthreads (call sites), or
 //     a thread that has returned while others wait at one, is an error (the
@@ -48,6 +49,9 @@
 //     rounding; cuBLAS (and its TF32 setting) is replaced by the CPU GEMM.
 //   * Uninitialised reads of static __shared__ memory: it keeps the values
 //     of the previous block (only dynamic shared memory is poisoned).
+//   * Under TSan, every race the code admits: the emulator's own lock orders
+//     the threads at every barrier and shuffle, so a race between warps is
+//     reported only when the run interleaves it.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
