@@ -286,3 +286,37 @@ def refine_cams_with_aff(attr_map, attn_weights, cls_label, size, caa_thre=0.79,
         cam_refined_list.append(cam_refined)
 
     return cam_refined_list, cls_lst.detach().cpu()
+
+
+# ------------------------------------------------------------------ maintain_kv_cache/both_fore_bkg/generate_kv_cache.py
+def map_keys(feats, labels, resize_size=320, patch=16):
+    """The per-image part of ``build_validation``: ``feats`` (1, 1 + hw, D) (the model's features),
+    ``labels`` (1, H, W) the image's pseudo mask (class id, 0 = background) -> (fg key (1, D), bg key
+    (1, D)), or None for an empty mask."""
+    import torch.nn.functional as F  # noqa: F811 (as the script)
+
+    labels_down = F.interpolate(labels.unsqueeze(0).float(), size=[resize_size // patch, resize_size // patch],
+                                mode='nearest')[0]
+    masks = labels_down.reshape(1, -1).unsqueeze(-1)
+    masks_binary = masks > 0
+    if masks_binary.sum() > 0:
+        key = feats[:, 1:, :] * masks_binary
+        key_norm = key.sum(1) / masks_binary.sum(1)
+        key = feats[:, 1:, :] * (~masks_binary)
+        bkg_norm = key.sum(1) / (~masks_binary).sum(1)
+        return key_norm, bkg_norm
+    return None
+
+
+def cluster_keys(cache_key, num_cluster, class_list, bkg_clusters=20):
+    """The clustering loop: per class (background first), sklearn ``KMeans(n_clusters, random_state=0)``
+    on the stacked keys."""
+    from sklearn.cluster import KMeans
+
+    cluster_keys = []
+    for i, cls_name in enumerate(class_list):
+        cls_key = torch.cat(cache_key[cls_name]).cpu().numpy()
+        n = bkg_clusters if cls_name == '_background_' else num_cluster
+        kmeans = KMeans(n_clusters=n, random_state=0).fit(cls_key)
+        cluster_keys.append(torch.tensor(kmeans.cluster_centers_))
+    return torch.cat(cluster_keys)

@@ -514,3 +514,19 @@ def test_cache_masks_are_made_at_the_image_size(models, monkeypatch):
     img = images(1, size=96)[0]
     pooled = m.pseudo_mask_features(img, NAMES, [0, 1])
     assert seen == [(96, 96)] and set(pooled) <= {0, 1} and pooled
+
+
+def test_cache_keys_equal_the_authors_map():
+    from tests import authors_diclip as authors
+    from weakseg.methods.diclip.cache import _pool
+
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(1, 401, 8, generator=g)
+    lab = torch.zeros(1, 512, 512, dtype=torch.int64)
+    lab[0, 100:290, 60:333] = 7
+    got = _pool(None, torch.zeros(1, 3, 320, 320), lab, feats, (20, 20), [[0, 7]], "nearest")[0]
+    fg, bg = authors.map_keys(feats, lab)
+    torch.testing.assert_close(got[7], fg[0])
+    torch.testing.assert_close(got[0], bg[0])
+    area = _pool(None, torch.zeros(1, 3, 320, 320), lab, feats, (20, 20), [[0, 7]], "area")[0]
+    assert set(area) == {0, 7} and not torch.allclose(area[7], got[7])

@@ -225,22 +225,31 @@ def _fingerprint(method_cfg: dict, build_cfg: dict, class_names: Sequence[str]) 
 
 def _pool(method, sized: torch.Tensor, labels: torch.Tensor, feats: torch.Tensor, grid, classes_per_image,
           pooling: str):
-    """Per image: {class id (0 = background): pooled feature (D,)} for the present classes."""
+    """Per image: {class id (0 = background): pooled feature (D,)} for the present classes.
+
+    "nearest" (the code): the label map nearest-downsampled to the patch grid once, then the mean of the
+    patch features under each class's cells (one (M, P) x (P, D) product); "area": the covered fraction of
+    each patch (``weakseg.ops.masked_area_pool`` on the full-resolution masks)."""
     from weakseg.ops import masked_area_pool
 
     import torch.nn.functional as F
 
     B = sized.shape[0]
     D = feats.shape[-1]
-    f = feats[:, 1:].transpose(1, 2).reshape(B, D, grid[0], grid[1])
     out = []
     for b in range(B):
         ids = [0] + [c for c in classes_per_image[b] if c != 0]
-        masks = torch.stack([labels[b] == c for c in ids])[None].float()  # (1, M, S, S)
         if pooling == "nearest":
-            masks = F.interpolate(masks, size=grid, mode="nearest")
-        pooled, area = masked_area_pool(f[b:b + 1].contiguous(), masks, normalize=False)
-        out.append({c: pooled[0, j] for j, c in enumerate(ids) if float(area[0, j]) > 0})
+            small = F.interpolate(labels[b][None, None].float(), size=grid, mode="nearest")[0, 0].flatten()
+            m = (small[None, :] == torch.tensor(ids, dtype=small.dtype, device=small.device)[:, None]).float()
+            area = m.sum(1)
+            pooled = (m @ feats[b, 1:].float().to(m.device)) / area.clamp_min(1)[:, None]
+        else:
+            f = feats[b:b + 1, 1:].transpose(1, 2).reshape(1, D, grid[0], grid[1]).contiguous()
+            masks = torch.stack([labels[b] == c for c in ids])[None].float()  # (1, M, S, S)
+            pooled, area = masked_area_pool(f, masks, normalize=False)
+            pooled, area = pooled[0], area[0]
+        out.append({c: pooled[j] for j, c in enumerate(ids) if float(area[j]) > 0})
     return out
 
 
