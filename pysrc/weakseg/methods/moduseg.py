@@ -688,7 +688,7 @@ def nms_per_class(masks: torch.Tensor, labels: torch.Tensor, conf: torch.Tensor,
     if M == 0:
         return keep
     flat = masks.flatten(1).to(torch.bool).cpu().numpy()  # numpy's bool counts are ~10x torch's on the CPU
-    area = np.count_nonzero(flat, axis=1)
+    area = np.array([np.count_nonzero(r) for r in flat], dtype=np.int64)  # row by row: ~10x the axis=1 form
     if disjoint is None:
         disjoint = M < 2 or int(np.count_nonzero(flat.any(0))) == int(area.sum())
     order = torch.sort(conf.cpu(), descending=True, stable=True).indices.tolist()
