@@ -44,8 +44,13 @@ std::tuple<at::Tensor, at::Tensor> kl_kmeans_loop(const KlArgs& a, KlStepFn step
   if (B == 0 || N == 0) return {labels, at::zeros({B, S, D}, x.options().dtype(a.out_dtype))};
 
   const double eps = kernels::KL_EPS;
-  auto xc = x.clamp_min(0) + eps;            // x~: eps added to every entry, negatives count as 0
-  auto points = at::cat({xc, xc.log()}, 2);  // (B, N, 2D): [x~, ln x~]
+  // (B, N, 2D): [x~, ln x~], x~ = max(x, 0) + eps (eps added to every entry), written in place: the
+  // (B, N, D)-sized temporaries are the large ones, and every fresh one costs its page faults.
+  auto points = at::empty({B, N, 2 * D}, x.options());
+  auto xc = points.narrow(2, 0, D);
+  at::clamp_min_out(xc, x, 0).add_(eps);
+  auto lx = points.narrow(2, D, D);
+  at::log_out(lx, xc);
   auto anchors = x.index_select(1, a.seeds);  // (B, S, D)
   auto counts = at::ones({B, S}, x.options().dtype(at::kInt));
   auto assign = at::empty({B, N}, labels.options());
