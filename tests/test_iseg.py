@@ -328,6 +328,34 @@ def test_every_path_matches_the_eager_reference(sd21, images):
     assert (outs["noers"][0].scores - outs["baseline"][0].scores).abs().max() > 0.05
 
 
+def test_clustering_input_has_exact_zeros_replaced(sd21, images, monkeypatch):
+    """As the authors' DFC_KL: exact zeros of the fused maps become 1e-6 before the KL k-means, and the
+    cluster means are taken over the replaced maps."""
+    import weakseg.ops
+
+    fuse = iseg_mod.fuse_cross_attention
+    seen = {}
+
+    def zeroed(*a, **kw):
+        out = fuse(*a, **kw).clone()
+        out[:, :, :2] = 0  # two rows of every token map exactly zero
+        seen["grid"] = tuple(out.shape[-2:])
+        return out
+
+    def spy(x, seeds, iterations):
+        seen["x"] = x.clone()
+        return kl_kmeans(x, seeds, iterations)
+
+    monkeypatch.setattr(iseg_mod, "fuse_cross_attention", zeroed)
+    monkeypatch.setattr(weakseg.ops, "kl_kmeans", spy)
+    make(sd21, steps=1).segment(images, NAMES, LABELS)
+    x = seen["x"]
+    assert not (x == 0).any()
+    h, w = seen["grid"]
+    rows = x.reshape(x.shape[0], h, w, x.shape[-1])[:, :2]
+    assert rows.numel() > 0 and torch.all(rows == 1e-6)
+
+
 def test_head_subsets_without_clustering_match_the_reference(sd21, images):
     m = make(sd21, use_cluster=False, heads_16=(0, 3, 17), heads_32=(2, 9), steps=2)
     _check(m.segment(images, NAMES, LABELS), _reference(sd21, images, LABELS, m.config)["ers"])

@@ -448,6 +448,9 @@ class ISeg:
             from weakseg.ops import kl_kmeans
 
             seeds = cluster_seeds(h, w, cfg.cluster_number, device=x.device)
+            # the authors' DFC_KL replaces exact zeros by 1e-6 before clustering (the centroids are means of
+            # the replaced maps); their fp16 cast is not reproduced (docs/methods.md)
+            x = torch.where(x == 0, torch.full_like(x, 1e-6), x)
             labels, cents = kl_kmeans(x, seeds, cfg.cluster_iterations)
             x = torch.gather(cents.to(x.dtype), 1, labels[..., None].expand(-1, -1, x.shape[2]))
         c0 = select_token_maps(x.transpose(1, 2), [p.selected for p in prompts]).transpose(1, 2)  # (B, P, K)
