@@ -1,6 +1,7 @@
 """DiCLIP's key-value cache, training loop, CLI and toy-world hooks on tiny random models."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,7 +263,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 def test_toy_demo_with_tiny_models(models, tmp_path):
     from weakseg.core import DemoEntry
-    from weakseg.methods.diclip.toy import ablation_ladder
+    from weakseg.methods.diclip.toy import ablation_ladder, prepare_toy
 
     opts = dict(preset="tiny", cache_options=dict(images_per_class=1, gen_steps=2, fg_centroids=1, bg_centroids=2),
                 train_options=dict(iterations=3, batch_size=1, save_every=3, log_every=3), train_scenes=4)
@@ -277,17 +278,34 @@ def test_toy_demo_with_tiny_models(models, tmp_path):
     for seg in (entry.method, entry.baseline):
         out = seg.segment([sc.image], w.class_names, lab)
         assert out.labels.shape == (1, *sc.label.shape)
-    model = tmp_path / "train" / "model.safetensors"
+    runs = sorted(tmp_path.glob("run-*"))
+    assert len(runs) == 1 and json.loads((runs[0] / "settings.json").read_text())["train"]["iterations"] == 3
+    model = runs[0] / "train" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
-    DiCLIP.toy_demo(tmp_path, progress=False, clip=clip, sd=sd, **opts)  # reuses the trained run
+    DiCLIP.toy_demo(tmp_path, progress=False, clip=clip, sd=sd, **opts)  # same settings: reuses the trained run
+    assert model.stat().st_mtime_ns == stamp and sorted(tmp_path.glob("run-*")) == runs
+    # other training settings, or other weights, never reuse that run: a fresh folder is built
+    other = dict(opts, train_options=dict(opts["train_options"], iterations=2))
+    p2 = prepare_toy(tmp_path, progress=False, clip=clip, sd=sd, **other)
+    assert Path(p2["run_dir"]) not in runs and Path(p2["checkpoint"]).exists()
     assert model.stat().st_mtime_ns == stamp
+    w0 = next(clip.parameters())
+    saved = w0.detach().clone()
+    with torch.no_grad():
+        w0.add_(1e-3)
+    try:
+        p3 = prepare_toy(tmp_path, progress=False, clip=clip, sd=sd, **opts)
+    finally:
+        with torch.no_grad():
+            w0.copy_(saved)
+    assert Path(p3["run_dir"]) not in runs + [Path(p2["run_dir"])] and len(list(tmp_path.glob("run-*"))) == 3
     from weakseg.demo import run_demo
 
     report = run_demo(tmp_path / "demo", num_images=2, overlays=1, progress=False,
                       entries={"diclip": lambda w, p: DiCLIP.toy_demo(w, p, clip=clip, sd=sd, **opts)})
     r = report["methods"]["diclip"]
     assert 0 <= r["miou"] <= 100 and 0 <= r["baseline_miou"] <= 100 and "patch-text" in r["baseline"]
-    assert (tmp_path / "demo" / "work" / "diclip" / "train" / "model.safetensors").exists()
+    assert len(list((tmp_path / "demo" / "work" / "diclip").glob("run-*/train/model.safetensors"))) == 1
     ladder = ablation_ladder(tmp_path, num_scenes=2, progress=False, clip=clip, sd=sd, **opts)
     assert list(ladder)[:6] == ["raw", "+vce", "+static cache", "+adapter", "+refinement (pseudo labels)", "head"]
     assert all(0 <= v <= 100 for v in ladder.values())

@@ -3,12 +3,18 @@
 
 The demo builds, under ``work_dir`` (the demo gives ``<out>/work/diclip``), a key-value cache (generated
 by the toy SD with a short class prompt, or from toy training scenes) and trains the adapter + head for a
-short run; both are reused when present (the training resumes if it was interrupted). The method it
+short run, both in a subfolder ``run-<key>`` keyed on everything that shapes them (the method's resolved
+config, the cache and training settings, the number of training scenes and a digest of the CLIP and SD
+weights; written out as ``settings.json``). Both are reused only under the same key (the training resumes
+if it was interrupted); other settings or weights get a fresh folder. The method it
 returns is the trained head; the baseline is the raw patch-text CAM (no VCE, no cache, no refinement).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -40,34 +46,62 @@ def _method(clip, sd, preset: str, **overrides):
     return DiCLIP(DiCLIPConfig.from_dict({"preset": preset, **overrides}), clip=clip, sd=sd)
 
 
+def _weights_digest(*modules) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor of ``modules`` (their state dicts)."""
+    h = hashlib.sha256()
+    for i, mod in enumerate(modules):
+        for name, t in sorted(mod.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def run_settings(base, copts: dict[str, Any], train_config, train_scenes: int) -> dict[str, Any]:
+    """What shapes the toy cache and trained run: the method's resolved config, the cache and training
+    settings, the training scenes and the weights' digest (JSON-able)."""
+    def plain(x):
+        return json.loads(json.dumps(x, default=str, sort_keys=True))
+
+    return {"method_config": plain(dataclasses.asdict(base.config)), "cache": plain(copts),
+            "train": plain(dataclasses.asdict(train_config)), "train_scenes": int(train_scenes),
+            "weights": _weights_digest(base.clip, base.sd.vae, base.sd.unet_model, base.sd.text_encoder)}
+
+
 def prepare_toy(work_dir: Path, progress: bool = True, clip=None, sd=None, preset: str = "toy",
                 cache_options: dict | None = None, train_options: dict | None = None,
                 train_scenes: int = TOY_TRAIN_SCENES) -> dict[str, Any]:
-    """Build (or reuse) the toy cache and trained checkpoint under ``work_dir``; returns the
-    paths, the models and the class names."""
+    """Build (or reuse, under the same settings and weights) the toy cache and trained checkpoint in
+    ``work_dir/run-<key>``; returns the paths (``run_dir`` among them), the models and the class names."""
     from weakseg.data.toyworld import ToyWorld
     from weakseg.methods.diclip.cache import CacheBuildConfig, KVCache, build_cache
     from weakseg.train.diclip import DiCLIPTrainConfig, train_diclip
 
-    root = Path(work_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    from weakseg.io import write_json
+
     base = _method(clip, sd, preset, cam_source="patch")
     clip, sd = base.clip, base.sd
+    copts = {**TOY_CACHE, **(cache_options or {})}
+    train_config = DiCLIPTrainConfig.from_dict({**TOY_TRAIN, **(train_options or {})})
+    settings = run_settings(base, copts, train_config, train_scenes)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(work_dir) / f"run-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "settings.json").exists():
+        write_json(root / "settings.json", settings)
     world = ToyWorld(split="train", num_scenes=train_scenes)
     names = list(world.class_names)
     cache_path = root / "cache.safetensors"
-    copts = {**TOY_CACHE, **(cache_options or {})}
     if not cache_path.exists():
         build_cache(base, names, cache_path, CacheBuildConfig.from_dict(copts),
                     dataset=world if copts.get("source") == "dataset" else None, work_dir=root / "cache.work",
                     progress=progress)
     base.cache = KVCache.load(cache_path)
     model_path = root / "train" / "model.safetensors"
-    train_config = DiCLIPTrainConfig.from_dict({**TOY_TRAIN, **(train_options or {})})
     if not model_path.exists():
         train_diclip(base, world, names, root / "train", train_config, progress=progress)
     return {"cache": str(cache_path), "checkpoint": str(model_path), "clip": clip, "sd": sd, "class_names": names,
-            "preset": preset, "train_config": train_config}
+            "preset": preset, "train_config": train_config, "run_dir": str(root)}
 
 
 def toy_demo(work_dir: Path, progress: bool = True, clip=None, sd=None, preset: str = "toy",
