@@ -232,3 +232,32 @@ def test_corrupt_cached_predictions_are_recomputed(tmp_path, capsys, damage):
     again = evaluate(seg, world, tmp_path, progress=False)
     assert again["images_computed_this_run"] == 1 and again["miou"] == want["miou"]
     assert str(victim) in capsys.readouterr().err and victim.read_bytes() == good
+
+
+def test_overlay_panel_is_readable_and_has_a_legend():
+    """64 px panels are enlarged by an integer factor to >= 256 px (nearest: each label pixel becomes an f x f
+    block of its colour), and the legend below shows a swatch of each class present, in its palette colour."""
+    import numpy as np
+
+    from weakseg.eval.visualize import overlay_panel, palette
+
+    img = torch.full((3, 64, 48), 100, dtype=torch.uint8)
+    gt = torch.zeros(64, 48, dtype=torch.long)
+    gt[10:20, 5:9] = 2
+    pred = gt.clone()
+    pred[0, 0] = 255
+    plain = overlay_panel(img, gt, pred, min_size=1)
+    assert plain.shape == (64, 3 * 48 + 8, 3)
+    out = overlay_panel(img, gt, pred, alpha=1.0, class_names=["background", "cat", "dog"])
+    f = 6  # ceil(256 / 48)
+    assert out.shape[1] == 3 * 48 * f + 8 and out.shape[0] > 64 * f
+    gt_panel = out[: 64 * f, 48 * f + 4: 2 * 48 * f + 4]
+    pal = palette()
+    assert (gt_panel[10 * f: 20 * f, 5 * f: 9 * f] == pal[2]).all() and (gt_panel[: 10 * f] == pal[0]).all()
+    pred_panel = out[: 64 * f, 2 * 48 * f + 8:]
+    assert (pred_panel[:f, :f] == pal[255]).all() and (pred_panel[f:2 * f, :f] == pal[0]).all()
+    legend = out[64 * f:].reshape(-1, 3)
+    colours = {tuple(c) for c in legend}
+    assert tuple(pal[2]) in colours and tuple(pal[1]) not in colours  # "dog" shown, "cat" (absent) not
+    with pytest.raises(ValueError, match="min_size"):
+        overlay_panel(img, gt, pred, min_size=0)

@@ -240,7 +240,7 @@ def _segment(args: argparse.Namespace) -> int:
         res = method.segment([image], names, given)
         labels = res.labels[0].cpu()
         save_png(colorize(labels), out / f"{stem}_labels.png")
-        save_png(overlay_panel(image, None, labels), out / f"{stem}_overlay.png")
+        save_png(overlay_panel(image, None, labels, class_names=names), out / f"{stem}_overlay.png")
         if args.save_scores:
             save_safetensors({"scores": res.scores[0].float(), "labels": labels}, out / f"{stem}_scores.safetensors",
                              metadata={"class_names": json.dumps(res.class_names), "method": args.method})

@@ -325,6 +325,6 @@ def evaluate(segmenter, dataset, out_dir: str | os.PathLike, *, use_image_labels
             sample = dataset[i]
             path = preds_dir / f"{_safe_name(sample.name)}.png"
             if path.exists():
-                save_png(overlay_panel(sample.image, sample.label, _read_label_png(path)),
+                save_png(overlay_panel(sample.image, sample.label, _read_label_png(path), class_names=names),
                          out / "overlays" / f"{_safe_name(sample.name).replace('/', '_')}.png")
     return metrics
