@@ -268,8 +268,12 @@ def test_hub_names_fail_fast_without_network(tmp_path, capsys, monkeypatch):
     for _ in range(2):
         assert main(["segment", str(img), "--method", "iseg", "--classes", "cat", "--out", str(tmp_path / "o"),
                      "--set", "model=someorg/some-model", "tagger=all"]) == 2
-        _one_line_error(capsys, "someorg/some-model", "unreachable", "HF_HUB_OFFLINE", "local directory")
+        _one_line_error(capsys, "someorg/some-model", "unreachable", "HF_HUB_OFFLINE", "local directory",
+                        "model='someorg/some-model'", "preset=toy")  # the setting that named it, the offline way
     assert probes == [("huggingface.co", 443)]  # checked once per process
+    # an export with no model named stops at once, naming the setting behind the default model
+    assert main(["export", "synseg", "--format", "onnx", "--out", str(tmp_path / "e"), "--classes", "cat,dog"]) == 2
+    _one_line_error(capsys, "ViT-B-16", "unreachable", "clip_model='ViT-B-16'", "preset=toy")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert hub._endpoint() == ("proxy.example", 3128)  # behind a proxy, the proxy is what must answer
     from weakseg.backbones.clip import CLIPBackbone

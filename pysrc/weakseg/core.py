@@ -74,6 +74,11 @@ BACKBONES: Registry[Callable] = Registry("backbone")
 PROPOSERS: Registry[Callable] = Registry("proposer")
 
 
+class HubUnavailableError(OSError):
+    """A hub model cannot be loaded: no network, offline mode without a cached copy, or a failed download
+    (raised by weakseg.backbones.hub; defined here so that :func:`create` can name the setting behind it)."""
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's config. Subclasses add their own fields with defaults."""
@@ -492,4 +497,17 @@ def create(name: str, config_file: str | Path | None = None, set_options: Sequen
     cfg = cfg_cls.from_dict(values)
     if hasattr(cfg, "device"):
         check_device(cfg.device, f"{name}: device")
-    return cls(cfg)
+    try:
+        return cls(cfg)
+    except HubUnavailableError as e:
+        raise HubUnavailableError(f"{e} ({_model_setting_hint(name, cfg, str(e))})") from None
+
+
+def _model_setting_hint(name: str, cfg: Any, message: str) -> str:
+    """Which setting of ``cfg`` named the hub model of ``message``, and how to run offline instead."""
+    named = [f.name for f in fields(cfg) if isinstance(getattr(cfg, f.name), str) and getattr(cfg, f.name)
+             and f"'{getattr(cfg, f.name)}" in message]
+    where = (f"set by {', '.join(f'{k}={getattr(cfg, k)!r}' for k in named)}; name a local directory there"
+             if named else "name a local directory in the model setting")
+    toy = " or use `--set preset=toy` (the committed toy models)" if "toy" in getattr(cfg, "PRESETS", {}) else ""
+    return f"{name}: {where}{toy}"

@@ -18,14 +18,14 @@ from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlparse
 
+from weakseg.core import HubUnavailableError
+
 __all__ = ["HubUnavailableError", "hub_offline", "hub_reachable", "require_hub", "hub_error", "hub_errors"]
 
 _TIMEOUT_S = 3.0
 _reachable: bool | None = None  # the process-wide answer of hub_reachable()
 
 
-class HubUnavailableError(OSError):
-    """A hub model cannot be loaded: no network, offline mode without a cached copy, or a failed download."""
 
 
 def hub_offline() -> bool:
