@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from weakseg.bench import interleaved_ms, write_vs_authors
 from weakseg.methods.diclip import cam as camlib
 from weakseg.methods.diclip import vce as vcelib
 
@@ -60,19 +60,6 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(ts)
-
-
-def _interleaved(fns: dict, rounds: int) -> dict:
-    """Median ms of each callable, the callables alternating round by round (same load for all)."""
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in ts.items()}
 
 
 def authors_stages(rounds: int = 15) -> list[dict]:
@@ -116,7 +103,7 @@ def authors_stages(rounds: int = 15) -> list[dict]:
     a, b = ours(), theirs_full()
     if not torch.allclose(a, b, rtol=1e-4, atol=1e-6):
         raise AssertionError(f"CAA: weakseg differs from the authors' code (max abs {float((a - b).abs().max()):.3g})")
-    t = _interleaved({"weakseg": ours, "authors": theirs_full, "authors_reduced": theirs_reduced}, rounds)
+    t = interleaved_ms({"weakseg": ours, "authors": theirs_full, "authors_reduced": theirs_reduced}, rounds)
     rows.append({"stage": "DiCLIP CAA (per-head attention in)", "check": "refined CAMs allclose 1e-4",
                  "weakseg_ms": t["weakseg"], "authors_ms": t["authors"], "ratio": t["authors"] / t["weakseg"]})
     rows.append({"stage": "DiCLIP CAA (authors from head-reduced attention)", "check": "same",
@@ -157,7 +144,7 @@ def authors_stages(rounds: int = 15) -> list[dict]:
     a, b = ours_cache(), theirs_cache().float()
     if a.shape != b.shape or not torch.allclose(a, b, atol=1e-5):
         raise AssertionError("cache build: weakseg's keys differ from the authors' code")
-    t = _interleaved({"weakseg": ours_cache, "authors": theirs_cache}, max(3, rounds // 3))
+    t = interleaved_ms({"weakseg": ours_cache, "authors": theirs_cache}, max(3, rounds // 3))
     rows.append({"stage": f"DiCLIP cache build ({len(cls_all)} images: pooling + k-means)",
                  "check": "centroids allclose 1e-5", "weakseg_ms": t["weakseg"], "authors_ms": t["authors"],
                  "ratio": t["authors"] / t["weakseg"]})
@@ -223,25 +210,9 @@ def main(argv=None) -> int:
 
 
 def _authors_main(args) -> int:
-    from weakseg.bench import machine_facts
-
     torch.set_num_threads(1)
-    rows = authors_stages(args.rounds)
-    lines = ["| stage | check | weakseg ms | authors ms | authors / weakseg |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['stage']} | {r['check']} | {r['weakseg_ms']:.1f} | {r['authors_ms']:.1f} | {r['ratio']:.2f}x |"
-              for r in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": "python " + " ".join(sys.argv),
-                "machine": machine_facts(["cpu"]), "load_average": os.getloadavg(), "threads": 1, "rows": rows}
-        (out / "diclip_vs_authors_cpu.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (out / "diclip_vs_authors_cpu.md").write_text(
-            f"# DiCLIP stages vs the authors' code (tests/authors_diclip.py)\n\n{meta['date']}, `{meta['command']}`, "
-            f"CPU, 1 thread, load average {meta['load_average'][0]:.2f} (2-core machine shared with other jobs); "
-            f"medians of interleaved rounds; each output checked equal before timing.\n\n" + text + "\n")
+    write_vs_authors(authors_stages(args.rounds), args.out, "diclip_vs_authors_cpu",
+                     "DiCLIP stages vs the authors' code (tests/authors_diclip.py)")
     return 0
 
 

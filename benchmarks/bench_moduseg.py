@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from weakseg.bench import machine_facts
+from weakseg.bench import interleaved_ms, machine_facts, write_vs_authors
 from weakseg.io import write_text
 from weakseg.data.toyworld import ToyWorld
 from weakseg.methods.moduseg import (TOY_CONFIG, FaissSearch, FeatureBank, ModuSeg, ModuSegConfig, encode_regions,
@@ -181,17 +181,6 @@ def authors_stages(rounds: int = 15) -> list[dict]:
     from tests import authors_moduseg as authors
     from weakseg.methods.moduseg import purify_regions
 
-    def interleaved(fns: dict) -> dict:
-        for f in fns.values():
-            f()
-        ts = {k: [] for k in fns}
-        for _ in range(rounds):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                ts[k].append(time.perf_counter() - t0)
-        return {k: 1e3 * statistics.median(v) for k, v in ts.items()}
-
     g = torch.Generator().manual_seed(0)
     H, W, C = 375, 500, 21
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
@@ -203,8 +192,8 @@ def authors_stages(rounds: int = 15) -> list[dict]:
     ref = sorted((r["cls_id"], r["mask"].astype(bool)) for r in authors.extract_class_regions(lab_np, 300, C - 1))
     _check(classes == [c for c, _ in ref] and all(np.array_equal(m.numpy(), r) for m, (_, r) in zip(masks, ref)),
            "purify_regions vs the authors' _extract_class_regions")
-    t = interleaved({"weakseg": lambda: purify_regions(lab, C),
-                     "authors": lambda: authors.extract_class_regions(lab_np, 300, C - 1)})
+    t = interleaved_ms({"weakseg": lambda: purify_regions(lab, C),
+                        "authors": lambda: authors.extract_class_regions(lab_np, 300, C - 1)}, rounds)
     rows = [{"stage": "ModuSeg region extraction (375x500, 3 classes + bg)", "check": "classes and masks equal",
              "weakseg_ms": t["weakseg"], "authors_ms": t["authors"], "ratio": t["authors"] / t["weakseg"]}]
 
@@ -253,7 +242,7 @@ def authors_stages(rounds: int = 15) -> list[dict]:
     if flat_ip is not None:
         _check(np.array_equal(mine, theirs(flat_ip)), "retrieval labels vs the authors' code (FAISS flat)")
         fns["authors_faiss"] = lambda: theirs(flat_ip)
-    t = interleaved(fns)
+    t = interleaved_ms(fns, rounds)
     rows.append({"stage": f"ModuSeg retrieval per image ({Q} proposals, {N // 1000}k x {D} bank; authors: matrix product)",
                  "check": "label maps equal", "weakseg_ms": t["weakseg"], "authors_ms": t["authors_mm"],
                  "ratio": t["authors_mm"] / t["weakseg"]})
@@ -265,26 +254,9 @@ def authors_stages(rounds: int = 15) -> list[dict]:
 
 
 def _authors_main(a) -> int:
-    import os
-
     torch.set_num_threads(1)
-    rows = authors_stages(a.rounds)
-    lines = ["| stage | check | weakseg ms | authors ms | authors / weakseg |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['stage']} | {r['check']} | {r['weakseg_ms']:.1f} | {r['authors_ms']:.1f} | {r['ratio']:.2f}x |"
-              for r in rows]
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": "python " + " ".join(sys.argv),
-                "machine": machine_facts(["cpu"]), "load_average": os.getloadavg(), "threads": 1, "rows": rows}
-        write_text(out / "moduseg_vs_authors_cpu.json", json.dumps(meta, indent=2) + "\n")
-        write_text(out / "moduseg_vs_authors_cpu.md",
-                   f"# ModuSeg stages vs the authors' code (tests/authors_moduseg.py)\n\n{meta['date']}, "
-                   f"`{meta['command']}`, CPU, 1 thread, load average {meta['load_average'][0]:.2f} (2-core machine "
-                   f"shared with other jobs); medians of interleaved rounds; each output checked equal before "
-                   f"timing.\n\n" + text + "\n")
+    write_vs_authors(authors_stages(a.rounds), a.out, "moduseg_vs_authors_cpu",
+                     "ModuSeg stages vs the authors' code (tests/authors_moduseg.py)")
     return 0
 
 

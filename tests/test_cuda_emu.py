@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_erode import _random_mask, shapes
+from test_erode import _blocky_labels, _random_mask, shapes
 from test_kl_kmeans import _data, _trajectory_gap
 from test_knn_vote import _unambiguous
 from test_masked_area_pool import _masks
@@ -161,12 +161,7 @@ def test_erode_labels_cuda_kernels_match_reference(shape, k, iterations, dtype, 
     lead, H, W = shape
     if dtype == torch.uint8:
         ignore = 255
-    g = torch.Generator().manual_seed(seed)
-    small = torch.randint(0, nlab, (*lead, max(1, H // 6), max(1, W // 6)), generator=g)
-    lab = torch.nn.functional.interpolate(small.reshape(-1, 1, *small.shape[-2:]).float(), size=(H, W),
-                                          mode="nearest").reshape(*lead, H, W).to(dtype)
-    if lab.numel():
-        lab.view(-1)[torch.randint(0, lab.numel(), (max(1, lab.numel() // 50),), generator=g)] = 255
+    lab = _blocky_labels(lead, H, W, nlab, dtype, torch.Generator().manual_seed(seed))
     out = E.erode_labels(lab, [k, k], iterations, ignore)
     assert out.dtype == lab.dtype
     assert torch.equal(out, erode_labels_reference(lab, k, iterations, ignore))

@@ -147,18 +147,22 @@ def test_compiled_op_checks_inputs():
 
 # ---- erode_labels -------------------------------------------------------------------------------
 
-@given(shape=shapes, k=st.sampled_from([1, 3, 5, 9]), iterations=st.integers(0, 3),
-       dtype=st.sampled_from([torch.int64, torch.int32, torch.uint8]), nlab=st.integers(1, 5),
-       seed=st.integers(0, 2**31 - 1))
-def test_erode_labels_matches_reference_cpu(shape, k, iterations, dtype, nlab, seed):
-    lead, H, W = shape
-    g = torch.Generator().manual_seed(seed)
-    # blocky label maps so that some labels survive
+def _blocky_labels(lead, H, W, nlab, dtype, g):
+    """Blocky label maps (so that some labels survive erosion) with ~2% of the pixels set to 255."""
     small = torch.randint(0, nlab, (*lead, max(1, H // 6), max(1, W // 6)), generator=g)
     lab = torch.nn.functional.interpolate(small.reshape(-1, 1, *small.shape[-2:]).float(), size=(H, W),
                                           mode="nearest").reshape(*lead, H, W).to(dtype)
     if lab.numel():
         lab.view(-1)[torch.randint(0, lab.numel(), (max(1, lab.numel() // 50),), generator=g)] = 255
+    return lab
+
+
+@given(shape=shapes, k=st.sampled_from([1, 3, 5, 9]), iterations=st.integers(0, 3),
+       dtype=st.sampled_from([torch.int64, torch.int32, torch.uint8]), nlab=st.integers(1, 5),
+       seed=st.integers(0, 2**31 - 1))
+def test_erode_labels_matches_reference_cpu(shape, k, iterations, dtype, nlab, seed):
+    lead, H, W = shape
+    lab = _blocky_labels(lead, H, W, nlab, dtype, torch.Generator().manual_seed(seed))
     out = erode_labels(lab, k, iterations)
     ref = erode_labels_reference(lab, k, iterations)
     assert out.dtype == lab.dtype

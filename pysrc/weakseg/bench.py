@@ -25,7 +25,7 @@ from torch.utils import benchmark as tbench
 from weakseg import ops
 from weakseg.io import write_text
 
-__all__ = ["run_op_benchmarks", "Row"]
+__all__ = ["run_op_benchmarks", "Row", "machine_facts", "interleaved_ms", "write_vs_authors"]
 
 
 @dataclass
@@ -385,3 +385,42 @@ def run_op_benchmarks(ops: list[str] | None = None, devices: list[str] | None = 
         write_text(stem.with_suffix(".json"), json.dumps({"facts": facts, "rows": [asdict(r) for r in rows]}, indent=2))
         print(f"\nwrote {stem}.md and {stem}.json")
     return 0
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms of each callable after one warm-up call each, the callables alternating round by round
+    (so that every one sees the same machine load)."""
+    import statistics
+    import time
+
+    for f in fns.values():
+        f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in ts.items()}
+
+
+def write_vs_authors(rows: list[dict], out: str | os.PathLike | None, stem: str, title: str) -> str:
+    """The table of a method's stages against the authors' code (rows: stage, check, weakseg_ms, authors_ms,
+    ratio), printed, and with ``out`` written as ``<stem>.md`` / ``<stem>.json`` with date, command, machine
+    and load average (CPU, 1 thread). Returns the table."""
+    lines = ["| stage | check | weakseg ms | authors ms | authors / weakseg |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['stage']} | {r['check']} | {r['weakseg_ms']:.1f} | {r['authors_ms']:.1f} | {r['ratio']:.2f}x |"
+              for r in rows]
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        d = Path(out)
+        meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "command": "python " + " ".join(sys.argv), "machine": machine_facts(["cpu"]),
+                "load_average": os.getloadavg(), "threads": 1, "rows": rows}
+        write_text(d / f"{stem}.json", json.dumps(meta, indent=2) + "\n")
+        write_text(d / f"{stem}.md",
+                   f"# {title}\n\n{meta['date']}, `{meta['command']}`, CPU, 1 thread, load average "
+                   f"{meta['load_average'][0]:.2f} (2-core machine shared with other jobs); medians of interleaved "
+                   f"rounds; each output checked equal before timing.\n\n" + text + "\n")
+    return text
