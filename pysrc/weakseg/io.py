@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 __all__ = ["atomic_path", "write_text", "write_bytes", "write_json", "save_safetensors", "save_png", "read_image",
-           "check_image_file", "ImageReadError"]
+           "check_image_file", "ImageReadError", "hash_file"]
 
 
 def _umask() -> int:
@@ -99,6 +99,14 @@ def save_png(arr, path: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+def hash_file(h, path: str | os.PathLike):
+    """Feed the bytes of ``path`` to the hashlib object ``h`` in 1 MiB blocks; returns ``h``."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h
+
+
 class ImageReadError(ValueError):
     """An image file that exists but cannot be decoded (truncated, not an image, too large)."""
 

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from weakseg.eval.metrics import MIOU_CONVENTIONS, ConfusionMatrix
 from weakseg.eval.visualize import overlay_panel
-from weakseg.io import save_png, write_json, write_text
+from weakseg.io import hash_file, save_png, write_json, write_text
 
 __all__ = ["evaluate", "open_eval_dataset", "weights_digest"]
 
@@ -136,9 +136,7 @@ def weights_digest(config: dict[str, Any]) -> str:
             try:
                 if p.is_file():
                     h.update(f"file {key} {s}\n".encode())
-                    with open(p, "rb") as f:
-                        for chunk in iter(lambda: f.read(1 << 20), b""):
-                            h.update(chunk)
+                    hash_file(h, p)
                 elif p.is_dir():
                     h.update(f"dir {key} {s}\n".encode())
                     for q in sorted(p.glob("*")) + sorted(p.glob("*/*")):

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.core import IGNORE_INDEX, METHODS, MethodConfig, SegmentationOutput, check_images, read_safetensors
-from weakseg.io import save_safetensors, write_json
+from weakseg.io import hash_file, save_safetensors, write_json
 from weakseg.methods.common import StageTimer, has_background, image_label_mask
 
 __all__ = ["ModuSeg", "ModuSegConfig", "FeatureBank", "BankError", "BANK_FORMAT", "BANK_FORMAT_VERSION",
@@ -244,11 +244,7 @@ TOY_CONFIG: dict[str, Any] = dict(backbone="clip-dense", backbone_model="toy", p
 
 # ================================================================================================ backbones
 def _file_digest(path: Path, n: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:n]
+    return hash_file(hashlib.sha256(), path).hexdigest()[:n]
 
 
 def load_backbone(config: ModuSegConfig):
