@@ -159,8 +159,8 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer, fmt: str,
                 expected["rng.numpy"] = torch.empty(624, dtype=torch.int64, device="meta")
     else:
         tensors = {k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))}
-    check_weights(tensors, expected, path, "checkpoint", "use another out_dir or resume=False (--no-resume)")
     hint = "use another out_dir or resume=False (--no-resume)"
+    check_weights(tensors, expected, path, "checkpoint", hint)
     negative = [k for k, v in tensors.items() if k.startswith("optim.") and k.endswith("exp_avg_sq")
                 and bool((v < 0).any())]
     if negative:
