@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,16 +49,6 @@ def _time(fn, repeats: int, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return 1e3 * (time.perf_counter() - t0) / repeats
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
 
 
 def authors_stages(rounds: int = 15) -> list[dict]:
