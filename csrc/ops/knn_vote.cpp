@@ -7,7 +7,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "csrc/ops/common.h"
 #include "csrc/ops/knn_vote.h"
@@ -21,8 +28,9 @@ static at::Tensor l2_normalize_rows(const at::Tensor& x) {
   return (xf / xf.norm(2, 1, true).clamp_min(1e-12)).contiguous();
 }
 
-KnnArgs prepare_knn_args(const at::Tensor& queries, const at::Tensor& bank, const at::Tensor& bank_labels, int64_t k,
-                         int64_t num_classes) {
+// The argument checks shared by every backend (dtypes, shapes, devices, label range).
+static void check_knn_args(const at::Tensor& queries, const at::Tensor& bank, const at::Tensor& bank_labels,
+                           int64_t k, int64_t num_classes) {
   const char* op = "knn_vote";
   WS_CHECK(queries.dim() == 2, op, "expected queries of shape (Q, D), got ", shape_str(queries));
   WS_CHECK(bank.dim() == 2, op, "expected bank of shape (N, D), got ", shape_str(bank));
@@ -47,6 +55,11 @@ KnnArgs prepare_knn_args(const at::Tensor& queries, const at::Tensor& bank, cons
     WS_CHECK(l >= 0 && h < num_classes, op, "bank_labels must lie in [0, num_classes=", num_classes,
              "), found values in [", l, ", ", h, "]");
   }
+}
+
+KnnArgs prepare_knn_args(const at::Tensor& queries, const at::Tensor& bank, const at::Tensor& bank_labels, int64_t k,
+                         int64_t num_classes) {
+  check_knn_args(queries, bank, bank_labels, k, num_classes);
   return {l2_normalize_rows(queries), l2_normalize_rows(bank), bank_labels.to(at::kLong).contiguous(),
           std::min<int64_t>(k, bank.size(0))};
 }
@@ -57,53 +70,234 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_knn_outputs(int64_t Q, int6
           at::zeros({Q, num_classes}, opts.dtype(at::kLong))};
 }
 
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// CPU path. The bank is split into contiguous parts (one per thread when the bank is large,
+// otherwise the queries are split); each part streams its rows in tiles: the tile is
+// L2-normalised into a scratch buffer, one GEMM (at::mm_out: MKL/oneDNN sgemm) gives the
+// similarities of a block of queries against it, and the epilogue scans each query's row of
+// the score tile against that query's running k-th similarity (16 lanes at a time), so only
+// the few candidates above it reach the sorted insertion. Each part keeps its own top-k per
+// query; the parts cover ascending, disjoint index ranges, so merging them with knn_before
+// keeps the tie rule (equal similarity: smaller bank index first) exact.
+
+// Scan row[0, nn) (bank indices base + j, ascending) into one query's sorted top-k list.
+inline void scan_row_scalar(const float* row, int64_t nn, int64_t base, float* v, int64_t* id, int64_t* len,
+                            int64_t k) {
+  for (int64_t j = 0; j < nn; ++j) {
+    const float s = kernels::knn_key(row[j]);
+    // Later bank rows never win a tie, so "<=" rejects without a call.
+    if (*len == k && s <= v[k - 1]) continue;
+    kernels::topk_insert(v, id, len, k, s, base + j);
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define WS_KNN_X86 1
+__attribute__((target("avx512f"))) void scan_row_avx512(const float* row, int64_t nn, int64_t base, float* v,
+                                                          int64_t* id, int64_t* len, int64_t k) {
+  int64_t j = 0;
+  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, kernels::knn_key(row[j]), base + j);
+  if (j == nn) return;
+  __m512 thr = _mm512_set1_ps(v[k - 1]);
+  for (; j + 16 <= nn; j += 16) {
+    // NaN compares false (it ranks last, like -inf, and a full list never takes -inf from a
+    // later row); an equal similarity from a later row never displaces a kept one.
+    __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), thr, _CMP_GT_OQ);
+    if (m) {
+      do {
+        const int b = __builtin_ctz(m);
+        m &= static_cast<__mmask16>(m - 1);
+        kernels::topk_insert(v, id, len, k, row[j + b], base + j + b);
+      } while (m);
+      thr = _mm512_set1_ps(v[k - 1]);
+    }
+  }
+  scan_row_scalar(row + j, nn - j, base + j, v, id, len, k);
+}
+
+__attribute__((target("avx2"))) void scan_row_avx2(const float* row, int64_t nn, int64_t base, float* v,
+                                                     int64_t* id, int64_t* len, int64_t k) {
+  int64_t j = 0;
+  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, kernels::knn_key(row[j]), base + j);
+  if (j == nn) return;
+  __m256 thr = _mm256_set1_ps(v[k - 1]);
+  for (; j + 8 <= nn; j += 8) {
+    unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), thr, _CMP_GT_OQ)));
+    if (m) {
+      do {
+        const int b = __builtin_ctz(m);
+        m &= m - 1;
+        kernels::topk_insert(v, id, len, k, row[j + b], base + j + b);
+      } while (m);
+      thr = _mm256_set1_ps(v[k - 1]);
+    }
+  }
+  scan_row_scalar(row + j, nn - j, base + j, v, id, len, k);
+}
+
+__attribute__((target("avx512f"))) void normalize_rows_avx512(const float* src, float* dst, int64_t rows,
+                                                                int64_t D) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* x = src + i * D;
+    float* y = dst + i * D;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= D; j += 16) {
+      const __m512 a = _mm512_loadu_ps(x + j);
+      acc = _mm512_fmadd_ps(a, a, acc);
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; j < D; ++j) ss += x[j] * x[j];
+    const float inv = 1.0f / std::max(std::sqrt(ss), 1e-12f);
+    const __m512 vi = _mm512_set1_ps(inv);
+    j = 0;
+    for (; j + 16 <= D; j += 16) _mm512_storeu_ps(y + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), vi));
+    for (; j < D; ++j) y[j] = x[j] * inv;
+  }
+}
+#endif
+
+using ScanFn = void (*)(const float*, int64_t, int64_t, float*, int64_t*, int64_t*, int64_t);
+
+ScanFn pick_scan() {
+#ifdef WS_KNN_X86
+  if (__builtin_cpu_supports("avx512f")) return scan_row_avx512;
+  if (__builtin_cpu_supports("avx2")) return scan_row_avx2;
+#endif
+  return scan_row_scalar;
+}
+
+// Rows of src (rows x D, float32) scaled to unit L2 norm (norm clamped at 1e-12, as the
+// reference's F.normalize) into dst.
+void normalize_rows(const float* src, float* dst, int64_t rows, int64_t D) {
+#ifdef WS_KNN_X86
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return normalize_rows_avx512(src, dst, rows, D);
+#endif
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* x = src + i * D;
+    float ss = 0.f;
+    for (int64_t j = 0; j < D; ++j) ss += x[j] * x[j];
+    const float inv = 1.0f / std::max(std::sqrt(ss), 1e-12f);
+    for (int64_t j = 0; j < D; ++j) dst[i * D + j] = x[j] * inv;
+  }
+}
+
+int64_t env_or(const char* name, int64_t dflt) {
+  const char* e = std::getenv(name);
+  return e ? std::max<int64_t>(1, std::atoll(e)) : dflt;
+}
+
+struct KnnPlan {
+  int64_t nt;      // bank rows per tile
+  int64_t qb;      // queries per GEMM
+  int64_t parts;   // bank parts (each its own top-k lists)
+  int64_t qparts;  // query chunks
+};
+
+// Tiles: the bank tile (nt x D) and the score tile (qb x nt) stay in L2; the bank is split
+// across threads when it has at least two tiles per thread, else the queries are.
+KnnPlan plan_knn(int64_t Q, int64_t N, int64_t D, int64_t threads) {
+  KnnPlan p;
+  p.nt = env_or("WEAKSEG_KNN_NT", 512);
+  p.qb = env_or("WEAKSEG_KNN_QB", 1024);
+  const int64_t min_part = env_or("WEAKSEG_KNN_MIN_PART", 2 * p.nt);
+  p.parts = std::max<int64_t>(1, std::min<int64_t>(threads, N / min_part));
+  p.qparts = 1;
+  if (p.parts == 1) p.qparts = std::max<int64_t>(1, std::min<int64_t>(threads, Q / 64));
+  return p;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(const at::Tensor& queries, const at::Tensor& bank,
                                                             const at::Tensor& bank_labels, int64_t k,
                                                             int64_t num_classes) {
-  auto a = prepare_knn_args(queries, bank, bank_labels, k, num_classes);
-  const int64_t Q = a.queries.size(0), N = a.bank.size(0), kk = a.k;
-  auto [labels, conf, votes] = empty_knn_outputs(Q, num_classes, a.queries.options());
+  check_knn_args(queries, bank, bank_labels, k, num_classes);
+  const int64_t Q = queries.size(0), N = bank.size(0), D = queries.size(1), kk = std::min<int64_t>(k, N);
+  auto [labels, conf, votes] = empty_knn_outputs(Q, num_classes, queries.options());
   if (Q == 0 || kk == 0) return {labels, conf, votes};
+  const at::Tensor qn = l2_normalize_rows(queries);
+  const at::Tensor bf = bank.to(at::kFloat).contiguous();  // no copy for a contiguous float32 bank
+  const at::Tensor bl_t = bank_labels.to(at::kLong).contiguous();
+  const float* bdat = bf.data_ptr<float>();
+  const auto fopts = at::TensorOptions().dtype(at::kFloat);
 
-  std::vector<float> top_v(static_cast<size_t>(Q * kk));
-  std::vector<int64_t> top_i(static_cast<size_t>(Q * kk));
-  std::vector<int64_t> len(static_cast<size_t>(Q), 0);
-  constexpr int64_t QT = 1024, NT = 4096;
-  for (int64_t q0 = 0; q0 < Q; q0 += QT) {
-    const int64_t qn = std::min(QT, Q - q0);
-    auto qs = a.queries.narrow(0, q0, qn);
-    for (int64_t n0 = 0; n0 < N; n0 += NT) {
-      const int64_t nn = std::min(NT, N - n0);
-      auto sims = at::mm(qs, a.bank.narrow(0, n0, nn).t()).contiguous();  // (qn, nn): one tile, never Q x N
-      const float* s = sims.data_ptr<float>();
-      at::parallel_for(0, qn, 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t q = q0 + i;
-          float* v = top_v.data() + q * kk;
-          int64_t* id = top_i.data() + q * kk;
-          int64_t* l = &len[q];
-          const float* row = s + i * nn;
-          for (int64_t j = 0; j < nn; ++j) {
-            const float sj = kernels::knn_key(row[j]);
-            // Later bank rows never win a tie, so "<=" rejects without a call.
-            if (*l == kk && sj <= v[kk - 1]) continue;
-            kernels::topk_insert(v, id, l, kk, sj, n0 + j);
+  const KnnPlan plan = plan_knn(Q, N, D, at::get_num_threads());
+  const int64_t P = plan.parts, QP = plan.qparts;
+  // Per part: Q lists of kk (similarity, index) and their lengths.
+  std::vector<float> top_v(static_cast<size_t>(P * Q * kk));
+  std::vector<int64_t> top_i(static_cast<size_t>(P * Q * kk));
+  std::vector<int64_t> len(static_cast<size_t>(P * Q), 0);
+  static const ScanFn scan = pick_scan();
+
+  at::parallel_for(0, P * QP, 1, [&](int64_t u0, int64_t u1) {
+    const int64_t nt = std::min(plan.nt, N);
+    std::unique_ptr<float[]> tile(new float[static_cast<size_t>(nt * D)]);
+    const int64_t qb_max = std::min(plan.qb, Q);
+    std::unique_ptr<float[]> score(new float[static_cast<size_t>(qb_max * nt)]);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t p = u / QP, qp = u % QP;
+      // Part p: whole tiles [t0, t1) of the bank; query chunk qp: [qa, qz).
+      const int64_t ntiles = (N + nt - 1) / nt;
+      const int64_t n_begin = std::min(N, (ntiles * p / P) * nt), n_end = std::min(N, (ntiles * (p + 1) / P) * nt);
+      const int64_t qa = Q * qp / QP, qz = Q * (qp + 1) / QP;
+      float* V = top_v.data() + p * Q * kk;
+      int64_t* I = top_i.data() + p * Q * kk;
+      int64_t* L = len.data() + p * Q;
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += nt) {
+        const int64_t nn = std::min(nt, n_end - n0);
+        normalize_rows(bdat + n0 * D, tile.get(), nn, D);
+        const at::Tensor bt = at::from_blob(tile.get(), {nn, D}, fopts);
+        for (int64_t q0 = qa; q0 < qz; q0 += qb_max) {
+          const int64_t qn_rows = std::min(qb_max, qz - q0);
+          at::Tensor st = at::from_blob(score.get(), {qn_rows, nn}, fopts);
+          at::mm_out(st, qn.narrow(0, q0, qn_rows), bt.t());  // (qn_rows, nn): one tile, never Q x N
+          const float* s = score.get();
+          for (int64_t i = 0; i < qn_rows; ++i) {
+            const int64_t q = q0 + i;
+            scan(s + i * nn, nn, n0, V + q * kk, I + q * kk, L + q, kk);
           }
         }
-      });
+      }
     }
-  }
-  const int64_t* bl = a.bank_labels.data_ptr<int64_t>();
+  });
+
+  // Merge the parts' lists (ascending, disjoint index ranges) into part 0's, then vote.
+  const int64_t* bl = bl_t.data_ptr<int64_t>();
   int64_t* out_l = labels.data_ptr<int64_t>();
   float* out_c = conf.data_ptr<float>();
   int64_t* out_v = votes.data_ptr<int64_t>();
   at::parallel_for(0, Q, 64, [&](int64_t q0, int64_t q1) {
     std::vector<int64_t> vl(static_cast<size_t>(kk));
     std::vector<float> sums(static_cast<size_t>(num_classes), 0.f);
+    std::vector<float> mv(static_cast<size_t>(kk));
+    std::vector<int64_t> mi(static_cast<size_t>(kk));
     for (int64_t q = q0; q < q1; ++q) {
-      for (int64_t j = 0; j < kk; ++j) vl[j] = bl[top_i[q * kk + j]];
-      kernels::vote_one(top_v.data() + q * kk, vl.data(), kk, out_v + q * num_classes, sums.data(), out_l + q,
-                        out_c + q);
+      float* v0 = top_v.data() + q * kk;
+      int64_t* i0 = top_i.data() + q * kk;
+      int64_t n0 = len[q];
+      for (int64_t p = 1; p < P; ++p) {
+        const float* v1 = top_v.data() + (p * Q + q) * kk;
+        const int64_t* i1 = top_i.data() + (p * Q + q) * kk;
+        const int64_t n1 = len[p * Q + q];
+        int64_t a = 0, b = 0, m = 0;
+        while (m < kk && (a < n0 || b < n1)) {
+          if (b >= n1 || (a < n0 && kernels::knn_before(v0[a], i0[a], v1[b], i1[b]))) {
+            mv[m] = v0[a], mi[m++] = i0[a++];
+          } else {
+            mv[m] = v1[b], mi[m++] = i1[b++];
+          }
+        }
+        std::copy(mv.begin(), mv.begin() + m, v0);
+        std::copy(mi.begin(), mi.begin() + m, i0);
+        n0 = m;
+      }
+      // n0 == kk: the parts hold N >= kk rows in all.
+      for (int64_t j = 0; j < kk; ++j) vl[j] = bl[i0[j]];
+      kernels::vote_one(v0, vl.data(), kk, out_v + q * num_classes, sums.data(), out_l + q, out_c + q);
       for (int64_t j = 0; j < kk; ++j) sums[vl[j]] = 0.f;  // reset only what this query touched
     }
   });
