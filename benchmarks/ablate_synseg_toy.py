@@ -8,7 +8,7 @@ mIoU % over all classes with the image-level labels given (the demo's protocol) 
     python benchmarks/ablate_synseg_toy.py --work outputs/synseg_ablation [--scenes 40] [--iterations 400]
         [--clip toy|tiny] [--views 5 1] [--out benchmarks/results]
 
-``--clip toy`` (default) needs the committed toy CLIP (``weakseg/toyworld/weights/clip``; a missing one is
+``--clip toy`` (default) needs the committed toy CLIP (``weakseg/toy/weights/clip``; a missing one is
 reported with its path and the training command); ``--clip tiny`` runs the same pipeline on the random tiny
 CLIP (a smoke test: its numbers mean nothing). Trained runs are kept under ``--work`` and reused.
 """
@@ -40,10 +40,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from weakseg.train.synseg import TOY_TRAIN, TOY_TRAIN_SCENES, ablation
+    from weakseg.toy.synseg import TOY_TRAIN, TOY_TRAIN_SCENES, ablation
 
     if args.clip == "toy":
-        from weakseg.toyworld import load_toy_clip
+        from weakseg.toy import load_toy_clip
 
         try:
             clip = load_toy_clip()

@@ -59,18 +59,17 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
 
 
 def run(method: str, images: int, out: Path | None, progress: bool = True) -> list[dict]:
-    from weakseg.core import METHODS
-    from weakseg.data.toyworld import ToyWorld
+    from weakseg.core import TOY_DEMOS
+    from weakseg.toy.world import ToyWorld
     from weakseg.eval.runner import evaluate
-    import weakseg.methods  # noqa: F401
 
     if method not in ABLATIONS:
         raise ValueError(f"ablate_toy: no ablation list for {method!r}; known: {', '.join(ABLATIONS)}")
-    cls = METHODS.get(method)
+    recipe = TOY_DEMOS.get(method)
     world = ToyWorld(64, "val", num_scenes=images)
     rows, backbone = [], None
     for label, overrides in ABLATIONS[method]:
-        entry = cls.toy_demo(None, progress, backbone=backbone, **overrides)
+        entry = recipe(None, progress, backbone=backbone, **overrides)
         backbone = entry.method.sd if hasattr(entry.method, "sd") else entry.method.backbone
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import torch
 import weakseg
 from weakseg.bench import machine_facts
 from weakseg.io import write_text
-from weakseg.data.toyworld import CLASSES, ToyWorld
+from weakseg.toy.world import CLASSES, ToyWorld
 
 
 def run(method_name: str, model: str, size: int, images: int, device: str, classes) -> dict:

@@ -40,8 +40,9 @@ from PIL import Image
 
 from weakseg.bench import interleaved_ms, machine_facts, write_vs_authors
 from weakseg.io import write_text
-from weakseg.data.toyworld import ToyWorld
-from weakseg.methods.moduseg import (TOY_CONFIG, FaissSearch, FeatureBank, ModuSeg, ModuSegConfig, encode_regions,
+from weakseg.toy.world import ToyWorld
+from weakseg.toy.recipes import MODUSEG_TOY_CONFIG as TOY_CONFIG
+from weakseg.methods.moduseg import (FaissSearch, FeatureBank, ModuSeg, ModuSegConfig, encode_regions,
                                      vote_from_neighbors)
 from weakseg.ops import knn_vote, knn_vote_reference, masked_area_pool, masked_area_pool_reference
 

@@ -186,7 +186,7 @@ def test_class_lists(tmp_path, capsys):
     assert main(["segment", str(img), "--method", "test-cli-probe", "--classes", "cat,background", "--no-background",
                  "--out", str(tmp_path / "o")]) == 2
     _one_line_error(capsys, "--classes", "--no-background")
-    from weakseg.cli import _class_names_arg
+    from weakseg.eval.arguments import class_names_arg as _class_names_arg
 
     assert _class_names_arg("cat,background") == ["background", "cat"]
     with pytest.raises(ValueError, match="duplicate class name"):

@@ -152,12 +152,12 @@ def test_demo_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="no method"):
         run_demo(tmp_path, num_images=1, entries={})
     def missing(w, p):
-        raise FileNotFoundError("toy weights not found at /x; train them with `python -m weakseg.toyworld.train`")
+        raise FileNotFoundError("toy weights not found at /x; train them with `python -m weakseg.toy.train`")
 
-    with pytest.raises(FileNotFoundError, match="no method could run.*weakseg.toyworld.train"):
+    with pytest.raises(FileNotFoundError, match="no method could run.*weakseg.toy.train"):
         run_demo(tmp_path / "m", num_images=1, entries={"x": missing}, progress=False)
     report = json.loads((tmp_path / "m" / "report.json").read_text())
-    assert "toyworld.train" in report["skipped"]["x"] and report["methods"] == {}
+    assert "weakseg.toy.train" in report["skipped"]["x"] and report["methods"] == {}
     with pytest.raises(TypeError, match="DemoEntry"):
         run_demo(tmp_path, num_images=1, entries={"x": lambda w, p: object()}, progress=False)
 

@@ -26,7 +26,7 @@ from test_masked_area_pool import _masks
 from test_refine_propagate import _assert_as_accurate_as_eager_fp32, _attention
 
 import weakseg
-from weakseg import _ext
+from weakseg.ops import extension as _ext
 from weakseg.ops import (
     erode_labels_reference,
     erode_reference,

@@ -466,8 +466,8 @@ def test_registered():
 
 def test_toy_preset_fits_the_toy_architecture():
     """The "toy" preset's sizes, layers and heads exist in the toy world's models (random weights here)."""
-    from weakseg.data.toyworld import ToyWorld
-    from weakseg.toyworld.models import assemble_sd, build_clip, build_unet, build_vae, text_tower_to_hf
+    from weakseg.toy.world import ToyWorld
+    from weakseg.toy.models import assemble_sd, build_clip, build_unet, build_vae, text_tower_to_hf
 
     clip = build_clip(3)
     sd = assemble_sd(build_vae(1), build_unet(2), text_tower_to_hf(clip.model))

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from tests._helpers import assert_raises_naming, diclip_tiny_models, make_diclip as make
-from weakseg.data.toyworld import ToyWorld
+from weakseg.toy.world import ToyWorld
 from weakseg.methods.diclip import cache as cachelib
 from weakseg.methods.diclip.cache import CacheBuildConfig, CacheError, KVCache, build_cache
 from weakseg.methods.diclip.method import DiCLIP, DiCLIPConfig
 from weakseg.train.diclip import DiCLIPTrainConfig, augment, lr_at, train_diclip
+from weakseg.toy.diclip import toy_demo as diclip_toy_demo
 
 SMALL = dict(fg_centroids=2, bg_centroids=2, batch_size=4)
 
@@ -263,12 +264,12 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 def test_toy_demo_with_tiny_models(models, tmp_path):
     from weakseg.core import DemoEntry
-    from weakseg.methods.diclip.toy import ablation_ladder, prepare_toy
+    from weakseg.toy.diclip import ablation_ladder, prepare_toy
 
     opts = dict(preset="tiny", cache_options=dict(images_per_class=1, gen_steps=2, fg_centroids=1, bg_centroids=2),
                 train_options=dict(iterations=3, batch_size=1, save_every=3, log_every=3), train_scenes=4)
     clip, sd = models
-    entry = DiCLIP.toy_demo(tmp_path, progress=False, clip=clip, sd=sd, **opts)
+    entry = diclip_toy_demo(tmp_path, progress=False, clip=clip, sd=sd, **opts)
     assert isinstance(entry, DemoEntry) and entry.note
     assert entry.method.config.mode == "head" and entry.baseline.config.vce is False
     w = ToyWorld(split="test", num_scenes=1)
@@ -282,7 +283,7 @@ def test_toy_demo_with_tiny_models(models, tmp_path):
     assert len(runs) == 1 and json.loads((runs[0] / "settings.json").read_text())["train"]["iterations"] == 3
     model = runs[0] / "train" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
-    DiCLIP.toy_demo(tmp_path, progress=False, clip=clip, sd=sd, **opts)  # same settings: reuses the trained run
+    diclip_toy_demo(tmp_path, progress=False, clip=clip, sd=sd, **opts)  # same settings: reuses the trained run
     assert model.stat().st_mtime_ns == stamp and sorted(tmp_path.glob("run-*")) == runs
     # other training settings, or other weights, never reuse that run: a fresh folder is built
     other = dict(opts, train_options=dict(opts["train_options"], iterations=2))
@@ -302,7 +303,7 @@ def test_toy_demo_with_tiny_models(models, tmp_path):
     from weakseg.demo import run_demo
 
     report = run_demo(tmp_path / "demo", num_images=2, overlays=1, progress=False,
-                      entries={"diclip": lambda w, p: DiCLIP.toy_demo(w, p, clip=clip, sd=sd, **opts)})
+                      entries={"diclip": lambda w, p: diclip_toy_demo(w, p, clip=clip, sd=sd, **opts)})
     r = report["methods"]["diclip"]
     assert 0 <= r["miou"] <= 100 and 0 <= r["baseline_miou"] <= 100 and "patch-text" in r["baseline"]
     assert len(list((tmp_path / "demo" / "work" / "diclip").glob("run-*/train/model.safetensors"))) == 1

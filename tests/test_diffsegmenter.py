@@ -150,7 +150,7 @@ def test_config_defaults_presets_and_errors(sd, tmp_path, monkeypatch):
     assert p.replace(bg_threshold=0.4).timesteps == (100,)
     assert DiffSegmenterConfig(preset="paper").timesteps == (1, 50, 100, 150)
     m = create("diffsegmenter", model="tiny", image_size=64, preset="baseline")
-    assert isinstance(m, DiffSegmenter) and m.config.baseline and m.sd.name == "tiny-sd15"
+    assert isinstance(m, DiffSegmenter) and m.config.baseline and m.sd.name == "tiny-sd21"
     assert_raises_naming(lambda: DiffSegmenterConfig(preset="best"), ValueError, ["preset", "best", "paper"])
     assert_raises_naming(lambda: DiffSegmenterConfig(dtype="float16"), ValueError, ["dtype", "cuda"])
     assert_raises_naming(lambda: DiffSegmenterConfig(class_token="middle"), ValueError, ["class_token", "middle"])
@@ -158,11 +158,11 @@ def test_config_defaults_presets_and_errors(sd, tmp_path, monkeypatch):
     assert_raises_naming(lambda: DiffSegmenterConfig(bg_threshold=1.5), ValueError, ["bg_threshold"])
     assert_raises_naming(lambda: DiffSegmenterConfig(timesteps=(1000,)), ValueError, ["timesteps"])
     assert_raises_naming(lambda: DiffSegmenterConfig(image_size=60), ValueError, ["image_size", "multiple of 8"])
-    import weakseg.toyworld
+    import weakseg.toy
 
-    monkeypatch.setattr(weakseg.toyworld, "WEIGHTS_DIR", tmp_path / "no-weights")
+    monkeypatch.setattr(weakseg.toy, "WEIGHTS_DIR", tmp_path / "no-weights")
     assert_raises_naming(lambda: DiffSegmenter(DiffSegmenterConfig(model="toy")), FileNotFoundError,
-                         ["no-weights", "python -m weakseg.toyworld.train"])
+                         ["no-weights", "python -m weakseg.toy.train"])
     missing = str(tmp_path / "nope")
     assert_raises_naming(lambda: DiffSegmenter(DiffSegmenterConfig(model=missing)), FileNotFoundError, [missing])
     m = DiffSegmenter(_cfg(cross_weights=(0.5, 0.5)), backbone=sd)

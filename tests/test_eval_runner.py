@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from weakseg.cli import main
 from weakseg.core import METHODS, MethodConfig, SegmentationOutput
-from weakseg.data.toyworld import ToyWorld
+from weakseg.toy.world import ToyWorld
 from weakseg.eval import ConfusionMatrix, evaluate
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import weakseg
-from weakseg import _ext
+from weakseg.ops import extension as _ext
 from weakseg.ops import OPS
 
 

@@ -374,7 +374,7 @@ def test_determinism_seed_and_batch_independence(sd21, images):
 
 
 def test_threshold_background_and_sd15(sd15, images):
-    m = ISeg(ISegConfig.from_preset("coco-wsss", model="tiny-sd15", size=SIDE, tagger="all",
+    m = ISeg(ISegConfig.from_preset("coco-wsss", model="tiny:sd15", size=SIDE, tagger="all",
                                     class_renames={}), backbone=sd15)
     out = m.segment(images, NAMES, LABELS)
     fg = out.scores[:, 1:]
@@ -438,11 +438,11 @@ def test_model_errors(sd21, tmp_path, monkeypatch):
     assert_raises_naming(lambda: make(sd21, self_layer=CROSS_LAYERS_16[0]), ValueError, ["self_layer"])
     assert_raises_naming(lambda: make(sd21, cross_layers_32=("up_blocks.9.x",)), ValueError,
                          ["cross_layers_32", "up_blocks.9.x"])
-    import weakseg.toyworld
+    import weakseg.toy
 
-    monkeypatch.setattr(weakseg.toyworld, "WEIGHTS_DIR", tmp_path / "no-weights")
+    monkeypatch.setattr(weakseg.toy, "WEIGHTS_DIR", tmp_path / "no-weights")
     assert_raises_naming(lambda: ISeg(ISegConfig(model="toy")), FileNotFoundError,
-                         ["no-weights", "python -m weakseg.toyworld.train"])
+                         ["no-weights", "python -m weakseg.toy.train"])
     m = make(sd21)
     assert_raises_naming(lambda: m.segment([torch.zeros(3, 64, 64, dtype=torch.uint8),
                                             torch.zeros(3, 32, 64, dtype=torch.uint8)], NAMES), ValueError,

@@ -19,6 +19,7 @@ from weakseg.backbones.features import PatchFeatures, pad_to_patch_multiple
 from weakseg.backbones.proposers import Proposals
 from weakseg.core import DemoEntry, SegmentationOutput, check_images
 from weakseg.data import Sample
+from weakseg.toy.recipes import iseg_demo, moduseg_demo
 from weakseg.methods.moduseg import (
     BANK_FORMAT, BANK_FORMAT_VERSION, BankError, FaissSearch, FeatureBank, ModuSeg, ModuSegConfig, encode_regions,
     exact_topk, majority_in_regions, nms_per_class, outlier_filter, pseudo_labels_from_scores, purify_regions,
@@ -624,7 +625,7 @@ def test_segment_without_bank_and_bad_inputs(colour_data):
 # ----------------------------------------------------------------------------------------------- real tiny models
 def test_create_with_tiny_clip_and_cli_eval(tmp_path):
     from weakseg.cli import main
-    from weakseg.data.toyworld import ToyWorld
+    from weakseg.toy.world import ToyWorld
 
     train = ToyWorld(64, "train", num_scenes=5)
     gt = tmp_path / "gt"
@@ -670,7 +671,7 @@ def test_cli_pseudo_method_tiny_iseg(tmp_path):
 
 def test_toy_demo_with_injected_models(tmp_path, monkeypatch):
     from weakseg.backbones.features import CLIPDenseFeatures
-    from weakseg.data.toyworld import ToyWorld
+    from weakseg.toy.world import ToyWorld
 
     class TinyPseudo:
         """A stand-in pseudo-mask method: a fixed random 1x1 conv of the image, restricted by the labels."""
@@ -692,7 +693,7 @@ def test_toy_demo_with_injected_models(tmp_path, monkeypatch):
     backbone = CLIPDenseFeatures.tiny(seed=0)
     backbone.backbone_id = "clip-dense:tiny-test"
     pseudo = TinyPseudo()
-    entry = ModuSeg.toy_demo(tmp_path, progress=False, pseudo=pseudo, backbone=backbone, num_train=6)
+    entry = moduseg_demo(tmp_path, progress=False, pseudo=pseudo, backbone=backbone, num_train=6)
     assert isinstance(entry, DemoEntry) and entry.baseline is pseudo and isinstance(entry.method, ModuSeg)
     assert "baseline" in entry.note and pseudo.calls == 6
     assert entry.method.config.proposer == "superpixel" and entry.method.config.backbone == "clip-dense"
@@ -704,32 +705,31 @@ def test_toy_demo_with_injected_models(tmp_path, monkeypatch):
     out = entry.method.segment([scene.image], list(ToyWorld(64).class_names), labels)
     assert out.labels.shape == (1, 64, 64)
     # the cached bank is reused
-    again = ModuSeg.toy_demo(tmp_path, progress=False, pseudo=pseudo, backbone=backbone, num_train=6)
+    again = moduseg_demo(tmp_path, progress=False, pseudo=pseudo, backbone=backbone, num_train=6)
     assert pseudo.calls == 6 and torch.equal(again.method.bank.vectors, entry.method.bank.vectors)
     # no work_dir: a temporary folder, overrides go over the toy config
-    tmp_entry = ModuSeg.toy_demo(None, progress=False, pseudo=pseudo, backbone=backbone, num_train=2, k=3)
+    tmp_entry = moduseg_demo(None, progress=False, pseudo=pseudo, backbone=backbone, num_train=2, k=3)
     assert tmp_entry.method.config.k == 3 and Path(tmp_entry.method.config.bank).is_file()
-    # without an injected pseudo method, the named method must offer a toy configuration
-    from weakseg.core import METHODS
+    # without an injected pseudo method, the named method must have a toy recipe
+    from weakseg.core import METHODS, TOY_DEMOS
 
     class NoToy:
         pass
 
     monkeypatch.setitem(METHODS._items, "_no_toy", NoToy)
-    assert_raises_naming(lambda: ModuSeg.toy_demo(tmp_path, progress=False, pseudo_method="_no_toy",
-                                                  backbone=backbone, num_train=2),
-                         ValueError, ["_no_toy", "toy_demo", "pseudo="])
-    # with one, its toy configuration makes the pseudo masks and is the baseline
+    assert_raises_naming(lambda: moduseg_demo(tmp_path, progress=False, pseudo_method="_no_toy",
+                                              backbone=backbone, num_train=2),
+                         ValueError, ["_no_toy", "toy recipe", "pseudo="])
+    # with one, its toy recipe makes the pseudo masks and is the baseline
     seen = {}
 
-    class WithToy:
-        @classmethod
-        def toy_demo(cls, work_dir=None, progress=True):
-            seen["work_dir"] = work_dir
-            return DemoEntry(method=TinyPseudo(), baseline=TinyPseudo(), note="x")
+    def with_toy(work_dir=None, progress=True):
+        seen["work_dir"] = work_dir
+        return DemoEntry(method=TinyPseudo(), baseline=TinyPseudo(), note="x")
 
-    monkeypatch.setitem(METHODS._items, "_with_toy", WithToy)
-    e = ModuSeg.toy_demo(tmp_path, progress=False, pseudo_method="_with_toy", backbone=backbone, num_train=2)
+    monkeypatch.setitem(METHODS._items, "_with_toy", NoToy)
+    monkeypatch.setitem(TOY_DEMOS._items, "_with_toy", with_toy)
+    e = moduseg_demo(tmp_path, progress=False, pseudo_method="_with_toy", backbone=backbone, num_train=2)
     assert isinstance(e.baseline, TinyPseudo) and e.baseline.calls == 2 and seen["work_dir"] == tmp_path / "_with_toy"
     assert "_with_toy" in e.note and "_with_toy" in Path(e.method.config.bank).name
 
@@ -739,16 +739,15 @@ def test_toy_demo_on_the_toy_architectures(tmp_path):
     ones): iSeg's toy configuration makes the pseudo masks, the toy CLIP's dense features fill the bank,
     superpixels are labelled by retrieval; the vote sees only the image's classes."""
     from weakseg.backbones.features import CLIPDenseFeatures
-    from weakseg.data.toyworld import CLASSES as TOY_CLASSES, ToyWorld
-    from weakseg.methods.iseg import ISeg
-    from weakseg.toyworld.models import assemble_sd, build_clip, build_unet, build_vae, text_tower_to_hf
+    from weakseg.toy.world import CLASSES as TOY_CLASSES, ToyWorld
+    from weakseg.toy.models import assemble_sd, build_clip, build_unet, build_vae, text_tower_to_hf
 
     clip = build_clip(3)
     sd = assemble_sd(build_vae(1), build_unet(2), text_tower_to_hf(clip.model))
-    pseudo = ISeg.toy_demo(tmp_path / "iseg", progress=False, backbone=sd).method
+    pseudo = iseg_demo(tmp_path / "iseg", progress=False, backbone=sd).method
     backbone = CLIPDenseFeatures(clip)
     backbone.backbone_id = "clip-dense:toy-architecture-random"
-    entry = ModuSeg.toy_demo(tmp_path, progress=False, pseudo=pseudo, backbone=backbone, num_train=6)
+    entry = moduseg_demo(tmp_path, progress=False, pseudo=pseudo, backbone=backbone, num_train=6)
     assert entry.baseline is pseudo and entry.method.bank.dim == 64 and len(entry.method.bank) >= 6
     assert entry.method.bank.class_names == list(TOY_CLASSES)
     scenes = [ToyWorld(64, "val", num_scenes=2)[i] for i in range(2)]

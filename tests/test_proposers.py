@@ -12,9 +12,9 @@ from weakseg.backbones.proposers import (DiskProposer, MaskProposer, Proposals, 
                                          paint_disjoint)
 from weakseg.core import PROPOSERS
 
-try:
-    from weakseg.backbones.proposers import SAM2Proposer
-except ImportError:  # transformers without Sam2Model
+from weakseg.backbones.proposers import SAM2Proposer, _has_sam2
+
+if not _has_sam2():  # transformers without Sam2Model
     SAM2Proposer = None
 
 SAM_CLASSES = [SAMProposer] + ([SAM2Proposer] if SAM2Proposer is not None else [])

@@ -227,13 +227,13 @@ def test_export_graphs_parity(clip):
 # ------------------------------------------------------------------------------------------- training
 
 def _toy(n):
-    from weakseg.data.captions import ToyCaptions
+    from weakseg.toy.world import ToyCaptions
 
     return ToyCaptions(num_scenes=n)
 
 
 def test_training_loss_falls_and_the_model_loads(clip, tmp_path):
-    from weakseg.data.toyworld import ToyWorld
+    from weakseg.toy.world import ToyWorld
     from weakseg.eval.metrics import ConfusionMatrix
 
     cfg = SynSegTrainConfig(iterations=40, batch_size=6, lr=3e-3, save_every=40, log_every=20, seed=0)
@@ -427,11 +427,11 @@ def test_cli_train_and_eval(tmp_path, capsys):
 
 def test_toy_demo_and_ablation_with_tiny_clip(clip, tmp_path, monkeypatch):
     from weakseg.core import DemoEntry
-    from weakseg.train.synseg import ablation
+    from weakseg.toy.synseg import ablation, toy_demo
 
     opts = dict(preset="tiny", train_options=dict(iterations=2, batch_size=2, save_every=2, log_every=1),
                 train_scenes=4, views=1)
-    entry = SynSeg.toy_demo(tmp_path, progress=False, clip=clip, **opts)
+    entry = toy_demo(tmp_path, progress=False, clip=clip, **opts)
     assert isinstance(entry, DemoEntry) and "patch-text" in entry.note
     assert entry.method.trained_steps == 2 and entry.baseline.config.mode == "patch"
     res = ablation(tmp_path / "abl", subsets={"all": (1, 1, 1, 1), "no fb": (1, 0, 1, 1)}, num_scenes=2, clip=clip,
@@ -439,8 +439,8 @@ def test_toy_demo_and_ablation_with_tiny_clip(clip, tmp_path, monkeypatch):
     assert set(res) == {"patch baseline (views=1)", "untrained head (views=1)", "all (views=1)", "no fb (views=1)"}
     assert all(0 <= r["miou"] <= 100 for r in res.values())
     # without the committed toy CLIP the demo names the missing path
-    import weakseg.toyworld as tw
+    import weakseg.toy as tw
 
     monkeypatch.setattr(tw, "WEIGHTS_DIR", tmp_path / "no_weights")
     with pytest.raises(FileNotFoundError, match="no_weights"):
-        SynSeg.toy_demo(tmp_path / "x", progress=False)
+        toy_demo(tmp_path / "x", progress=False)

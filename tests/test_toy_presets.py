@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from weakseg.core import DemoEntry
-from weakseg.data.toyworld import CLASSES, ToyWorld
+from weakseg.toy.world import CLASSES, ToyWorld
 
 
 @pytest.fixture(scope="module")
 def toy_sd():
-    from weakseg.toyworld.models import assemble_sd, build_clip, build_unet, build_vae, text_tower_to_hf
+    from weakseg.toy.models import assemble_sd, build_clip, build_unet, build_vae, text_tower_to_hf
 
     return assemble_sd(build_vae(1), build_unet(2), text_tower_to_hf(build_clip(3).model))
 
@@ -30,10 +30,10 @@ def _labels(scenes):
 
 @pytest.mark.parametrize("name", ["iseg", "diffsegmenter"])
 def test_toy_demo_entries_segment_toy_scenes(name, toy_sd, scenes, tmp_path):
-    from weakseg.core import METHODS
+    from weakseg.core import TOY_DEMOS
     import weakseg.methods  # noqa: F401
 
-    entry = METHODS.get(name).toy_demo(tmp_path, progress=False, backbone=toy_sd)
+    entry = TOY_DEMOS.get(name)(tmp_path, progress=False, backbone=toy_sd)
     assert isinstance(entry, DemoEntry) and entry.note
     assert entry.method.sd is entry.baseline.sd is toy_sd  # one backbone for both
     assert entry.baseline.config.baseline and not entry.method.config.baseline

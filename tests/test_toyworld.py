@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from weakseg.data.toyworld import CLASSES, COLORS, STUFF, ToyWorld, caption_for
+from weakseg.toy.world import CLASSES, COLORS, STUFF, ToyWorld, caption_for
 
 
 def test_scenes_are_deterministic_and_order_free():
@@ -62,7 +62,7 @@ def test_shapes_have_the_expected_area():
 
 
 def test_caption_grammar():
-    from weakseg.data.toyworld import ToyObject
+    from weakseg.toy.world import ToyObject
     objs = [ToyObject(1, "red", 5, 5, 3, 0), ToyObject(4, "orange", 9, 9, 3, 0), ToyObject(5, "blue", 2, 2, 2, 0)]
     assert caption_for(objs[:1], "grass") == "a photo of a red circle on grass"
     assert caption_for(objs, "sky") == "a photo of a red circle, an orange star and a blue ring on sky"

@@ -1,4 +1,4 @@
-"""Training of the toy world's models (weakseg.toyworld): each stage learns on tiny settings, resume is bit
+"""Training of the toy world's models (weakseg.toy): each stage learns on tiny settings, resume is bit
 for bit, the CLIP text tower converts to transformers exactly, the loaders read what training wrote (offline),
 the signal checks run; and, once committed, the real toy CLIP classifies held-out scenes."""
 
@@ -14,11 +14,11 @@ pytest.importorskip("open_clip")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from weakseg.toyworld import TRAIN_COMMAND, load_toy_clip, load_toy_sd, toy_weights_available  # noqa: E402
-from weakseg.toyworld import train as T  # noqa: E402
-from weakseg.toyworld.models import (assemble_sd, build_clip, build_unet, build_vae,  # noqa: E402
+from weakseg.toy import TRAIN_COMMAND, load_toy_clip, load_toy_sd, toy_weights_available  # noqa: E402
+from weakseg.toy import train as T  # noqa: E402
+from weakseg.toy.models import (assemble_sd, build_clip, build_unet, build_vae,  # noqa: E402
                                      text_tower_to_hf)
-from weakseg.toyworld.signal import best_threshold_iou, clip_zero_shot_accuracy, sd_attention_iou  # noqa: E402
+from weakseg.toy.signal import best_threshold_iou, clip_zero_shot_accuracy, sd_attention_iou  # noqa: E402
 
 TINY = {
     "clip": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32, "text_width": 32, "text_layers": 1,
@@ -67,7 +67,7 @@ def trained(tmp_path_factory):
 # ------------------------------------------------------------------ data
 
 def test_scene_cache_is_generated_once_and_matches_the_world(work, cache):
-    from weakseg.data.toyworld import ToyWorld
+    from weakseg.toy.world import ToyWorld
 
     assert cache.images.shape == (N_SCENES, 3, 64, 64) and cache.images.dtype == torch.uint8
     assert cache.tokens.shape == (N_SCENES, 77)

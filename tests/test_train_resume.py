@@ -90,7 +90,7 @@ def run_killed_and_resumed(train, loop_module, monkeypatch, tmp_path, kill_at):
 
 def test_synseg_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     from weakseg.backbones.clip import CLIPBackbone
-    from weakseg.data.captions import ToyCaptions
+    from weakseg.toy.world import ToyCaptions
     from weakseg.methods.synseg import SynSeg, SynSegConfig
     from weakseg.train import synseg as loop
 
@@ -108,7 +108,7 @@ def test_synseg_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_diclip_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
-    from weakseg.data.toyworld import ToyWorld
+    from weakseg.toy.world import ToyWorld
     from weakseg.methods.diclip.cache import CacheBuildConfig, build_cache
     from weakseg.train import diclip as loop
 

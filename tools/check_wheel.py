@@ -13,11 +13,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "pysrc" / "weakseg" / "toyworld" / "weights"
+WEIGHTS = Path(__file__).resolve().parents[1] / "pysrc" / "weakseg" / "toy" / "weights"
 
 PROBE = r"""
 import sys, torch
-import weakseg, weakseg._ext as ext
+import weakseg, weakseg.ops.extension as ext
 from weakseg.ops import OPS
 assert weakseg.__file__.startswith(sys.argv[1]), weakseg.__file__
 assert ext.HAS_EXT, ext.extension_error()
@@ -45,7 +45,7 @@ def main() -> int:
         if emu:  # the CUDA emulator build is a test tool of editable checkouts (CMakeLists.txt)
             print(f"{wheel}: the test-only CUDA emulator is in the wheel: {emu}", file=sys.stderr)
             return 1
-        want = sorted("weakseg/toyworld/weights/" + p.relative_to(WEIGHTS).as_posix()
+        want = sorted("weakseg/toy/weights/" + p.relative_to(WEIGHTS).as_posix()
                       for p in WEIGHTS.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".txt"))
         lost = [n for n in want if n not in names]
         if lost:

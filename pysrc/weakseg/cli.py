@@ -30,12 +30,14 @@ import platform
 import sys
 from pathlib import Path
 
+from weakseg.eval.arguments import check_out_dir, class_list
+
 
 def _info(args: argparse.Namespace) -> int:
     import torch
 
     import weakseg
-    from weakseg import _ext
+    from weakseg.ops import extension
     from weakseg.ops import OPS
 
     facts = {
@@ -43,10 +45,10 @@ def _info(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "extension": _ext.HAS_EXT,
-        "extension_error": _ext.extension_error(),
-        "built_with_cuda": _ext.built_with_cuda(),
-        "ops": {op: {"cpu": _ext.has_kernel(op, "cpu"), "cuda": _ext.has_kernel(op, "cuda")} for op in OPS},
+        "extension": extension.HAS_EXT,
+        "extension_error": extension.extension_error(),
+        "built_with_cuda": extension.built_with_cuda(),
+        "ops": {op: {"cpu": extension.has_kernel(op, "cpu"), "cuda": extension.has_kernel(op, "cuda")} for op in OPS},
         "cuda_available": torch.cuda.is_available(),
         "devices": ["cpu"] + [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())],
         "methods": weakseg.list_methods(),
@@ -104,9 +106,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ValueError(f"--format: unknown format {args.format!r}; expected one of {', '.join(FORMATS)}")
     classes = None
-    _check_out_dir(args.out)
+    check_out_dir(args.out)
     if args.classes is not None:
-        classes = _class_list(args.classes, background=None)
+        classes = class_list(args.classes, background=None)
     if args.method not in weakseg.list_methods():
         raise ValueError(f"NAME: unknown method {args.method!r}; registered: {', '.join(weakseg.list_methods())}")
     from weakseg.core import METHODS
@@ -126,56 +128,13 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from weakseg.demo import DEFAULT_IMAGES, run_demo
 
-    _check_out_dir(args.out)
+    check_out_dir(args.out)
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
     report = run_demo(args.out, num_images=args.images or DEFAULT_IMAGES, methods=methods, overlays=args.overlays,
                       progress=not args.quiet, threads=args.threads)
     print(json.dumps({k: report[k] for k in ("dataset", "num_images", "methods")}, indent=2))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
-
-
-def _check_out_dir(out: str | None, arg: str = "--out") -> None:
-    """An output directory argument must not name an existing file (checked before any model loads)."""
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"{arg}: {out} is an existing file; expected a directory (created if missing)")
-
-
-def _check_out_file(out: str | None, arg: str = "--out") -> None:
-    """An output file argument must not name an existing directory."""
-    if out is not None and Path(out).is_dir():
-        raise ValueError(f"{arg}: {out} is a directory; expected a file path")
-
-
-def _class_list(spec: str, arg: str = "--classes", background: bool | None = True) -> list[str]:
-    """A comma-separated class list: names stripped, empty items dropped, duplicates refused (compared
-    without case). ``background=True``: a background name (``background``, ``bg``, ...) given anywhere goes
-    first, and ``background`` is added when none is given (never twice); False: no background name allowed
-    (--no-background); None: the names as given."""
-    from weakseg.methods.common import BACKGROUND_NAMES
-
-    items = [c.strip() for c in spec.split(",") if c.strip()]
-    if not items:
-        raise ValueError(f"{arg}: expected a comma-separated list of class names, e.g. cat,dog")
-    seen: dict[str, str] = {}
-    dups = []
-    for c in items:
-        if c.lower() in seen:
-            dups.append(c if c == seen[c.lower()] else f"{seen[c.lower()]}/{c}")
-        seen.setdefault(c.lower(), c)
-    if dups:
-        raise ValueError(f"{arg}: duplicate class name(s) {', '.join(dict.fromkeys(dups))}; give each class once")
-    bgs = [c for c in items if c.lower() in BACKGROUND_NAMES]
-    if len(bgs) > 1:
-        raise ValueError(f"{arg}: {', '.join(bgs)} all name the background; give it once")
-    rest = [c for c in items if c.lower() not in BACKGROUND_NAMES]
-    if background is None:
-        return items
-    if not background:
-        if bgs:
-            raise ValueError(f"{arg}: names the background ({bgs[0]!r}) but --no-background is set; drop one")
-        return items
-    return bgs[:1] + rest if bgs else ["background"] + rest
 
 
 def _output_stems(paths: list[str]) -> list[str]:
@@ -225,8 +184,8 @@ def _segment(args: argparse.Namespace) -> int:
     from weakseg.eval.visualize import colorize, overlay_panel
     from weakseg.io import check_image_file, read_image, save_png, save_safetensors
 
-    names = _class_list(args.classes, background=not args.no_background)
-    _check_out_dir(args.out)
+    names = class_list(args.classes, background=not args.no_background)
+    check_out_dir(args.out)
     for path in args.images:  # every input is checked before the (possibly slow) model load
         check_image_file(path, "IMAGE")
     stems = _output_stems(args.images)
@@ -258,7 +217,7 @@ def _eval(args: argparse.Namespace) -> int:
     ds_kwargs = {}
     if args.dataset == "toyworld" and args.limit is not None:
         ds_kwargs["num_scenes"] = args.limit
-    _check_out_dir(args.out)
+    check_out_dir(args.out)
     dataset = open_eval_dataset(args.dataset, args.root, args.split, **ds_kwargs)
     method = weakseg.create(args.method, config_file=args.config, set_options=args.set or ())
     out = args.out or f"outputs/eval/{args.method}_{args.dataset}"
@@ -268,146 +227,6 @@ def _eval(args: argparse.Namespace) -> int:
     pct = metrics.get("percent", {})
     print(json.dumps({"out": out, "num_images": metrics["num_images"],
                       **{k: v for k, v in pct.items() if k.startswith("miou") or k == "pixel_accuracy"}}, indent=2))
-    return 0
-
-
-def _bank_build(args: argparse.Namespace) -> int:
-    import weakseg
-    from weakseg.eval import open_eval_dataset
-
-    ds_kwargs = {"num_scenes": args.limit} if args.dataset == "toyworld" and args.limit is not None else {}
-    _check_out_file(args.out)
-    dataset = open_eval_dataset(args.dataset, args.root, args.split or "train", **ds_kwargs)
-    overrides = {"backbone": args.backbone} if args.backbone else {}
-    seg = weakseg.create("moduseg", config_file=args.config, set_options=args.set or (), bank=None, **overrides)
-    pseudo = args.pseudo_masks
-    if args.pseudo_method:
-        pseudo = weakseg.create(args.pseudo_method, config_file=args.pseudo_config, set_options=args.pseudo_set or ())
-    bank = seg.build_bank(dataset, args.out, pseudo=pseudo, limit=args.limit, progress=not args.quiet,
-                          resume=not args.restart, dataset_name=args.dataset)
-    if bank is not None:
-        print(json.dumps({"out": args.out, "rows": len(bank), "dim": bank.dim, "backbone": bank.backbone,
-                          "per_class": bank.counts()}, indent=2))
-    return 0
-
-
-def _bank_info(args: argparse.Namespace) -> int:
-    from weakseg.methods.moduseg import FeatureBank
-
-    bank = FeatureBank.load(args.bank)
-    print(json.dumps({"bank": args.bank, "rows": len(bank), "dim": bank.dim, "backbone": bank.backbone,
-                      "images": len(bank.samples), "per_class": bank.counts(), "build": bank.build,
-                      "filter_report": bank.report}, indent=2))
-
-
-def _class_names_arg(spec: str) -> list[str]:
-    """--classes: "voc", "coco", "toyworld" or a comma-separated list (the background is put first)."""
-    from weakseg.data.classnames import COCO_OBJECT_CLASSES, VOC_CLASSES
-
-    named = {"voc": list(VOC_CLASSES), "coco": list(COCO_OBJECT_CLASSES)}
-    if spec == "toyworld":
-        from weakseg.data.toyworld import CLASSES
-
-        return list(CLASSES)
-    if spec in named:
-        return named[spec]
-    if not any(c.strip() for c in spec.split(",")):
-        raise ValueError("--classes: expected voc, coco, toyworld or a comma-separated list of class names")
-    return _class_list(spec)
-
-
-def _open_train_dataset(name: str, root: str | None, split: str | None, limit: int | None):
-    if name == "toyworld":
-        from weakseg.data.toyworld import ToyWorld
-
-        return ToyWorld(split=split or "train", num_scenes=limit if limit is not None else 1000)
-    from weakseg.data import open_dataset
-    from weakseg.eval.runner import check_dataset_name
-
-    check_dataset_name(name)
-    if root is None:
-        raise ValueError(f"--dataset {name}: --root DIR is required")
-    if Path(root).exists() and not Path(root).is_dir():
-        raise ValueError(f"--root: {root} is a file; expected the {name} dataset's directory")
-    return open_dataset(name, root, split or "train")
-
-
-def _cache_build(args: argparse.Namespace) -> int:
-    import weakseg
-    from weakseg.core import parse_set_options
-    from weakseg.methods.diclip.cache import CacheBuildConfig, build_cache
-
-    _check_out_file(args.out)
-    opts = parse_set_options(args.build or (), CacheBuildConfig)
-    dataset = None
-    if args.dataset:
-        if args.classes:
-            raise ValueError("--classes: the class names come from --dataset; give one of the two")
-        dataset = _open_train_dataset(args.dataset, args.root, args.split, args.limit)
-        opts.setdefault("source", "dataset")
-        names = list(dataset.class_names)
-    else:
-        if not args.classes:
-            raise ValueError("cache build: give --dataset (real images) or --classes (generated images)")
-        opts.setdefault("source", "generated")
-        names = _class_names_arg(args.classes)
-    method = weakseg.create("diclip", config_file=args.config, set_options=args.set or ())
-    if args.images_per_class is not None:
-        opts["images_per_class"] = args.images_per_class
-    if args.limit is not None and args.dataset:
-        opts["max_images"] = args.limit
-    cache = build_cache(method, names, args.out, CacheBuildConfig.from_dict(opts), dataset=dataset,
-                        work_dir=args.work_dir, progress=not args.quiet)
-    print(json.dumps({"out": args.out, "keys": cache.num_keys, "embed_dim": cache.embed_dim,
-                      "class_names": cache.class_names, "counts": cache.meta.get("counts")}, indent=2))
-    return 0
-
-
-def _train_diclip(args: argparse.Namespace) -> int:
-    import weakseg
-    from weakseg.core import parse_set_options
-    from weakseg.train.diclip import DiCLIPTrainConfig, train_diclip
-
-    _check_out_dir(args.out)
-    sets = list(args.set or ())
-    if args.cache:
-        sets.append(f"cache={args.cache}")
-    dataset = _open_train_dataset(args.dataset, args.root, args.split, args.limit)  # before the model loads
-    method = weakseg.create("diclip", config_file=args.config, set_options=sets)
-    cfg = DiCLIPTrainConfig.from_dict(parse_set_options(args.train or (), DiCLIPTrainConfig))
-    res = train_diclip(method, dataset, list(dataset.class_names), args.out, cfg, resume=not args.no_resume,
-                       progress=not args.quiet)
-    last = res["losses"][-1] if res["losses"] else {}
-    import os
-
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
-        return 0
-    print(json.dumps({"out": args.out, "step": res["step"], "model": res["model"], "checkpoint": res["checkpoint"],
-                      "last": last}, indent=2))
-    return 0
-
-
-def _train_synseg(args: argparse.Namespace) -> int:
-    import os
-
-    import weakseg
-    from weakseg.core import parse_set_options
-    from weakseg.data.captions import open_caption_dataset
-    from weakseg.train.synseg import SynSegTrainConfig, train_synseg
-
-    _check_out_dir(args.out)
-    dataset = open_caption_dataset(args.data, limit=args.limit)  # before the (possibly downloaded) CLIP
-    method = weakseg.create("synseg", config_file=args.config, set_options=args.set or ())
-    opts = parse_set_options(args.train or (), SynSegTrainConfig)
-    if args.limit is not None and args.data != "toyworld":
-        opts.setdefault("max_images", args.limit)
-    res = train_synseg(method, dataset, args.out, SynSegTrainConfig.from_dict(opts), resume=not args.no_resume,
-                       progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
-        return 0
-    last = res["losses"][-1] if res["losses"] else {}
-    print(json.dumps({"out": args.out, "step": res["step"], "model": res["model"], "checkpoint": res["checkpoint"],
-                      "images": res["images"], "phrases": res["phrases"], "last": last}, indent=2))
     return 0
 
 
@@ -474,44 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_eval)
 
-    bank = sub.add_parser("bank", help="ModuSeg feature banks: build, info")
-    bsub = bank.add_subparsers(dest="bank_command", metavar="BANK_COMMAND", required=True)
-    s = bsub.add_parser("build", help="build a feature bank from pseudo masks (resumable, torchrun-shardable)")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pseudo-masks", metavar="DIR", help="folder of <sample name>.png class-id maps")
-    src.add_argument("--pseudo-method", metavar="NAME", help="a registered method run with the image-level labels")
-    s.add_argument("--pseudo-set", nargs="*", default=None, metavar="KEY=VALUE", help="options of --pseudo-method")
-    s.add_argument("--pseudo-config", default=None, help="a TOML/YAML/JSON file of --pseudo-method options")
-    s.add_argument("--dataset", required=True, help="a dataset name (as for eval) whose images build the bank")
-    s.add_argument("--root", default=None, help="dataset root directory (not needed for toyworld)")
-    s.add_argument("--split", default=None, help="split (default: train)")
-    s.add_argument("--limit", type=int, default=None, help="only the first N images")
-    s.add_argument("--out", required=True, metavar="BANK", help="the bank file to write (.safetensors)")
-    s.add_argument("--backbone", default=None, help="dense features: dinov2 or clip-dense (--set backbone_model=...)")
-    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of moduseg options")
-    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="moduseg options (ModuSegConfig)")
-    s.add_argument("--restart", action="store_true", help="discard partial results in BANK.parts and start over")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=_bank_build)
-    s = bsub.add_parser("info", help="what a feature bank holds")
-    s.add_argument("bank", metavar="BANK")
-    s.set_defaults(func=_bank_info)
-    c = sub.add_parser("cache", help="DiCLIP's key-value cache").add_subparsers(dest="cache_command", metavar="ACTION")
-    s = c.add_parser("build", help="build the cache from SD-generated images (--classes) or a dataset (--dataset)")
-    s.add_argument("--out", required=True, help="the cache file to write (.safetensors)")
-    s.add_argument("--classes", default=None, help="voc, coco, toyworld or a,b,c (generated images)")
-    s.add_argument("--dataset", default=None, help="build from real images: voc, coco_object, ..., toyworld")
-    s.add_argument("--root", default=None, help="dataset root directory")
-    s.add_argument("--split", default=None, help="dataset split (default: train)")
-    s.add_argument("--limit", type=int, default=None, help="use only the first N dataset images")
-    s.add_argument("--images-per-class", type=int, default=None, help="generated images per class (default 100)")
-    s.add_argument("--work-dir", default=None, help="per-image results (default: <out>.work); reruns resume there")
-    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of DiCLIP options")
-    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="DiCLIP options (e.g. preset=voc)")
-    s.add_argument("--build", nargs="*", default=None, metavar="KEY=VALUE",
-                   help="build options (fg_centroids, bg_centroids, gen_steps, ...; see CacheBuildConfig)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=_cache_build)
+    from weakseg.core import COMMANDS, TRAINERS
+
+    for name in COMMANDS.names():  # the command groups methods register (bank, cache, ...)
+        COMMANDS.get(name)(sub)
 
     s = sub.add_parser("export", help="export a method's deployable graphs: ONNX, TensorRT or AOTInductor")
     s.add_argument("method", metavar="NAME", help="a registered method with export_graphs() (diclip, synseg)")
@@ -525,35 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_export)
 
     t = sub.add_parser("train", help="training loops").add_subparsers(dest="train_command", metavar="METHOD")
-    s = t.add_parser("diclip", help="DiCLIP's single-stage training (adapter + segmentation head)")
-    s.add_argument("--dataset", required=True, help="voc, coco_object, ..., or toyworld")
-    s.add_argument("--root", default=None, help="dataset root directory (not needed for toyworld)")
-    s.add_argument("--split", default=None, help="split (default: train; VOC: train_aug)")
-    s.add_argument("--limit", type=int, default=None, help="toyworld: number of scenes (default 1000)")
-    s.add_argument("--cache", default=None, help="the key-value cache (weakseg cache build)")
-    s.add_argument("--out", required=True, help="output directory (checkpoints, log)")
-    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of DiCLIP options")
-    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="DiCLIP options (e.g. preset=voc)")
-    s.add_argument("--train", nargs="*", default=None, metavar="KEY=VALUE",
-                   help="training options (iterations, batch_size, lr, ...; see DiCLIPTrainConfig)")
-    s.add_argument("--no-resume", action="store_true", help="start over even if out/last.safetensors exists")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=_train_diclip)
-
-    s = t.add_parser("synseg", help="SynSeg on image-caption pairs (FSS + MCCL; FiLM, decoder, projector)")
-    s.add_argument("--data", required=True,
-                   help="webdataset shards (a .tar, a folder of .tar files or a glob), an image folder with "
-                        "same-stem .txt captions, or toyworld (toy captions)")
-    s.add_argument("--limit", type=int, default=None, help="use only the first N pairs (toyworld: N scenes)")
-    s.add_argument("--out", required=True, help="output directory (checkpoints, log)")
-    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of SynSeg options")
-    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
-                   help="SynSeg options (clip_model, extract_layers, loss_weights, ...; SynSegConfig)")
-    s.add_argument("--train", nargs="*", default=None, metavar="KEY=VALUE",
-                   help="training options (iterations, batch_size, lr, k_max, extractor, ...; SynSegTrainConfig)")
-    s.add_argument("--no-resume", action="store_true", help="start over even if out/last.safetensors exists")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=_train_synseg)
+    for name in TRAINERS.names():  # each trainer adds `weakseg train <method>`
+        TRAINERS.get(name)(t)
     return p
 
 

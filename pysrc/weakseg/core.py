@@ -27,12 +27,22 @@ IGNORE_INDEX = 255
 
 
 class Registry(Generic[T]):
-    """A name -> factory table with helpful errors."""
+    """A name -> factory table with helpful errors.
+
+    Entries are added by decorating the factory (``@REG.register("name")``) in the module that defines it.
+    A module that the registry's users never import themselves is *declared* (``REG.declare("name",
+    "package.module")``): the first lookup of ``name`` imports that module, whose decorator then fills the
+    entry. The package entry point (``weakseg/__init__.py``) declares the built-in methods, toy recipes,
+    trainers, commands and model sources this way, so no layer imports the layers above it to fill a table.
+    Third-party packages add entries through the ``weakseg.<kind>s`` entry-point group (same resolution).
+    """
 
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._configs: dict[str, type] = {}
+        self._declared: dict[str, str] = {}
+        self._entry_points_read = False
 
     def register(self, name: str, config: type | None = None) -> Callable[[T], T]:
         if not name or not isinstance(name, str):
@@ -48,11 +58,44 @@ class Registry(Generic[T]):
 
         return deco
 
+    def declare(self, name: str, module: str) -> None:
+        """``name`` is registered by importing ``module`` (done on the first lookup of ``name``)."""
+        if not name or not isinstance(name, str) or not isinstance(module, str) or not module:
+            raise ValueError(f"{self.kind} declarations need a name and a module path, got {name!r}, {module!r}")
+        self._declared.setdefault(name, module)
+
+    def _read_entry_points(self) -> None:
+        if self._entry_points_read:
+            return
+        self._entry_points_read = True
+        from importlib.metadata import entry_points
+
+        try:
+            eps = entry_points(group=f"weakseg.{self.kind.replace(' ', '_')}s")
+        except Exception:  # broken metadata of an unrelated distribution
+            return
+        for ep in eps:
+            self.declare(ep.name, ep.value.split(":", 1)[0])
+
+    def _resolve(self, name: str) -> None:
+        if name in self._items:
+            return
+        self._read_entry_points()
+        module = self._declared.get(name)
+        if module is None:
+            return
+        import importlib
+
+        importlib.import_module(module)
+        if name not in self._items:
+            raise KeyError(f"{self.kind} {name!r}: importing {module} (which declares it) did not register it")
+
     def get(self, name: str) -> T:
+        self._resolve(name)
         try:
             return self._items[name]
         except KeyError:
-            known = ", ".join(sorted(self._items)) or "none registered yet"
+            known = ", ".join(self.names()) or "none registered yet"
             raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def config_class(self, name: str) -> type | None:
@@ -60,18 +103,137 @@ class Registry(Generic[T]):
         return self._configs.get(name)
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        self._read_entry_points()
+        return sorted(set(self._items) | set(self._declared))
+
+    def load_all(self) -> dict[str, T]:
+        """Every entry, declared ones imported: name -> factory."""
+        return {name: self.get(name) for name in self.names()}
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        self._read_entry_points()
+        return name in self._items or name in self._declared
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.names())
+
+
+# ---- model specs: how every backbone and proposer is named ------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec, the one spelling of "which weights" for every backbone and proposer.
+
+    ======================  =========  ========================================================================
+    spec                    kind       meaning
+    ======================  =========  ========================================================================
+    ``tiny``                tiny       the family's tiny random model (tests); ``tiny:<variant>`` names a
+                                       variant the family documents (e.g. ``tiny:sd15``)
+    ``<source>[:<name>]``   <source>   weights from a registered model source (:data:`MODEL_SOURCES`, e.g.
+                                       ``toy``: the toy world's committed weights)
+    ``random:<model>``      random     the real architecture of ``<model>`` with random weights, no download
+    an existing path        path       a local directory / file (``save_pretrained`` layout)
+    anything else           hub        a hub name (Hugging Face / open_clip), loaded through the hub
+    ======================  =========  ========================================================================
+    """
+
+    kind: str
+    name: str | None = None
+    raw: str = ""
+
+    @classmethod
+    def parse(cls, spec: "str | ModelSpec | Path", what: str = "model") -> "ModelSpec":
+        if isinstance(spec, ModelSpec):
+            return spec
+        if isinstance(spec, Path):
+            spec = str(spec)
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"{what}: expected a model spec (tiny, toy, random:<model>, a hub name or a local "
+                             f"path), got {spec!r}")
+        spec = spec.strip()
+        head, sep, tail = spec.partition(":")
+        if Path(spec).expanduser().exists() or spec.startswith(("/", "./", "../", "~")):
+            return cls("path", str(Path(spec).expanduser()), spec)
+        if head == "tiny":
+            return cls("tiny", tail or None, spec)
+        if head == "random":
+            if not tail:
+                raise ValueError(f"{what}: random:<model> needs the model whose architecture to build, "
+                                 f"e.g. random:stabilityai/stable-diffusion-2-1-base")
+            return cls("random", tail, spec)
+        if head in MODEL_SOURCES and (not sep or tail):
+            return cls(head, tail or None, spec)
+        return cls("hub", spec, spec)
+
+    def source_path(self, family: str) -> Path:
+        """The local weights a model source (``toy``) holds for ``family``."""
+        return Path(MODEL_SOURCES.get(self.kind)(family, self.name))
+
+
+class ModelRegistry(Registry[T]):
+    """A registry of model families (backbones, proposers) built from a :class:`ModelSpec`:
+    ``BACKBONES.build("stable-diffusion", "toy", device="cpu")`` calls the family's ``from_spec``."""
+
+    def build(self, family: str, spec: "str | ModelSpec | None", **options: Any):
+        """The ``family`` model named by ``spec`` (None: the family's default), built with ``options``."""
+        cls = self.get(family)
+        if spec is not None:
+            spec = ModelSpec.parse(spec, what=f"{self.kind} {family!r}")
+        return cls.from_spec(spec, **options)
+
+
+class FromSpec:
+    """The one ``from_spec`` of a model family (a backbone or proposer class registered in
+    :data:`BACKBONES` / :data:`PROPOSERS`): ``tiny`` goes to the class's ``_tiny(variant, **options)``,
+    a model source (``toy``) and a local path to ``from_pretrained(<local path>, **options)``, a hub name to
+    ``from_pretrained(<name>, **options)``, ``random:<model>`` to ``from_config(<model>, **options)``.
+    Model sources hold float32-ready weights: they load as float32 unless ``dtype`` is given."""
+
+    FAMILY: ClassVar[str] = ""
+    #: the spec used when a method names none (``None``)
+    DEFAULT_SPEC: ClassVar[str | None] = None
+
+    @classmethod
+    def from_spec(cls, spec: "str | ModelSpec | None", **options: Any):
+        if spec is None:
+            if cls.DEFAULT_SPEC is None:
+                raise ValueError(f"{cls.FAMILY}: a model spec is required (tiny, a hub name or a local path)")
+            spec = cls.DEFAULT_SPEC
+        spec = ModelSpec.parse(spec, what=cls.FAMILY or cls.__name__)
+        if spec.kind == "tiny":
+            return cls._tiny(spec.name, **options)
+        if spec.kind == "random":
+            from_config = getattr(cls, "from_config", None)
+            if from_config is None:
+                raise ValueError(f"{cls.FAMILY}: random:<model> (real architecture, random weights) is not "
+                                 f"available for this backbone; use tiny, a hub name or a local path")
+            return from_config(spec.name, **options)
+        if spec.kind in ("hub", "path"):
+            return cls.from_pretrained(spec.name, **options)
+        if options.get("dtype") is None:
+            options["dtype"] = torch.float32
+        return cls.from_pretrained(str(spec.source_path(cls.FAMILY)), **options)
+
+    @classmethod
+    def _tiny(cls, variant: str | None, **options: Any):
+        if variant is not None:
+            raise ValueError(f"{cls.FAMILY}: no tiny variant {variant!r}; use tiny")
+        return cls.tiny(**options)
 
 
 METHODS: Registry[type] = Registry("method")
-BACKBONES: Registry[Callable] = Registry("backbone")
-PROPOSERS: Registry[Callable] = Registry("proposer")
+BACKBONES: ModelRegistry[Callable] = ModelRegistry("backbone")
+PROPOSERS: ModelRegistry[Callable] = ModelRegistry("proposer")
+#: model sources by spec prefix: name -> ``fn(family, name) -> local path`` (``toy`` comes from weakseg.toy)
+MODEL_SOURCES: Registry[Callable[[str, "str | None"], Path]] = Registry("model source")
+#: how ``weakseg demo`` runs a method on the toy world: method name -> ``fn(work_dir, progress) -> DemoEntry``
+TOY_DEMOS: Registry[Callable] = Registry("toy demo")
+#: training loops by method name: ``fn(args: argparse.Namespace) -> int`` behind ``weakseg train <method>``,
+#: plus ``add_arguments(parser)`` on the function
+TRAINERS: Registry[Callable] = Registry("trainer")
+#: extra CLI command groups: name -> ``add_parser(subparsers)`` that adds ``weakseg <name> ...``
+COMMANDS: Registry[Callable] = Registry("command")
+#: evaluation datasets that need no root (generated): name -> ``fn(split, **kwargs) -> dataset``
+GENERATED_DATASETS: Registry[Callable] = Registry("generated dataset")
 
 
 class HubUnavailableError(OSError):
@@ -446,7 +608,7 @@ class Segmenter(Protocol):
 
 @dataclass
 class DemoEntry:
-    """How ``weakseg demo`` runs one method on the toy world (what a method's ``toy_demo`` returns).
+    """How ``weakseg demo`` runs one method on the toy world (what its recipe in :data:`TOY_DEMOS` returns).
 
     method: the segmenter as the demo scores it (its toy configuration, on the committed toy weights);
     baseline: the method's own unrefined starting point, scored the same way (its issue names it);
@@ -475,18 +637,11 @@ def check_images(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Te
 
 
 def list_methods() -> list[str]:
-    _import_builtin_methods()
     return METHODS.names()
-
-
-def _import_builtin_methods() -> None:
-    # Importing the package registers every built-in method.
-    import weakseg.methods  # noqa: F401
 
 
 def create(name: str, config_file: str | Path | None = None, set_options: Sequence[str] = (), **overrides: Any):
     """Build the method ``name`` with its config: defaults < config_file < overrides < set_options."""
-    _import_builtin_methods()
     cls = METHODS.get(name)
     cfg_cls = METHODS.config_class(name) or MethodConfig
     values: dict[str, Any] = {}

@@ -3,8 +3,9 @@
 1. Scenes: ``ToyWorld(64, "test")`` (its own seed range; no training stage ever saw these scenes), with
    their label maps and image-level labels (the weakly-supervised protocol: each method is told which
    classes are present, as in the methods' WSSS evaluations).
-2. Methods: each registered method that defines ``toy_demo(work_dir, progress) -> DemoEntry`` (its toy
-   configuration on the committed toy-world weights, and its own unrefined baseline). A method that
+2. Methods: each method with a toy recipe in :data:`weakseg.core.TOY_DEMOS` (:mod:`weakseg.toy.recipes`:
+   ``recipe(work_dir, progress) -> DemoEntry``, its toy configuration on the committed toy-world weights and
+   its own unrefined baseline). A method that
    needs a setup step (a feature bank, a short training run) caches it under ``<out>/work/<name>``.
 3. Scoring: :func:`weakseg.eval.evaluate`, the same loop as ``weakseg eval`` (confusion matrix, mIoU over
    all classes, per-image label PNGs, overlays image | ground truth | prediction).
@@ -39,23 +40,19 @@ EntryFactory = Callable[[Path, bool], DemoEntry]
 
 
 def toy_demo_methods(names: Sequence[str] | None = None) -> dict[str, EntryFactory]:
-    """name -> ``toy_demo`` of the registered methods that have one (all of them, or ``names``)."""
-    from weakseg.core import METHODS, list_methods
+    """name -> toy recipe (:data:`weakseg.core.TOY_DEMOS`) of the methods that have one (all, or ``names``)."""
+    from weakseg.core import TOY_DEMOS, list_methods
 
     known = list_methods()
     if names is not None:
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(f"demo: unknown method(s) {', '.join(unknown)}; registered: {', '.join(known)}")
-    out = {}
-    for name in (names if names is not None else known):
-        factory = getattr(METHODS.get(name), "toy_demo", None)
-        if factory is None:
-            if names is not None:
-                raise ValueError(f"demo: method {name!r} has no toy-world configuration (no toy_demo)")
-            continue
-        out[name] = factory
-    return out
+        missing = [n for n in names if n not in TOY_DEMOS]
+        if missing:
+            raise ValueError(f"demo: method(s) {', '.join(missing)} have no toy-world recipe; recipes exist for "
+                             f"{', '.join(TOY_DEMOS.names())}")
+    return {name: TOY_DEMOS.get(name) for name in (names if names is not None else known) if name in TOY_DEMOS}
 
 
 def _markdown(report: dict) -> str:
@@ -84,7 +81,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", num_images: int = DEFAULT_
     ``entries``: name -> factory ``(work_dir, progress) -> DemoEntry`` used instead of the registered
     ones (tests pass tiny models here). ``threads``: torch CPU threads (default: torch's choice).
     """
-    from weakseg.data.toyworld import ToyWorld
+    from weakseg.toy.world import ToyWorld
     from weakseg.eval.runner import evaluate
 
     if not isinstance(num_images, int) or num_images < 1:
@@ -95,7 +92,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", num_images: int = DEFAULT_
         torch.set_num_threads(int(threads))
     factories = dict(entries) if entries is not None else toy_demo_methods(methods)
     if not factories:
-        raise ValueError("demo: no method to run (none registered with a toy_demo, or an empty entries mapping)")
+        raise ValueError("demo: no method to run (no toy recipe registered, or an empty entries mapping)")
     out = Path(out)
     world = ToyWorld(size=IMAGE_SIZE, split="test", num_scenes=num_images)
     report: dict = {"dataset": "toyworld", "num_images": num_images, "num_classes": world.num_classes,
@@ -110,7 +107,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", num_images: int = DEFAULT_
             print(f"demo: skipping {name}: {e}", flush=True)
             continue
         if not isinstance(entry, DemoEntry):
-            raise TypeError(f"demo: {name}.toy_demo returned {type(entry).__name__}, expected a weakseg.DemoEntry")
+            raise TypeError(f"demo: the toy recipe of {name} returned {type(entry).__name__}, expected a weakseg.DemoEntry")
         setup = time.perf_counter() - t0
         common = dict(use_image_labels=True, resume=False, progress=progress, dataset_name="toyworld")
         m = evaluate(entry.method, world, out / name, overlays=overlays, method_name=name, **common)

@@ -40,7 +40,7 @@ from torch import nn
 
 from weakseg.backbones.hub import hub_errors, require_hub
 from weakseg.backbones.text import resolve_templates
-from weakseg.core import BACKBONES, check_images
+from weakseg.core import BACKBONES, FromSpec, check_images
 from weakseg.io import atomic_path, save_safetensors
 
 __all__ = ["CLIPBackbone", "CLIPOutput", "ClassEmbeddings", "ConvStem", "interpolate_pos_embed"]
@@ -155,7 +155,7 @@ def _pair(value, name: str) -> tuple[int, int]:
     return int(items[0]), int(items[1])
 
 
-def _split_names(entry, synonym_sep: str | None, what: str) -> tuple[str, list[str]]:
+def split_names(entry, synonym_sep: str | None, what: str) -> tuple[str, list[str]]:
     """A class entry -> (display name, list of synonyms to average)."""
     if isinstance(entry, str):
         parts = [entry] if synonym_sep is None else [p.strip() for p in entry.split(synonym_sep)]
@@ -178,7 +178,7 @@ class ConvStem(nn.Module):
     ``VisionTransformer`` (same input, same (B, width, H/p, W/p) output for p = 2**len(channels)); the
     transformer, position embedding, pooling and projection are unchanged, so every token-level code path
     runs as on a standard ViT. Used by the toy world's CLIP, whose tiny tower learns shapes far faster
-    with it than with a linear 8x8 patchify (measured in ``weakseg.toyworld.train``)."""
+    with it than with a linear 8x8 patchify (measured in ``weakseg.toy.train``)."""
 
     def __init__(self, channels: Sequence[int], width: int):
         super().__init__()
@@ -235,7 +235,7 @@ def _load_with_conv_stem(path: Path, full_cfg: dict, channels, weights: list[Pat
 
 
 @BACKBONES.register("clip")
-class CLIPBackbone(nn.Module):
+class CLIPBackbone(nn.Module, FromSpec):
     """An open_clip CLIP model with dense features, attention access and surgery attention.
 
     model: an ``open_clip.CLIP`` (or ``CustomTextCLIP``) whose ``visual`` is an open_clip
@@ -275,6 +275,17 @@ class CLIPBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------ construction / IO
+    FAMILY = "clip"
+    DEFAULT_SPEC = "ViT-B-16"
+
+    @classmethod
+    def _tiny(cls, variant: str | None, *, device="cpu", dtype=None, pos_interp: str = "bicubic",
+              pretrained: str | None = None, cache_dir: str | None = None) -> "CLIPBackbone":
+        """``tiny``: :meth:`tiny` with seed 0 (``pretrained`` and ``cache_dir`` have nothing to load)."""
+        if variant is not None:
+            raise ValueError(f"clip: no tiny variant {variant!r}; use tiny")
+        return cls.tiny(seed=0, pos_interp=pos_interp, device=device, dtype=dtype)
+
     @classmethod
     def tiny(cls, seed: int = 0, image_size: int | tuple[int, int] = 64, patch_size: int = 8, width: int = 64,
              layers: int = 3, heads: int = 4, embed_dim: int = 32, text_width: int = 32, text_layers: int = 2,
@@ -509,7 +520,7 @@ class CLIPBackbone(nn.Module):
             raise ValueError("class_names: expected at least one class name")
         names, prompts, owner = [], [], []
         for row, (what, entry) in enumerate(entries):
-            name, parts = _split_names(entry, synonym_sep, what)
+            name, parts = split_names(entry, synonym_sep, what)
             names.append(name)
             for p in parts:
                 for t in tmpl:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from weakseg.backbones.attention import AttentionStore, LayerCapture, attention_layer_info, install_capture
 from weakseg.backbones.hub import hub_error, require_hub
 from weakseg.backbones.tokenizer import CLIP_VOCAB_SIZE, EOS_TOKEN, make_clip_tokenizer
-from weakseg.core import BACKBONES, check_images
+from weakseg.core import BACKBONES, FromSpec, check_images
 
 __all__ = ["StableDiffusionBackbone", "DEFAULT_MODEL", "LAYOUTS", "parse_prompt_weights"]
 
@@ -137,10 +137,10 @@ def _tiny_components(seed: int, layout: str, sample_size: int, unet_channels: Se
         )
         text_encoder = CLIPTextModel(text_cfg)
     tokenizer = make_clip_tokenizer(tokenizer_dir, pad_token="!" if layout == "sd21" else EOS_TOKEN)
-    return vae, unet, text_encoder, tokenizer, _make_scheduler(scheduler)
+    return vae, unet, text_encoder, tokenizer, make_scheduler(scheduler)
 
 
-def _make_scheduler(kind: str, config: Mapping[str, Any] | None = None):
+def make_scheduler(kind: str, config: Mapping[str, Any] | None = None):
     from diffusers import DDIMScheduler, PNDMScheduler
 
     if kind == "pndm":
@@ -160,7 +160,7 @@ def _looks_like_hub_name(name: str) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 @BACKBONES.register("stable-diffusion")
-class StableDiffusionBackbone:
+class StableDiffusionBackbone(FromSpec):
     """Stable Diffusion components and the few operations the segmentation methods need.
 
     Attributes: ``vae`` (AutoencoderKL), ``unet_model`` (UNet2DConditionModel), ``text_encoder``
@@ -179,6 +179,20 @@ class StableDiffusionBackbone:
         self._empty_embeds: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction
+    FAMILY = "stable-diffusion"
+    DEFAULT_SPEC = DEFAULT_MODEL
+
+    @classmethod
+    def _tiny(cls, variant: str | None, *, device="cpu", dtype: torch.dtype | None = None,
+              cache_dir: str | None = None, **kw) -> "StableDiffusionBackbone":
+        """``tiny``: the SD-2.1 layout with 4 heads in every attention layer (seed 0); ``tiny:sd15`` the SD-1.5
+        layout with 4 heads. ``cache_dir`` holds the offline tokenizer files."""
+        layout = variant or "sd21"
+        if layout not in ("sd21", "sd15"):
+            raise ValueError(f"stable-diffusion: tiny variants are tiny (SD-2.1 layout) and tiny:sd15, got "
+                             f"tiny:{variant}")
+        return cls.tiny(seed=0, layout=layout, heads=4, tokenizer_dir=cache_dir).to(device, dtype)
+
     @classmethod
     def tiny(cls, seed: int = 0, layout: str = "sd21", sample_size: int = 8, *,
              unet_channels: Sequence[int] = (16, 32, 32, 64), heads: Sequence[int] | int | None = None,
@@ -280,7 +294,7 @@ class StableDiffusionBackbone:
         """Swap in a PNDM ("pndm", skip_prk_steps, SD's default) or DDIM ("ddim", what DiffSegmenter and
         iSeg use) scheduler with the same betas. Noising (:meth:`add_noise`) is identical for both."""
         cfg = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
-        self.scheduler = _make_scheduler(kind, cfg)
+        self.scheduler = make_scheduler(kind, cfg)
 
     def timestep(self, num_inference_steps: int, index: int) -> int:
         """The UNet timestep at position ``index`` of the scheduler's ``num_inference_steps``-step schedule

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.hub import hub_errors, require_hub
-from weakseg.core import BACKBONES, check_images
+from weakseg.core import BACKBONES, FromSpec, check_images
 
 __all__ = [
     "PatchFeatures",
@@ -202,7 +202,7 @@ def _first_param(module: torch.nn.Module) -> torch.Tensor:
 # DINOv2
 # ----------------------------------------------------------------------------------------------
 @BACKBONES.register("dinov2")
-class DINOv2Features(torch.nn.Module):
+class DINOv2Features(torch.nn.Module, FromSpec):
     """DINOv2 patch tokens at native resolution (transformers ``Dinov2Model`` or
     ``Dinov2WithRegistersModel``).
 
@@ -249,6 +249,16 @@ class DINOv2Features(torch.nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     # --- construction -------------------------------------------------------------------------
+    FAMILY = "dinov2"
+    DEFAULT_SPEC = "facebook/dinov2-base"
+
+    @classmethod
+    def _tiny(cls, variant: str | None, *, device="cpu", dtype=None, cache_dir: str | None = None,
+              **options) -> "DINOv2Features":
+        if variant is not None:
+            raise ValueError(f"dinov2: no tiny variant {variant!r}; use tiny")
+        return cls.tiny(seed=0, **options).to(device=device, dtype=dtype)
+
     @classmethod
     def tiny(cls, seed: int = 0, *, registers: int = 0, layer: int = -1, layernorm: bool = True,
              pad: str = "zero", **overrides) -> "DINOv2Features":
@@ -359,7 +369,7 @@ class DINOv2Features(torch.nn.Module):
 
 
 @BACKBONES.register("clip-dense")
-class CLIPDenseFeatures:
+class CLIPDenseFeatures(FromSpec):
     """The CLIP backbone as a dense-feature extractor: the projected last-layer patch
     features of :class:`weakseg.backbones.clip.CLIPBackbone` (optionally from DiCLIP's
     surgery path) as :class:`PatchFeatures`. Images are padded bottom/right with black to
@@ -374,6 +384,17 @@ class CLIPDenseFeatures:
         self.patch_size = int(ph)
         self.dim = int(clip.embed_dim)
         self.surgery_layers = surgery_layers
+
+    FAMILY = "clip-dense"
+    DEFAULT_SPEC = "ViT-B-16"
+
+    @classmethod
+    def _tiny(cls, variant: str | None, *, surgery_layers: int = 0, device="cpu", dtype=None,
+              pos_interp: str = "bicubic", pretrained: str | None = None, cache_dir: str | None = None
+              ) -> "CLIPDenseFeatures":
+        if variant is not None:
+            raise ValueError(f"clip-dense: no tiny variant {variant!r}; use tiny")
+        return cls.tiny(seed=0, surgery_layers=surgery_layers, device=device, dtype=dtype, pos_interp=pos_interp)
 
     @classmethod
     def tiny(cls, seed: int = 0, surgery_layers: int = 0, **overrides) -> "CLIPDenseFeatures":

@@ -29,7 +29,7 @@ import torch
 
 from weakseg.backbones.features import resolve_pretrained
 from weakseg.backbones.hub import hub_errors
-from weakseg.core import PROPOSERS
+from weakseg.core import PROPOSERS, FromSpec, ModelSpec
 
 __all__ = [
     "Proposals",
@@ -37,6 +37,7 @@ __all__ = [
     "paint_disjoint",
     "check_image",
     "SAMProposer",
+    "SAM2Proposer",
     "DiskProposer",
     "SuperpixelProposer",
 ]
@@ -219,7 +220,7 @@ def check_image(image) -> torch.Tensor:
 # SAM / SAM2 automatic mask generation
 # ----------------------------------------------------------------------------------------------
 @PROPOSERS.register("sam")
-class SAMProposer(torch.nn.Module):
+class SAMProposer(torch.nn.Module, FromSpec):
     """SAM automatic mask generation through transformers, made disjoint.
 
     Per crop (the full image, plus ``crop_n_layers`` layers of overlapping crops): the image
@@ -235,6 +236,8 @@ class SAMProposer(torch.nn.Module):
 
     model_type = "sam"
     default_model = "facebook/sam-vit-base"
+    FAMILY = "sam"
+    DEFAULT_SPEC = default_model
 
     def __init__(self, model, image_processor, *, points_per_side: int = 32, points_per_batch: int = 64,
                  pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
@@ -292,6 +295,13 @@ class SAMProposer(torch.nn.Module):
                                mask_size={"longest_edge": 4 * grid},
                                mask_pad_size={"height": 4 * grid, "width": 4 * grid})
         return SamModel(config), ip
+
+    @classmethod
+    def _tiny(cls, variant: str | None, *, device="cpu", dtype=None, cache_dir: str | None = None,
+              **options) -> "SAMProposer":
+        if variant is not None:
+            raise ValueError(f"{cls.FAMILY}: no tiny variant {variant!r}; use tiny")
+        return cls.tiny(seed=0, **options).to(device=device, dtype=dtype)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, image_size: int = 64, **options) -> "SAMProposer":
@@ -419,45 +429,50 @@ def _has_sam2() -> bool:
     return True
 
 
-if _has_sam2():
-    __all__.append("SAM2Proposer")
+@PROPOSERS.register("sam2")
+class SAM2Proposer(SAMProposer):
+    """SAM2 automatic mask generation through transformers (``Sam2Model`` +
+    ``Sam2ImageProcessor``, which resizes to a square instead of padding); otherwise exactly
+    :class:`SAMProposer`'s pipeline and settings."""
 
-    @PROPOSERS.register("sam2")
-    class SAM2Proposer(SAMProposer):
-        """SAM2 automatic mask generation through transformers (``Sam2Model`` +
-        ``Sam2ImageProcessor``, which resizes to a square instead of padding); otherwise exactly
-        :class:`SAMProposer`'s pipeline and settings."""
+    model_type = "sam2"
+    default_model = "facebook/sam2.1-hiera-tiny"
+    FAMILY = "sam2"
+    DEFAULT_SPEC = default_model
 
-        model_type = "sam2"
-        default_model = "facebook/sam2.1-hiera-tiny"
+    @staticmethod
+    def _classes():
+        if not _has_sam2():
+            import transformers
 
-        @staticmethod
-        def _classes():
-            from transformers import Sam2ImageProcessor, Sam2Model
-            return Sam2Model, Sam2ImageProcessor
+            raise ImportError(f"proposer 'sam2' needs transformers with Sam2Model (>= 4.56); installed: "
+                              f"transformers {transformers.__version__}")
+        from transformers import Sam2ImageProcessor, Sam2Model
+        return Sam2Model, Sam2ImageProcessor
 
-        @classmethod
-        def _tiny_parts(cls, image_size: int):
-            from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2ImageProcessor, Sam2Model,
-                                      Sam2VisionConfig)
-            s4 = image_size // 4  # Hiera patch stride 4, then three 2x query-pooling stages
-            backbone = Sam2HieraDetConfig(
-                hidden_size=8, num_attention_heads=1, image_size=[image_size, image_size],
-                blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
-                num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[4, 4, 4, 2],
-                global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4])
-            vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
-                                      backbone_feature_sizes=[[s4, s4], [s4 // 2, s4 // 2], [s4 // 4, s4 // 4]],
-                                      fpn_hidden_size=32)
-            config = Sam2Config(
-                vision_config=vision,
-                prompt_encoder_config=dict(hidden_size=32, image_size=image_size, patch_size=16, mask_input_channels=4),
-                mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=1, num_attention_heads=2,
-                                         iou_head_hidden_dim=32),
-            )
-            ip = Sam2ImageProcessor(size={"height": image_size, "width": image_size},
-                                    mask_size={"height": s4, "width": s4})
-            return Sam2Model(config), ip
+    @classmethod
+    def _tiny_parts(cls, image_size: int):
+        cls._classes()  # a clear error when this transformers has no SAM2
+        from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2ImageProcessor, Sam2Model,
+                                  Sam2VisionConfig)
+        s4 = image_size // 4  # Hiera patch stride 4, then three 2x query-pooling stages
+        backbone = Sam2HieraDetConfig(
+            hidden_size=8, num_attention_heads=1, image_size=[image_size, image_size],
+            blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
+            num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[4, 4, 4, 2],
+            global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4])
+        vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
+                                  backbone_feature_sizes=[[s4, s4], [s4 // 2, s4 // 2], [s4 // 4, s4 // 4]],
+                                  fpn_hidden_size=32)
+        config = Sam2Config(
+            vision_config=vision,
+            prompt_encoder_config=dict(hidden_size=32, image_size=image_size, patch_size=16, mask_input_channels=4),
+            mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                     iou_head_hidden_dim=32),
+        )
+        ip = Sam2ImageProcessor(size={"height": image_size, "width": image_size},
+                                mask_size={"height": s4, "width": s4})
+        return Sam2Model(config), ip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,6 +502,15 @@ class DiskProposer:
     or smaller than ``min_area`` pixels are dropped. Call as ``proposer(image, key=...)``; the
     image is optional and, when given, must match the stored mask size.
     """
+
+    FAMILY = "disk"
+
+    @classmethod
+    def from_spec(cls, spec, *, device=None, dtype=None, cache_dir: str | None = None, **options) -> "DiskProposer":
+        """The spec is the directory of precomputed masks (``options``: pattern, formats, ...)."""
+        if spec is None:
+            raise ValueError("proposer 'disk': the model spec must be the directory of precomputed masks")
+        return cls(ModelSpec.parse(spec, what="proposer 'disk'").name, **options)
 
     def __init__(self, root: str | os.PathLike, *, pattern: str = "{key}", formats: Sequence[str] = ("npz", "png"),
                  score_thresh: float | None = None, min_area: int = 0, default_score: float = 1.0):
@@ -605,6 +629,16 @@ class SuperpixelProposer:
 
     Regions under ``min_area`` pixels are dropped. Deterministic; the regions tile the image.
     """
+
+    FAMILY = "superpixel"
+
+    @classmethod
+    def from_spec(cls, spec=None, *, device=None, dtype=None, cache_dir: str | None = None,
+                  **options) -> "SuperpixelProposer":
+        """Weight-free: no spec (``options``: the constructor's settings)."""
+        if spec is not None:
+            raise ValueError(f"proposer 'superpixel' has no weights; got the model spec {str(spec)!r}")
+        return cls(**options)
 
     def __init__(self, method: str = "felzenszwalb", *, scale: float = 100.0, sigma: float = 0.5,
                  min_size: int = 50, n_segments: int = 200, compactness: float = 10.0,

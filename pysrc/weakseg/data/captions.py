@@ -11,7 +11,6 @@ reader is opened (they are small); images are decoded on access.
   library's :mod:`tarfile` (random access to members; the ``webdataset`` package is not needed).
 - :class:`CaptionFolder`: image files with a caption in a text file of the same stem (``a.jpg`` +
   ``a.txt``), optionally in subfolders; images without a caption are skipped.
-- :class:`ToyCaptions`: the toy world's scenes with their captions only (no masks).
 
 :func:`open_caption_dataset` picks one from a path (a ``.tar`` file, a folder of ``.tar`` shards, a
 glob of shards or an image/caption folder) or the name ``"toyworld"``.
@@ -20,7 +19,6 @@ glob of shards or an image/caption folder) or the name ``"toyworld"``.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import tarfile
@@ -32,7 +30,7 @@ import torch
 
 from weakseg.io import read_image
 
-__all__ = ["CaptionSample", "WebDatasetShards", "CaptionFolder", "ToyCaptions", "open_caption_dataset",
+__all__ = ["CaptionSample", "WebDatasetShards", "CaptionFolder", "open_caption_dataset",
            "IMAGE_KEYS"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -158,46 +156,15 @@ class CaptionFolder:
         return CaptionSample(_decode(self.paths[i].read_bytes(), str(self.paths[i])), self.captions[i], self.keys[i])
 
 
-class ToyCaptions:
-    """The toy world's scenes as (image, caption) pairs: no masks, no labels. Rendered scenes are kept in
-    memory (``cache``; a 64 px scene is 12 kB and rendering one costs tens of milliseconds)."""
-
-    def __init__(self, num_scenes: int = 1000, split: str = "train", size: int = 64, cache: bool = True):
-        from weakseg.data.toyworld import ToyWorld
-
-        self.world = ToyWorld(size=size, split=split, num_scenes=num_scenes)
-        self._captions: list[str] | None = None
-        self._scenes: dict[int, CaptionSample] | None = {} if cache else None
-
-    def __len__(self) -> int:
-        return len(self.world)
-
-    @property
-    def captions(self) -> list[str]:
-        if self._captions is None:
-            self._captions = [self[i].caption for i in range(len(self.world))]
-        return self._captions
-
-    @property
-    def keys(self) -> list[str]:
-        return [f"toy{i:06d}" for i in range(len(self.world))]
-
-    def __getitem__(self, i: int) -> CaptionSample:
-        if self._scenes is not None and i in self._scenes:
-            return self._scenes[i]
-        s = self.world[i]
-        out = CaptionSample(s.image, s.caption, f"toy{i:06d}")
-        if self._scenes is not None:
-            self._scenes[i] = out
-        return out
-
-
 def open_caption_dataset(source: str | os.PathLike, limit: int | None = None, split: str | None = None):
     """``"toyworld"`` (``limit`` scenes, default 1000), a ``.tar`` file, a glob of them, a folder of ``.tar``
     shards, or an image/caption folder."""
+    from weakseg.core import GENERATED_DATASETS
+
     s = os.fspath(source)
-    if s == "toyworld":
-        return ToyCaptions(num_scenes=limit if limit is not None else 1000, split=split or "train")
+    if f"{s}-captions" in GENERATED_DATASETS:  # a generated world's captions ("toyworld")
+        return GENERATED_DATASETS.get(f"{s}-captions")(split or "train", num_scenes=limit if limit is not None
+                                                         else 1000)
     if any(ch in s for ch in "*?["):
         shards = sorted(glob.glob(s))
         if not shards:

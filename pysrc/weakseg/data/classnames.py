@@ -13,8 +13,16 @@ from typing import Mapping, Sequence
 __all__ = [
     "VOC_CLASSES", "COCO_THINGS", "COCO_THING_IDS", "COCO_OBJECT_CLASSES", "CONTEXT59_CLASSES", "CONTEXT60_CLASSES",
     "CITYSCAPES_CLASSES", "CITYSCAPES_LABELID_TO_TRAINID", "ADE20K_CLASSES", "COCO_STUFF_CLASSES",
-    "CLASS_RENAMES", "rename_classes",
+    "CLASS_RENAMES", "rename_classes", "BACKGROUND_NAMES", "has_background",
 ]
+
+# the names that mark channel 0 as the background class (``segment``'s class convention)
+BACKGROUND_NAMES = ("background", "bg", "_background_", "backgroud")
+
+
+def has_background(class_names: Sequence[str]) -> bool:
+    """Whether channel 0 of ``class_names`` is the background class."""
+    return len(class_names) > 0 and str(class_names[0]).strip().lower() in BACKGROUND_NAMES
 
 # PASCAL VOC 2012: background + 20 objects, devkit spelling.
 VOC_CLASSES: tuple[str, ...] = (

@@ -40,29 +40,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from weakseg.distributed import dist_info
 from weakseg.eval.metrics import MIOU_CONVENTIONS, ConfusionMatrix
 from weakseg.eval.visualize import overlay_panel
 from weakseg.io import hash_file, save_png, write_json, write_text
 
 __all__ = ["evaluate", "open_eval_dataset", "weights_digest"]
-
-
-def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    """(rank, world size, whether torch.distributed carries the merge)."""
-    import torch.distributed as dist
-
-    if rank is not None or world_size is not None:
-        r, w = rank or 0, world_size or 1
-        if not 0 <= r < w:
-            raise ValueError(f"evaluate: need 0 <= rank < world_size, got rank={r}, world_size={w}")
-        return r, w, dist.is_available() and dist.is_initialized()
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), True
-    w = int(os.environ.get("WORLD_SIZE", "1"))
-    if w > 1:  # launched by torchrun: join the group (gloo works everywhere)
-        dist.init_process_group(backend="gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
 
 
 def _safe_name(name: str) -> str:
@@ -113,11 +96,21 @@ def _strings(value: Any):
             yield from _strings(v)
 
 
+def _weights_path(value: str) -> Path:
+    """The local file or folder a config string stands for: a model source's weights (``toy``) or a path."""
+    from weakseg.core import MODEL_SOURCES
+
+    head = value.split(":", 1)[0]
+    if head in MODEL_SOURCES:
+        return Path(MODEL_SOURCES.get(head)(None, value.partition(":")[2] or None))
+    return Path(value.removeprefix("local-dir:")).expanduser()
+
+
 def weights_digest(config: dict[str, Any]) -> str:
     """A digest of the weights a method config names: the content (sha256) of every existing file a string
     option names (banks, heads, checkpoints, caches), and for every existing directory (a model saved by
     ``save_pretrained``) the path, size and mtime of its weight and config files up to two levels down;
-    ``"toy"`` stands for the committed toy-world weights. Hub names are covered by the config itself."""
+    a model source's name (``"toy"``) stands for the folder of its weights. Hub names are covered by the config itself."""
     h = hashlib.sha256()
     seen: set[str] = set()
     for key in sorted(config):
@@ -127,12 +120,7 @@ def weights_digest(config: dict[str, Any]) -> str:
             if s in seen or s in ("", ".", ".."):
                 continue
             seen.add(s)
-            if s == "toy":
-                from weakseg.toyworld import WEIGHTS_DIR
-
-                p = WEIGHTS_DIR
-            else:
-                p = Path(s.removeprefix("local-dir:")).expanduser()
+            p = _weights_path(s)
             try:
                 if p.is_file():
                     h.update(f"file {key} {s}\n".encode())
@@ -205,20 +193,22 @@ def _sync_cache(preds_dir: Path, key: dict[str, Any], owner: bool) -> bool:
 
 def check_dataset_name(name: str) -> None:
     """A ValueError listing the known datasets when ``name`` is not one (before asking for a root)."""
+    from weakseg.core import GENERATED_DATASETS
     from weakseg.data import DATASETS
 
-    if name != "toyworld" and name not in DATASETS:
-        raise ValueError(f"--dataset: unknown dataset {name!r}; known: {', '.join(sorted([*DATASETS, 'toyworld']))}")
+    generated = [n for n in GENERATED_DATASETS.names() if not n.endswith("-captions")]
+    if name not in DATASETS and name not in generated:
+        raise ValueError(f"--dataset: unknown dataset {name!r}; known: {', '.join(sorted([*DATASETS, *generated]))}")
 
 
 def open_eval_dataset(name: str, root: str | None = None, split: str | None = None, **kwargs: Any):
     """A dataset by name: the readers of :mod:`weakseg.data` (``root`` required) or
     ``"toyworld"`` (generated; ``split`` defaults to the held-out ``"test"``)."""
-    check_dataset_name(name)
-    if name == "toyworld":
-        from weakseg.data.toyworld import ToyWorld
+    from weakseg.core import GENERATED_DATASETS
 
-        return ToyWorld(split=split or "test", **kwargs)
+    check_dataset_name(name)
+    if name in GENERATED_DATASETS:
+        return GENERATED_DATASETS.get(name)(split, **kwargs)
     from weakseg.data import open_dataset
 
     if root is None:
@@ -247,7 +237,7 @@ def evaluate(segmenter, dataset, out_dir: str | os.PathLike, *, use_image_labels
     if limit is not None and limit < 0:
         raise ValueError(f"evaluate: limit must be >= 0, got {limit}")
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    r, w, use_dist = _dist_info(rank, world_size)
+    r, w, use_dist = dist_info(rank, world_size)
     preds_dir = out / "preds"
     ignore = getattr(dataset, "ignore_index", 255)
     key = _cache_key(segmenter, dataset, method_name, dataset_name, names, use_image_labels)

@@ -43,9 +43,8 @@ def graphs_of(method: Any, name: str = "") -> ExportGraphs:
     """``method.export_graphs()`` with a clear error for a method that has none."""
     fn = getattr(method, "export_graphs", None)
     if not callable(fn):
-        from weakseg.core import METHODS, _import_builtin_methods
+        from weakseg.core import METHODS
 
-        _import_builtin_methods()
         able = [n for n in METHODS.names() if callable(getattr(METHODS.get(n), "export_graphs", None))]
         raise ValueError(f"NAME: method {name or type(method).__name__!r} cannot be exported (it has no "
                          f"export_graphs()); exportable methods: {', '.join(able) or 'none'}")

@@ -1,7 +1,5 @@
-"""Segmentation methods, one module each, registered by name in ``weakseg.METHODS``.
+"""Segmentation methods, one package each, registered by name in ``weakseg.METHODS``.
 
-The methods of DESIGN.md (moduseg, synseg, diclip, diffsegmenter, iseg) land
-here with their issues; importing this package registers every one present.
+Each registers itself when imported; ``weakseg/__init__.py`` declares them, so ``weakseg.create(name)``
+imports only the method it builds.
 """
-
-from weakseg.methods import diclip, diffsegmenter, iseg, moduseg, synseg  # noqa: E402,F401

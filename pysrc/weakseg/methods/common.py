@@ -18,16 +18,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from weakseg.data.classnames import BACKGROUND_NAMES, has_background
+
 __all__ = ["BACKGROUND_NAMES", "has_background", "minmax_per_class", "resize_maps", "background_channel",
            "scores_to_labels", "image_label_mask", "clip_tag_classes", "load_tagger_clip", "BackgroundRule",
            "StageTimer", "grid_seeds"]
-
-BACKGROUND_NAMES = ("background", "bg", "_background_", "backgroud")
-
-
-def has_background(class_names: Sequence[str]) -> bool:
-    """Whether channel 0 of ``class_names`` is the background class."""
-    return len(class_names) > 0 and str(class_names[0]).strip().lower() in BACKGROUND_NAMES
 
 
 def minmax_per_class(maps: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -138,18 +133,10 @@ def scores_to_labels(fg: torch.Tensor, class_names: Sequence[str], image_labels:
 
 
 def load_tagger_clip(model: str, pretrained: str | None, cache_dir: str | None, device):
-    """The CLIP backbone a method tags classes with: ``"tiny"`` builds the tiny random model (tests),
-    ``"toy"`` loads the toy world's trained CLIP (:func:`weakseg.toyworld.load_toy_clip`), anything else
-    goes to :meth:`CLIPBackbone.from_pretrained` (hub name or local directory)."""
-    from weakseg.backbones.clip import CLIPBackbone
+    """The CLIP backbone a method tags classes with, by model spec (tiny, toy, a hub name or a local folder)."""
+    from weakseg.core import BACKBONES
 
-    if model == "tiny":
-        return CLIPBackbone.tiny(seed=0, device=device)
-    if model == "toy":
-        from weakseg.toyworld import load_toy_clip
-
-        return load_toy_clip(device=device)
-    return CLIPBackbone.from_pretrained(model, pretrained=pretrained, cache_dir=cache_dir, device=device)
+    return BACKBONES.build("clip", model, pretrained=pretrained, cache_dir=cache_dir, device=device)
 
 
 def clip_tag_classes(clip, images, class_names: Sequence[str], topk: int = 3, threshold: float = 0.1,

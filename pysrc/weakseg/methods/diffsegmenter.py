@@ -55,18 +55,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.attention import LayerCapture
-from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images
+from weakseg.core import BACKBONES, METHODS, PresetConfig, SegmentationOutput, check_images
 from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, has_background, image_label_mask,
                                     load_tagger_clip, minmax_per_class, resize_maps, scores_to_labels)
 
 __all__ = ["DiffSegmenterConfig", "DiffSegmenter", "PRESETS", "SELF_ATTENTION_LAYERS", "CROSS_ATTENTION_LAYERS",
-           "MODEL_BUILDERS", "register_model", "build_prompt", "class_token_positions", "caption_continuation", "caption_seed",
+           "build_prompt", "class_token_positions", "caption_continuation", "caption_seed",
            "fuse_cross_attention", "propagate_fused", "propagate_reference", "sweep_bg_threshold"]
 
 DEFAULT_MODEL = "runwayml/stable-diffusion-v1-5"
@@ -95,7 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"timesteps": (1, 50, 100, 150)},
     # the issue's baseline: fused cross-attention maps, no self-attention propagation
     "baseline": {"baseline": True},
-    # the toy world's SD (weakseg.toyworld: 64 px, 16x16 latents, cross-attention at 2/4/8/16): its text
+    # the toy world's SD (weakseg.toy: 64 px, 16x16 latents, cross-attention at 2/4/8/16): its text
     # encoder knows the caption form "a photo of a red circle ..." (no "photograph", no Compel weight);
     # the 2x2 and 4x4 grids are too coarse for 8-14 px objects, so the finer grids carry the weight
     "toy": {"model": "toy", "image_size": 64, "prompt_template": "a photo of a {c}", "rename_classes": None,
@@ -103,33 +103,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # ----------------------------------------------------------------------------------------- backbone hook
-
-MODEL_BUILDERS: dict[str, Callable[["DiffSegmenterConfig"], Any]] = {}
-
-
-def register_model(name: str) -> Callable:
-    """Register ``builder(config) -> StableDiffusionBackbone`` under a model alias usable as
-    ``config.model`` (how the toy-world weights plug in as ``"toy"``)."""
-    def deco(fn):
-        MODEL_BUILDERS[name] = fn
-        return fn
-    return deco
-
-
-@register_model("tiny")
-@register_model("tiny-sd15")
-def _tiny_sd15(config: "DiffSegmenterConfig"):
-    from weakseg.backbones.diffusion import StableDiffusionBackbone
-
-    return StableDiffusionBackbone.tiny(seed=0, layout="sd15", tokenizer_dir=config.cache_dir)
-
-
-@register_model("tiny-sd21")
-def _tiny_sd21(config: "DiffSegmenterConfig"):
-    from weakseg.backbones.diffusion import StableDiffusionBackbone
-
-    return StableDiffusionBackbone.tiny(seed=0, layout="sd21", tokenizer_dir=config.cache_dir)
-
 
 def _torch_dtype(config: "DiffSegmenterConfig") -> torch.dtype:
     name = config.dtype
@@ -139,21 +112,10 @@ def _torch_dtype(config: "DiffSegmenterConfig") -> torch.dtype:
 
 
 def _load_backbone(config: "DiffSegmenterConfig"):
-    from weakseg.backbones.diffusion import StableDiffusionBackbone
-
     dtype = _torch_dtype(config)
-    if config.model in MODEL_BUILDERS:
-        sd = MODEL_BUILDERS[config.model](config)
-        return sd.to(config.device, dtype)
-    return StableDiffusionBackbone.from_pretrained(config.model, cache_dir=config.cache_dir, device=config.device,
-                                                   dtype=dtype)
-
-
-@register_model("toy")
-def _toy_sd(config: "DiffSegmenterConfig"):
-    from weakseg.toyworld import load_toy_sd
-
-    return load_toy_sd(device=config.device)
+    sd = BACKBONES.build("stable-diffusion", config.model, cache_dir=config.cache_dir, device=config.device,
+                         dtype=dtype)
+    return sd.to(config.device, dtype) if sd.dtype != dtype or sd.device != torch.device(config.device) else sd
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -163,8 +125,9 @@ class DiffSegmenterConfig(PresetConfig):
     """Every default of the reference code (DS: open_vocabulary/voc12/ptp_stable_best.py).
 
     model: SD weights — a hub name (default SD v1.5; the hub also mirrors it as
-        "stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers directory (read offline), or an
-        alias of ``MODEL_BUILDERS`` ("tiny" / "tiny-sd15" / "tiny-sd21": tiny random models for tests).
+        "stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers directory (read offline), or any
+        other model spec of the stable-diffusion backbone (``tiny``, ``tiny:sd15``, ``toy``; see
+        :class:`weakseg.core.ModelSpec`).
     cache_dir: download cache of the hub models (and of the tiny models' offline tokenizer files).
     dtype: "auto" (float16 on CUDA, float32 on CPU), "float32", "float16" or "bfloat16" (reduced
         precision only on a GPU).
@@ -431,18 +394,6 @@ class DiffSegmenter:
         self.sd = backbone if backbone is not None else _load_backbone(self.config)
         self._clip = clip
         self._captioner = captioner
-
-    @classmethod
-    def toy_demo(cls, work_dir=None, progress: bool = True, backbone=None, **overrides: Any):
-        """The demo's DiffSegmenter (:func:`weakseg.demo.run_demo`): the "toy" preset on the toy world's
-        trained SD (or ``backbone``), and its baseline, the fused cross-attention maps without the
-        self-attention propagation (same background threshold). Nothing to set up."""
-        from weakseg.core import DemoEntry
-
-        method = cls(DiffSegmenterConfig.from_preset("toy", **overrides), backbone=backbone)
-        base = cls(DiffSegmenterConfig.from_preset("toy", **{**overrides, "baseline": True}), backbone=method.sd)
-        return DemoEntry(method=method, baseline=base,
-                         note="fused cross-attention maps, no self-attention propagation")
 
     # ------------------------------------------------------------------ helpers
     def _renamed(self, names: Sequence[str]) -> list[str]:

@@ -55,7 +55,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from weakseg.core import METHODS, PresetConfig, SegmentationOutput, check_images
+from weakseg.core import BACKBONES, METHODS, PresetConfig, SegmentationOutput, check_images
 from weakseg.data.classnames import CLASS_RENAMES
 from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, grid_seeds, has_background,
                                     image_label_mask, load_tagger_clip, minmax_per_class, resize_maps,
@@ -113,7 +113,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      background_words=COCO_STUFF, background_separator="", class_renames=COCO_RENAMES),
 }
 
-# The toy world's Stable Diffusion (weakseg.toyworld: 64 px images, 16x16 latents, cross-attention at 16/8/4,
+# The toy world's Stable Diffusion (weakseg.toy: 64 px images, 16x16 latents, cross-attention at 16/8/4,
 # 2 heads per layer). Its text encoder was trained on captions "a photo of a red circle and a blue star on
 # grass", so the prompt keeps that form; the cross-attention grids are the toy's 8x8 and 16x16 ones (1/8 and
 # 1/4 of the image, as SD's 64/512 and 128/512 are not: at 64 px the SD-analogous 4x4 grid is too coarse
@@ -145,9 +145,9 @@ class ISegConfig(PresetConfig):
     """Every default is the reference code's (VOC WSSS, specs/diffsegmenter_iseg.md §7), except the
     cross-attention head subsets (all heads here; the VOC presets use the reference's subsets).
 
-    model: SD 2.1-base hub name or a local diffusers directory; "tiny" / "tiny-sd15" build random tiny
-    models (tests; 4 heads per layer so heads [1, 2] exist); "toy" is reserved for the toy-world
-    weights. cache_dir: hub download folder. device: "cpu" / "cuda". dtype: "auto" (float16 on CUDA,
+    model: a model spec of the stable-diffusion backbone (:class:`weakseg.core.ModelSpec`): the SD 2.1-base
+    hub name, a local diffusers directory, ``tiny`` / ``tiny:sd15`` (random tiny models for tests; 4 heads
+    per layer so heads [1, 2] exist) or ``toy`` (the toy-world weights). cache_dir: hub download folder. device: "cpu" / "cuda". dtype: "auto" (float16 on CUDA,
     float32 on CPU), "float32", "float16" or "bfloat16" (reduced precision only on GPU).
     seed: the noise seed, re-applied for every image (1101). t: the UNet timestep (100).
     size: side the image is resized to before the VAE (512 -> 64x64 latents). batch_size: images per
@@ -260,17 +260,9 @@ class ISegConfig(PresetConfig):
 
 def load_stable_diffusion(config: ISegConfig):
     """The backbone named by ``config.model`` on ``config.device`` in ``config.torch_dtype()``."""
-    from weakseg.backbones.diffusion import StableDiffusionBackbone
-
-    name, dtype = config.model, config.torch_dtype()
-    if name in ("tiny", "tiny-sd15"):
-        sd = StableDiffusionBackbone.tiny(seed=0, layout="sd21" if name == "tiny" else "sd15", heads=4)
-    elif name == "toy":
-        from weakseg.toyworld import load_toy_sd
-
-        sd = load_toy_sd(device=config.device, dtype=dtype)
-    else:
-        sd = StableDiffusionBackbone.from_pretrained(name, cache_dir=config.cache_dir, device=config.device, dtype=dtype)
+    dtype = config.torch_dtype()
+    sd = BACKBONES.build("stable-diffusion", config.model, cache_dir=config.cache_dir, device=config.device,
+                         dtype=dtype)
     sd.set_scheduler("ddim")
     return _to(sd, config.device, dtype)
 
@@ -318,18 +310,6 @@ class ISeg:
         if max(config.self_heads) >= n or min(config.self_heads) < 0:
             raise ValueError(f"ISegConfig.self_heads: {list(config.self_heads)} out of range for {config.self_layer!r}, "
                              f"which has {n} heads")
-
-    @classmethod
-    def toy_demo(cls, work_dir=None, progress: bool = True, backbone=None, **overrides: Any):
-        """The demo's iSeg (:func:`weakseg.demo.run_demo`): the "toy" preset on the toy world's trained SD
-        (or ``backbone``), and its baseline, the fused 8x8/16x16 cross-attention without the self-attention
-        propagation (same prompt, same KL smoothing and background rule). Nothing to set up."""
-        from weakseg.core import DemoEntry
-
-        method = cls(ISegConfig.from_preset("toy", **overrides), backbone=backbone)
-        base = cls(ISegConfig.from_preset("toy", **{**overrides, "baseline": True}), backbone=method.sd)
-        return DemoEntry(method=method, baseline=base,
-                         note="fused cross-attention maps, no self-attention propagation")
 
     # ------------------------------------------------------------------ plans
     def _head_plan(self, layer_names: Sequence[str], heads, res: str) -> list[tuple[str, tuple[int, ...] | None]]:

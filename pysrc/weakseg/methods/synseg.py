@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakseg.core import (METHODS, PresetConfig, SegmentationOutput, check_images, check_weights,
+from weakseg.core import (BACKBONES, METHODS, PresetConfig, SegmentationOutput, check_images, check_weights,
                           read_safetensors_file)
 from weakseg.methods.common import BackgroundRule, has_background, image_label_mask, minmax_per_class, scores_to_labels
 
@@ -49,7 +49,7 @@ LOSS_NAMES = ("ft", "fb", "bb", "ff")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    # the toy world's CLIP (weakseg.toyworld): 64 px, 8x8 patches of 8 px, width 128, 4 blocks, text dim 64
+    # the toy world's CLIP (weakseg.toy): 64 px, 8x8 patches of 8 px, width 128, 4 blocks, text dim 64
     "toy": dict(clip_model="toy", clip_pretrained=None, size=64, extract_layers=(1, 2, 3), reduce_dim=32,
                 decoder_heads=4, decoder_ffn=128),
     # tiny random CLIP (tests): 64 px, 8x8 patches, width 64, 3 blocks; spec §6 decoder sizes
@@ -382,20 +382,9 @@ class _TextGraph(nn.Module):
 # ----------------------------------------------------------------------------------------- segmenter
 
 def load_clip(config: SynSegConfig, device=None):
-    """The frozen CLIP ``config.clip_model`` names ("tiny", "toy", an open_clip name or a folder)."""
-    from weakseg.backbones.clip import CLIPBackbone
-
-    device = device or config.device
-    if config.clip_model == "tiny":
-        clip = CLIPBackbone.tiny(seed=0, pos_interp=config.pos_interp, device=device)
-    elif config.clip_model == "toy":
-        from weakseg.toyworld import load_toy_clip
-
-        clip = load_toy_clip(device=device)
-    else:
-        clip = CLIPBackbone.from_pretrained(config.clip_model, pretrained=config.clip_pretrained,
-                                            cache_dir=config.cache_dir, device=device, pos_interp=config.pos_interp)
-    return clip
+    """The frozen CLIP the model spec ``config.clip_model`` names (tiny, toy, an open_clip name or a folder)."""
+    return BACKBONES.build("clip", config.clip_model, pretrained=config.clip_pretrained, cache_dir=config.cache_dir,
+                           device=device or config.device, pos_interp=config.pos_interp)
 
 
 @METHODS.register("synseg", config=SynSegConfig)
@@ -547,13 +536,4 @@ class SynSeg:
                       "background_note": "threshold applies to datasets with a background class; use "
                                          "{'kind': 'none'} otherwise",
                       "arch": self.arch, "checkpoint": self.config.checkpoint})
-
-    # ------------------------------------------------------------------ toy world
-    @classmethod
-    def toy_demo(cls, work_dir: Path, progress: bool = True, clip=None, **overrides):
-        """The demo entry (see :func:`weakseg.train.synseg.toy_demo`): SynSeg trained on toy captions vs the
-        raw patch-text similarity with the same background rule."""
-        from weakseg.train.synseg import toy_demo
-
-        return toy_demo(Path(work_dir), progress=progress, clip=clip, **overrides)
 

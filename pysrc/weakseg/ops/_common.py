@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from weakseg import _ext
+from weakseg.ops import extension as _ext
 
 
 @torch.compiler.assume_constant_result

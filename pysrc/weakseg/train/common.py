@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from weakseg.core import WeightsFileError, check_weights, read_safetensors_file
+from weakseg.distributed import dist_context
 from weakseg.io import save_safetensors, write_text
 
 __all__ = ["TrainOptions", "seeded_generator", "dist_context", "save_checkpoint", "load_checkpoint", "truncate_log",
@@ -38,19 +38,6 @@ def seeded_generator(*parts: int) -> torch.Generator:
     for p in parts:
         x = (x * 1_000_003 + int(p) + 7) % (2 ** 62)
     return torch.Generator().manual_seed(x)
-
-
-def dist_context() -> tuple[int, int, bool]:
-    """(rank, world size, distributed?): initialises the process group under torchrun (WORLD_SIZE > 1;
-    NCCL on CUDA, else Gloo)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weakseg.core import TRAINERS
 from weakseg.train.common import (TrainOptions, after_step, dist_context, finish_training, load_checkpoint,
                                   save_checkpoint, seeded_generator, truncate_log)
 
@@ -300,3 +301,47 @@ def train_diclip(method, dataset, class_names: Sequence[str], out_dir: str | os.
     method.adapter, method.head, method.head_classes = module.adapter.eval(), module.head.eval(), names
     return {"step": step, "losses": losses, "model": str(model_path) if model_path else None,
             "checkpoint": str(last)}
+
+
+# ----------------------------------------------------------------------------------------- command line
+def _command(args) -> int:
+    import json
+
+    import weakseg
+    from weakseg.core import parse_set_options
+    from weakseg.eval.arguments import check_out_dir, open_train_dataset
+
+    check_out_dir(args.out)
+    sets = list(args.set or ())
+    if args.cache:
+        sets.append(f"cache={args.cache}")
+    dataset = open_train_dataset(args.dataset, args.root, args.split, args.limit)  # before the model loads
+    method = weakseg.create("diclip", config_file=args.config, set_options=sets)
+    cfg = DiCLIPTrainConfig.from_dict(parse_set_options(args.train or (), DiCLIPTrainConfig))
+    res = train_diclip(method, dataset, list(dataset.class_names), args.out, cfg, resume=not args.no_resume,
+                       progress=not args.quiet)
+    last = res["losses"][-1] if res["losses"] else {}
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    print(json.dumps({"out": args.out, "step": res["step"], "model": res["model"], "checkpoint": res["checkpoint"],
+                      "last": last}, indent=2))
+    return 0
+
+
+@TRAINERS.register("diclip")
+def add_parser(sub) -> None:
+    """``weakseg train diclip``."""
+    s = sub.add_parser("diclip", help="DiCLIP's single-stage training (adapter + segmentation head)")
+    s.add_argument("--dataset", required=True, help="voc, coco_object, ..., or toyworld")
+    s.add_argument("--root", default=None, help="dataset root directory (not needed for toyworld)")
+    s.add_argument("--split", default=None, help="split (default: train; VOC: train_aug)")
+    s.add_argument("--limit", type=int, default=None, help="toyworld: number of scenes (default 1000)")
+    s.add_argument("--cache", default=None, help="the key-value cache (weakseg cache build)")
+    s.add_argument("--out", required=True, help="output directory (checkpoints, log)")
+    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of DiCLIP options")
+    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE", help="DiCLIP options (e.g. preset=voc)")
+    s.add_argument("--train", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="training options (iterations, batch_size, lr, ...; see DiCLIPTrainConfig)")
+    s.add_argument("--no-resume", action="store_true", help="start over even if out/last.safetensors exists")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_command)

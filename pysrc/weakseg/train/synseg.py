@@ -32,21 +32,18 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from weakseg.core import TRAINERS
 from weakseg.train.common import (TrainOptions, after_step, dist_context, finish_training, load_checkpoint,
                                   save_checkpoint, seeded_generator, truncate_log)
 
-__all__ = ["SynSegTrainConfig", "train_synseg", "lr_at", "random_resized_crop", "prepare_phrases", "toy_demo",
-           "TOY_TRAIN", "TOY_TRAIN_SCENES", "CHECKPOINT_FORMAT"]
+__all__ = ["SynSegTrainConfig", "train_synseg", "lr_at", "random_resized_crop", "prepare_phrases",
+           "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "weakseg-synseg-checkpoint"
-# a short run on toy captions that fits the demo's budget on one CPU thread
-TOY_TRAIN: dict[str, Any] = dict(iterations=400, batch_size=16, save_every=100, log_every=25,
-                                 scale_range=(0.6, 1.0))
-TOY_TRAIN_SCENES = 400
 
 
 @dataclass
@@ -299,93 +296,43 @@ def train_synseg(method, dataset, out_dir: str | os.PathLike, config: SynSegTrai
             "checkpoint": str(last), "images": len(eligible), "phrases": len({p for ps in phrases for p in ps})}
 
 
-# ----------------------------------------------------------------------------------------- toy world
+# ----------------------------------------------------------------------------------------- command line
+def _command(args) -> int:
+    import weakseg
+    from weakseg.core import parse_set_options
+    from weakseg.data.captions import open_caption_dataset
+    from weakseg.eval.arguments import check_out_dir
 
-def train_toy(work_dir: Path, clip=None, preset: str = "toy", progress: bool = True,
-              train_options: dict | None = None, train_scenes: int = TOY_TRAIN_SCENES, **overrides) -> Path:
-    """Train (or reuse) SynSeg on toy-world captions under ``work_dir/train``; returns the model path."""
-    from weakseg.data.captions import ToyCaptions
-    from weakseg.methods.synseg import SynSeg, SynSegConfig
-
-    model_path = Path(work_dir) / "train" / "model.safetensors"
-    if not model_path.exists():
-        method = SynSeg(SynSegConfig.from_dict({"preset": preset, **overrides}), clip=clip)
-        opts = {**TOY_TRAIN, **(train_options or {})}
-        train_synseg(method, ToyCaptions(num_scenes=train_scenes, size=method.config.size),
-                     model_path.parent, SynSegTrainConfig.from_dict(opts), progress=progress)
-    return model_path
-
-
-def toy_demo(work_dir: Path, progress: bool = True, clip=None, preset: str = "toy", train_options: dict | None = None,
-             train_scenes: int = TOY_TRAIN_SCENES, **overrides):
-    """The DemoEntry of SynSeg on the toy world: method = the head trained on toy captions only (no masks),
-    baseline = the raw CLIP patch-text similarity with the same background threshold. ``clip`` replaces the
-    toy CLIP (tests pass the tiny random one with ``preset="tiny"``); without it the committed toy CLIP is
-    loaded, and a missing one raises FileNotFoundError naming its path."""
-    from weakseg.core import DemoEntry
-    from weakseg.methods.synseg import SynSeg, SynSegConfig
-
-    if clip is None:
-        from weakseg.toyworld import load_toy_clip
-
-        clip = load_toy_clip()
-    model = train_toy(work_dir, clip, preset, progress, train_options, train_scenes, **overrides)
-    method = SynSeg(SynSegConfig.from_dict({"preset": preset, **overrides, "checkpoint": str(model)}), clip=clip)
-    baseline = SynSeg(SynSegConfig.from_dict({"preset": preset, **overrides, "mode": "patch"}), clip=clip)
-    return DemoEntry(method=method, baseline=baseline,
-                     note="baseline: raw CLIP patch-text cosine (per-class min-max) with the same background "
-                          "threshold; method: FiLM + decoder trained on toy captions with FSS + MCCL")
+    check_out_dir(args.out)
+    dataset = open_caption_dataset(args.data, limit=args.limit)  # before the (possibly downloaded) CLIP
+    method = weakseg.create("synseg", config_file=args.config, set_options=args.set or ())
+    opts = parse_set_options(args.train or (), SynSegTrainConfig)
+    if args.limit is not None and args.data != "toyworld":
+        opts.setdefault("max_images", args.limit)
+    res = train_synseg(method, dataset, args.out, SynSegTrainConfig.from_dict(opts), resume=not args.no_resume,
+                       progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    last = res["losses"][-1] if res["losses"] else {}
+    print(json.dumps({"out": args.out, "step": res["step"], "model": res["model"], "checkpoint": res["checkpoint"],
+                      "images": res["images"], "phrases": res["phrases"], "last": last}, indent=2))
+    return 0
 
 
-def ablation(work_dir: Path, subsets: dict[str, Sequence[float]] | None = None, num_scenes: int = 40,
-             clip=None, preset: str = "toy", progress: bool = True, train_options: dict | None = None,
-             train_scenes: int = TOY_TRAIN_SCENES, views: Sequence[int] = (5,), **overrides) -> dict[str, Any]:
-    """The loss ablation (the paper's Table III) on the toy world: for each ``subsets`` entry (name -> the
-    four loss weights), train on toy captions (under ``work_dir/<name>``, reused when present) and score
-    mIoU (%, all classes, image-level labels given as in the demo; and open-vocabulary without them) on
-    ``num_scenes`` held-out scenes. Returns {name: {"weights", "miou", "miou_open", "final_loss"}} plus the
-    untrained head and the patch baseline."""
-    from weakseg.data.toyworld import ToyWorld
-    from weakseg.eval.metrics import ConfusionMatrix
-    from weakseg.methods.synseg import SynSeg, SynSegConfig
-
-    if clip is None:
-        from weakseg.toyworld import load_toy_clip
-
-        clip = load_toy_clip()
-    if subsets is None:
-        subsets = {"all four": (1, 1, 1, 1), "no ft": (0, 1, 1, 1), "no fb": (1, 0, 1, 1), "no bb": (1, 1, 0, 1),
-                   "no ff": (1, 1, 1, 0), "ft only": (1, 0, 0, 0)}
-    world = ToyWorld(split="test", num_scenes=num_scenes)
-    names = list(world.class_names)
-    scenes = [world[i] for i in range(num_scenes)]
-
-    def score(m) -> tuple[float, float]:
-        res = []
-        for use_labels in (True, False):
-            cm = ConfusionMatrix(len(names))
-            for sc in scenes:
-                lab = None
-                if use_labels:
-                    lab = torch.zeros(1, len(names), dtype=torch.bool)
-                    lab[0, sc.image_labels] = True
-                cm.update(m.segment([sc.image], names, lab).labels[0], sc.label)
-            res.append(round(100 * cm.miou("all"), 2))
-        return res[0], res[1]
-
-    out: dict[str, Any] = {}
-    for v in views:
-        base = {"preset": preset, **overrides, "views": v}
-        for name, opts in (("patch baseline", {"mode": "patch"}), ("untrained head", {})):
-            miou, open_ = score(SynSeg(SynSegConfig.from_dict({**base, **opts}), clip=clip))
-            out[f"{name} (views={v})"] = {"weights": None, "miou": miou, "miou_open": open_, "final_loss": None}
-        for name, w in subsets.items():
-            wd = Path(work_dir) / name.replace(" ", "_")
-            model = train_toy(wd, clip, preset, progress, train_options, train_scenes,
-                              **{**overrides, "loss_weights": tuple(w)})
-            m = SynSeg(SynSegConfig.from_dict({**base, "loss_weights": tuple(w), "checkpoint": str(model)}), clip=clip)
-            log = [json.loads(x) for x in (model.parent / "log.jsonl").read_text().splitlines()]
-            miou, open_ = score(m)
-            out[f"{name} (views={v})"] = {"weights": list(w), "miou": miou, "miou_open": open_,
-                                          "final_loss": {k: round(log[-1][k], 4) for k in ("ft", "fb", "bb", "ff")}}
-    return out
+@TRAINERS.register("synseg")
+def add_parser(sub) -> None:
+    """``weakseg train synseg``."""
+    s = sub.add_parser("synseg", help="SynSeg on image-caption pairs (FSS + MCCL; FiLM, decoder, projector)")
+    s.add_argument("--data", required=True,
+                   help="webdataset shards (a .tar, a folder of .tar files or a glob), an image folder with "
+                        "same-stem .txt captions, or toyworld (toy captions)")
+    s.add_argument("--limit", type=int, default=None, help="use only the first N pairs (toyworld: N scenes)")
+    s.add_argument("--out", required=True, help="output directory (checkpoints, log)")
+    s.add_argument("--config", default=None, help="a TOML/YAML/JSON file of SynSeg options")
+    s.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="SynSeg options (clip_model, extract_layers, loss_weights, ...; SynSegConfig)")
+    s.add_argument("--train", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="training options (iterations, batch_size, lr, k_max, extractor, ...; SynSegTrainConfig)")
+    s.add_argument("--no-resume", action="store_true", help="start over even if out/last.safetensors exists")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_command)

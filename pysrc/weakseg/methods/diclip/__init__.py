@@ -5,7 +5,8 @@ trained in one stage (``weakseg train diclip``). specs/diclip.md.
 
 Modules: :mod:`.cam` (CAMs), :mod:`.vce` (SD attention, ACR), :mod:`.refine` (CAA, walk, PAR),
 :mod:`.modules` (adapter, head, losses), :mod:`.cache` (the cache file and its builder),
-:mod:`.method` (the segmenter and config), :mod:`.toy` (toy-world demo and the ablation ladder).
+:mod:`.method` (the segmenter and config), :mod:`.commands` (``weakseg cache build``). The toy-world
+recipe and the ablation ladder live in :mod:`weakseg.toy.diclip`.
 """
 
 from weakseg.methods.diclip.cache import CacheBuildConfig, CacheError, KVCache, build_cache

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakseg.backbones.clip import _split_names, interpolate_pos_embed
+from weakseg.backbones.clip import split_names, interpolate_pos_embed
 from weakseg.backbones.text import resolve_templates
 from weakseg.export.graphs import ExportGraphs
 from weakseg.methods.diclip import cam as camlib
@@ -117,7 +117,7 @@ def _prompt_texts(method, name: str) -> list[str]:
     """DiCLIP's prompt texts of one class (class_prompts rename, synonyms, templates), as
     ``CLIPBackbone.class_embeddings`` builds them."""
     cfg = method.config
-    _, parts = _split_names(method.prompt_name(name), cfg.synonym_sep, "class_names")
+    _, parts = split_names(method.prompt_name(name), cfg.synonym_sep, "class_names")
     return [t.replace("{}", p) for p in parts for t in resolve_templates(cfg.templates)]
 
 

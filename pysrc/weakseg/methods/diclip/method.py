@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.text import DICLIP_BACKGROUND_WORDS, DICLIP_VOC20, VOC20
-from weakseg.core import (METHODS, PresetConfig, SegmentationOutput, WeightsFileError, check_images,
+from weakseg.core import (BACKBONES, METHODS, PresetConfig, SegmentationOutput, WeightsFileError, check_images,
                           check_weights, read_safetensors_file)
 from weakseg.methods.common import (BackgroundRule, StageTimer, has_background, image_label_mask, minmax_per_class,
                                     scores_to_labels)
@@ -59,7 +59,7 @@ TOY_STUFF = ("grass", "sky", "sand", "water", "brick")
 PRESETS: dict[str, dict[str, Any]] = {
     "voc": {},
     "coco": dict(class_prompts={}, walk_steps=10, caa_threshold=0.88),
-    # the toy world (weakseg.toyworld): 64 px scenes, CLIP 8x8 patches, SD 16x16 latents with 2 heads per layer;
+    # the toy world (weakseg.toy): 64 px scenes, CLIP 8x8 patches, SD 16x16 latents with 2 heads per layer;
     # VCE from the 8x8 self-attention (on CLIP's grid: the SD-analogous 4x4 one is too coarse for 8-14 px
     # objects), the walk (when asked for) on the 16x16 (full latent) one as SD's 40x40. Refinement: CAA
     # only. On 60 val scenes (mIoU "present") the static-cache CAM scores 24.8, with CAA 34.3, with the
@@ -251,35 +251,14 @@ class DiCLIPConfig(PresetConfig):
 
 def load_clip(config: DiCLIPConfig):
     """The CLIP backbone ``config.clip_model`` names (always float32: the CAM maths is small)."""
-    from weakseg.backbones.clip import CLIPBackbone
-
-    name = config.clip_model
-    if name == "tiny":
-        clip = CLIPBackbone.tiny(seed=0, pos_interp=config.pos_interp)
-    elif name == "toy":
-        from weakseg.toyworld import load_toy_clip
-
-        clip = load_toy_clip()
-    else:
-        clip = CLIPBackbone.from_pretrained(name, pretrained=config.clip_pretrained, cache_dir=config.cache_dir,
-                                            pos_interp=config.pos_interp)
-    return clip.to(config.device)
+    return BACKBONES.build("clip", config.clip_model, pretrained=config.clip_pretrained, cache_dir=config.cache_dir,
+                           pos_interp=config.pos_interp, device=config.device)
 
 
 def load_sd(name: str, config: DiCLIPConfig):
-    """A Stable Diffusion backbone by name ("tiny" = random, 4 heads per layer; "toy" = the toy world)."""
-    from weakseg.backbones.diffusion import StableDiffusionBackbone
-
-    if name == "tiny":
-        sd = StableDiffusionBackbone.tiny(seed=0, layout="sd21", heads=4)
-    elif name == "toy":
-        from weakseg.toyworld import load_toy_sd
-
-        sd = load_toy_sd()
-    else:
-        sd = StableDiffusionBackbone.from_pretrained(name, cache_dir=config.cache_dir, device=config.device,
-                                                     dtype=config.torch_dtype())
+    """The Stable Diffusion backbone the model spec ``name`` names (``tiny``: random, 4 heads per layer)."""
     dtype = config.torch_dtype()
+    sd = BACKBONES.build("stable-diffusion", name, cache_dir=config.cache_dir, device=config.device, dtype=dtype)
     if sd.device != torch.device(config.device) or sd.dtype != dtype:
         sd.to(config.device, dtype if sd.dtype != dtype else None)
     return sd
@@ -706,11 +685,3 @@ class DiCLIP:
         from weakseg.methods.diclip.export import diclip_export_graphs
 
         return diclip_export_graphs(self, variant)
-
-    # ------------------------------------------------------------------ toy world
-    @classmethod
-    def toy_demo(cls, work_dir: Path, progress: bool = True, clip=None, sd=None, **kwargs):
-        """The demo entry on the toy world (see :func:`weakseg.methods.diclip.toy.toy_demo`)."""
-        from weakseg.methods.diclip.toy import toy_demo
-
-        return toy_demo(Path(work_dir), progress=progress, clip=clip, sd=sd, **kwargs)

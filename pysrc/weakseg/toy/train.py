@@ -1,8 +1,8 @@
-"""Train the toy world's tiny CLIP and tiny Stable Diffusion: ``python -m weakseg.toyworld.train``.
+"""Train the toy world's tiny CLIP and tiny Stable Diffusion: ``python -m weakseg.toy.train``.
 
 Stages (``--stage``; ``all`` runs them in this order, each one's result feeds the next):
 
-1. ``clip``: the open_clip CLIP of :data:`~weakseg.toyworld.models.CLIP_CONFIG`, contrastive (InfoNCE) loss
+1. ``clip``: the open_clip CLIP of :data:`~weakseg.toy.models.CLIP_CONFIG`, contrastive (InfoNCE) loss
    on (scene, caption) pairs; captions are randomly shortened (colours and the "on <stuff>" part dropped,
    a final period added; a quarter of them shape words only) so that "a photo of a circle." is in
    distribution; images get a random one of the 8 flips/rotations (captions are invariant to them).
@@ -24,15 +24,15 @@ Stages (``--stage``; ``all`` runs them in this order, each one's result feeds th
    the clip stage's random stream; i.e. the first recipe of stage 1. Its image tower is discarded. (SD's
    text encoder is not the toy CLIP's, as SD 2.x's OpenCLIP-H text tower is not the CLIP ViT-B a
    CLIP-based method uses; why this one: :data:`TEXT_CLIP_OVERRIDES`.)
-3. ``vae``: the ``AutoencoderKL`` of :data:`~weakseg.toyworld.models.VAE_CONFIG` on the scenes (L1 + MSE
+3. ``vae``: the ``AutoencoderKL`` of :data:`~weakseg.toy.models.VAE_CONFIG` on the scenes (L1 + MSE
    reconstruction of a posterior sample + a small KL term); its ``scaling_factor`` is then set to 1/std of
    the training latents, as SD's.
-4. ``unet``: the ``UNet2DConditionModel`` of :data:`~weakseg.toyworld.models.UNET_CONFIG`, epsilon-prediction
+4. ``unet``: the ``UNet2DConditionModel`` of :data:`~weakseg.toy.models.UNET_CONFIG`, epsilon-prediction
    loss with SD's scaled-linear DDPM noising, conditioned on a transformers ``CLIPTextModel`` initialised
    from the text stage's CLIP text tower and trained with the UNet (:data:`TRAIN_TEXT_ENCODER`), 10% caption
    dropout (the empty prompt). 2,400 steps.
 
-Measured for the committed weights (seed 0, ``python -m weakseg.toyworld.signal``; figures in the
+Measured for the committed weights (seed 0, ``python -m weakseg.toy.signal``; figures in the
 project's notes): CLIP zero-shot accuracy on 500 single-object val scenes 99.6% ("a photo of a {}." and
 the template ensemble alike; the issue's target is 90%); the UNet's 16x16 class-token cross-attention
 overlaps the object masks at a best-threshold IoU of 0.47 (the issue's target is 0.5) and one
@@ -71,8 +71,8 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.io import save_safetensors, write_json
-from weakseg.data.toyworld import COLORS, OBJECT_CLASSES, STUFF, ToyWorld
-from weakseg.toyworld.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_sd, build_clip, build_unet,
+from weakseg.toy.world import COLORS, OBJECT_CLASSES, STUFF, ToyWorld
+from weakseg.toy.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_sd, build_clip, build_unet,
                                      build_vae, text_tower_to_hf)
 
 __all__ = ["STAGES", "StageSettings", "DEFAULT_SETTINGS", "default_work_dir", "default_weights_dir", "SceneCache",
@@ -132,7 +132,7 @@ def default_weights_dir() -> Path:
 
 
 def default_work_dir() -> Path:
-    """``$WEAKSEG_CACHE/toyworld`` if set, else ``~/.cache/weakseg/toyworld`` (scene cache, checkpoints)."""
+    """``$WEAKSEG_CACHE/toyworld`` if set, else ``~/.cache/weakseg/toy`` (scene cache, checkpoints)."""
     root = os.environ.get("WEAKSEG_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "weakseg") / "toyworld"
 
@@ -733,10 +733,10 @@ def train(stage: str = "all", out_dir: str | os.PathLike | None = None, work_dir
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m weakseg.toyworld.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m weakseg.toy.train", description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="all", choices=STAGES + ("all",))
     p.add_argument("--out", default=None, help="weights folder (default: the package's weights/)")
-    p.add_argument("--work", default=None, help="scene cache and checkpoints (default: ~/.cache/weakseg/toyworld)")
+    p.add_argument("--work", default=None, help="scene cache and checkpoints (default: ~/.cache/weakseg/toy)")
     p.add_argument("--steps", type=int, default=None, help="steps of the selected stage (default: DEFAULT_SETTINGS)")
     p.add_argument("--batch", type=int, default=None, help="batch size of the selected stage")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -73,7 +73,7 @@ def prepare_toy(work_dir: Path, progress: bool = True, clip=None, sd=None, prese
                 train_scenes: int = TOY_TRAIN_SCENES) -> dict[str, Any]:
     """Build (or reuse, under the same settings and weights) the toy cache and trained checkpoint in
     ``work_dir/run-<key>``; returns the paths (``run_dir`` among them), the models and the class names."""
-    from weakseg.data.toyworld import ToyWorld
+    from weakseg.toy.world import ToyWorld
     from weakseg.methods.diclip.cache import CacheBuildConfig, KVCache, build_cache
     from weakseg.train.diclip import DiCLIPTrainConfig, train_diclip
 
@@ -133,7 +133,7 @@ def ablation_ladder(work_dir: Path, num_scenes: int = 40, progress: bool = True,
     pipeline (static cache + the preset's refinement)."""
     from tqdm.auto import tqdm
 
-    from weakseg.data.toyworld import ToyWorld
+    from weakseg.toy.world import ToyWorld
     from weakseg.eval.metrics import ConfusionMatrix
     from weakseg.train.diclip import DiCLIPTrainConfig
 
@@ -173,12 +173,12 @@ def ablation_ladder(work_dir: Path, num_scenes: int = 40, progress: bool = True,
 
 
 def main(argv=None) -> int:
-    """``python -m weakseg.methods.diclip.toy --work DIR [--scenes N]``: the ablation ladder on the toy
+    """``python -m weakseg.toy.diclip --work DIR [--scenes N]``: the ablation ladder on the toy
     world (the committed toy weights), printed as JSON."""
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m weakseg.methods.diclip.toy", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m weakseg.toy.diclip", description=main.__doc__)
     ap.add_argument("--work", required=True, help="work directory (cache and training run are kept there)")
     ap.add_argument("--scenes", type=int, default=40, help="held-out toy scenes to score")
     ap.add_argument("--quiet", action="store_true")

@@ -66,28 +66,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakseg.core import IGNORE_INDEX, METHODS, MethodConfig, SegmentationOutput, check_images, read_safetensors
+from weakseg.core import (BACKBONES, IGNORE_INDEX, METHODS, PROPOSERS, MethodConfig, ModelSpec, SegmentationOutput,
+                          check_images, read_safetensors)
 from weakseg.io import hash_file, save_safetensors, write_json
 from weakseg.methods.common import StageTimer, has_background, image_label_mask
 
 __all__ = ["ModuSeg", "ModuSegConfig", "FeatureBank", "BankError", "BANK_FORMAT", "BANK_FORMAT_VERSION",
            "build_bank", "load_backbone", "load_proposer", "encode_regions", "purify_regions", "exact_topk",
            "pseudo_labels_from_scores", "majority_in_regions", "outlier_filter", "vote_from_neighbors",
-           "FaissSearch", "nms_per_class", "PseudoMaskDir", "TOY_CONFIG"]
+           "FaissSearch", "nms_per_class", "PseudoMaskDir"]
 
 BANK_FORMAT = "weakseg-moduseg-bank"
 BANK_FORMAT_VERSION = 1
 _PART_FORMAT = "weakseg-moduseg-bank-part"
 _BANK_KEYS = ("vectors", "labels", "sample_index")
 _BANK_META = ("format", "format_version", "backbone", "dim", "class_names", "samples")
-BACKBONE_NAMES = ("dinov2", "clip-dense")
-PROPOSER_NAMES = ("sam", "sam2", "disk", "superpixel")
 SEARCHES = ("auto", "op", "gemm", "faiss")
 POOLINGS = ("soft", "hard")
 UNASSIGNED = ("background", "ignore")
 # EntitySeg's thresholds (inference 0.6, inside CorrCLIP 0.5) for proposers whose scores are confidences
 _CALIBRATED = ("sam", "sam2", "disk")
-_DEFAULT_BACKBONE_MODEL = {"dinov2": "facebook/dinov2-base", "clip-dense": "ViT-B-16"}
+# the families whose features are not dense patch tokens (the other registered backbones are dense extractors)
+_NOT_DENSE = ("clip", "stable-diffusion")
 
 
 class BankError(ValueError):
@@ -174,10 +174,11 @@ class ModuSegConfig(MethodConfig):
         def bad(name: str, want: str):
             raise ValueError(f"ModuSegConfig.{name}: expected {want}, got {getattr(self, name)!r}")
 
-        if self.backbone not in BACKBONE_NAMES:
-            bad("backbone", "one of " + ", ".join(BACKBONE_NAMES))
-        if self.proposer not in PROPOSER_NAMES:
-            bad("proposer", "one of " + ", ".join(PROPOSER_NAMES))
+        dense = [n for n in BACKBONES.names() if n not in _NOT_DENSE]
+        if self.backbone not in dense:
+            bad("backbone", "a registered dense-feature backbone: " + ", ".join(dense))
+        if self.proposer not in PROPOSERS:
+            bad("proposer", "a registered proposer: " + ", ".join(PROPOSERS.names()))
         if self.search not in SEARCHES:
             bad("search", "one of " + ", ".join(SEARCHES))
         if self.pooling not in POOLINGS:
@@ -230,16 +231,6 @@ class ModuSegConfig(MethodConfig):
                 "bg_drop_ratio": float(self.bg_drop_ratio)}
 
 
-# Toy-world settings (64 x 64 scenes, 8 px CLIP patches): the reference's pixel thresholds scaled down
-# with the image (300 px of a 500 x 375 image is 0.16 %; a 20 px erosion radius is 4 % of its width);
-# superpixels that an oracle labelling scores 92 % mIoU on test scenes; K = 1 for a bank of a few hundred
-# rows in which every scene adds a background row (K = 25 lets the background outvote the shapes; on 60
-# val scenes K = 1, 3, 5, 25 gave 43.8, 41.7, 41.6, 38.5 mIoU, benchmarks/results/ablate_moduseg_toy.md);
-# the vote sees the image's classes, which the demo gives every method (the reference ignores them).
-TOY_CONFIG: dict[str, Any] = dict(backbone="clip-dense", backbone_model="toy", proposer="superpixel",
-                                  proposer_options=dict(method="felzenszwalb", scale=60.0, sigma=0.5, min_size=12,
-                                                        merge_thresh=8.0),
-                                  min_area=8, erosion_iterations=2, k=1, use_image_labels=True)
 
 
 # ================================================================================================ backbones
@@ -251,36 +242,22 @@ def load_backbone(config: ModuSegConfig):
     """(dense extractor, backbone id) for ``config``. The id names the model and every option that
     changes the features, so a bank built with other features is refused at load."""
     name = config.backbone
-    model = config.backbone_model or _DEFAULT_BACKBONE_MODEL[name]
+    spec = ModelSpec.parse(config.backbone_model or BACKBONES.get(name).DEFAULT_SPEC, "ModuSegConfig.backbone_model")
     if name == "dinov2":
-        from weakseg.backbones.features import DINOv2Features
-
         opts = dict(layer=config.backbone_layer, layernorm=config.backbone_layernorm, pad=config.backbone_pad)
-        if model == "toy":
-            raise ValueError("ModuSegConfig.backbone_model='toy' is the toy CLIP: use backbone='clip-dense'")
-        ext = DINOv2Features.tiny(seed=0, **opts) if model == "tiny" else DINOv2Features.from_pretrained(
-            model, cache_dir=config.cache_dir, device=config.device, **opts)
-        ident = f"dinov2:{model};layer={config.backbone_layer};layernorm={int(config.backbone_layernorm)};" \
-                f"pad={config.backbone_pad}"
-        ext = ext.to(config.device)
-        ext.backbone_id = ident  # a segmenter handed this extractor (backbone=...) keeps the id
-        return ext, ident
-    from weakseg.backbones.features import CLIPDenseFeatures
-
-    surgery = config.clip_surgery_layers
-    if model == "tiny":
-        ext = CLIPDenseFeatures.tiny(seed=0, surgery_layers=surgery)
-        ext.clip.to(config.device)
-        ident = f"clip-dense:tiny;surgery={surgery}"
-    elif model == "toy":
-        from weakseg.toyworld import WEIGHTS_DIR, load_toy_clip
-
-        ext = CLIPDenseFeatures(load_toy_clip(device=config.device), surgery_layers=surgery)
-        ident = f"clip-dense:toy@{_file_digest(WEIGHTS_DIR / 'clip' / 'open_clip_model.safetensors')};surgery={surgery}"
-    else:
-        ext = CLIPDenseFeatures.from_pretrained(model, surgery_layers=surgery, pretrained=config.clip_pretrained,
-                                                cache_dir=config.cache_dir, device=config.device)
-        ident = f"clip-dense:{model};pretrained={config.clip_pretrained};surgery={surgery}"
+        ident_opts = f"layer={config.backbone_layer};layernorm={int(config.backbone_layernorm)};pad={config.backbone_pad}"
+    elif name == "clip-dense":
+        opts = dict(surgery_layers=config.clip_surgery_layers, pretrained=config.clip_pretrained)
+        ident_opts = (f"surgery={config.clip_surgery_layers}" if spec.kind not in ("hub", "path") else
+                      f"pretrained={config.clip_pretrained};surgery={config.clip_surgery_layers}")
+    else:  # another registered dense backbone: its spec alone
+        opts, ident_opts = {}, ""
+    ext = BACKBONES.build(name, spec, cache_dir=config.cache_dir, device=config.device, **opts)
+    model = spec.raw
+    if spec.kind not in ("tiny", "hub", "path", "random"):  # a model source (toy): name its weights' content
+        weights = sorted(spec.source_path(name).glob("*.safetensors"))
+        model += "@" + ",".join(_file_digest(w) for w in weights)
+    ident = f"{name}:{model}" + (f";{ident_opts}" if ident_opts else "")
     ext.backbone_id = ident  # a segmenter handed this extractor (backbone=...) keeps the id
     return ext, ident
 
@@ -297,21 +274,10 @@ def load_proposer(config: ModuSegConfig):
 
 
 def _load_proposer(config: ModuSegConfig):
-    from weakseg.backbones import proposers as P
-
-    opts = dict(config.proposer_options)
-    if config.proposer in ("sam", "sam2"):
-        cls = P.SAMProposer if config.proposer == "sam" else getattr(P, "SAM2Proposer", None)
-        if cls is None:
-            raise ImportError("ModuSegConfig.proposer='sam2' needs a transformers release with Sam2Model")
-        if config.proposer_model == "tiny":
-            return cls.tiny(seed=0, **opts)
-        return cls.from_pretrained(config.proposer_model, cache_dir=config.cache_dir, device=config.device, **opts)
-    if config.proposer == "disk":
-        if not config.proposer_model:
-            raise ValueError("ModuSegConfig.proposer_model: proposer='disk' needs the directory of precomputed masks")
-        return P.DiskProposer(config.proposer_model, **opts)
-    return P.SuperpixelProposer(**opts)
+    if config.proposer == "disk" and not config.proposer_model:
+        raise ValueError("ModuSegConfig.proposer_model: proposer='disk' needs the directory of precomputed masks")
+    return PROPOSERS.build(config.proposer, config.proposer_model or None, cache_dir=config.cache_dir,
+                           device=config.device, **dict(config.proposer_options))
 
 
 # ================================================================================================ pieces
@@ -1008,7 +974,7 @@ class ModuSeg:
         The built bank becomes this segmenter's bank."""
         from tqdm.auto import tqdm
 
-        from weakseg.eval.runner import _dist_info
+        from weakseg.distributed import dist_info
 
         cfg = self.config
         out = Path(out)
@@ -1024,7 +990,7 @@ class ModuSeg:
             pseudo = PseudoMaskDir(pseudo)
         if not isinstance(pseudo, PseudoMaskDir) and not hasattr(pseudo, "segment"):
             raise TypeError(f"pseudo: expected a pseudo-mask directory or a segmenter, got {type(pseudo).__name__}")
-        r, w, use_dist = _dist_info(rank, world_size)
+        r, w, use_dist = dist_info(rank, world_size, "bank build")
         manifest = {"format": _PART_FORMAT, "format_version": BANK_FORMAT_VERSION, "backbone": self.backbone_id,
                     "dim": self.feature_dim, "class_names": names, "source": _source_id(pseudo),
                     "settings": cfg.build_settings(),
@@ -1102,43 +1068,6 @@ class ModuSeg:
             shutil.rmtree(parts, ignore_errors=True)
         self.set_bank(bank)
         return bank
-
-    # ------------------------------------------------------------------ toy world
-    @classmethod
-    def toy_demo(cls, work_dir: Path | None = None, progress: bool = True, *, pseudo_method: str = "iseg",
-                 pseudo=None, backbone=None, num_train: int = 200, **overrides) -> "DemoEntry":
-        """The demo's ModuSeg on the toy world: a bank from ``pseudo_method``'s pseudo masks (run with the
-        image-level labels) on ``num_train`` toy training scenes (``ToyWorld(64, "train")``), the toy
-        CLIP's dense features as the backbone, superpixel proposals; the bank is cached under
-        ``work_dir`` and reused while its settings (backbone weights included) are unchanged. The
-        baseline is the pseudo-mask method itself.
-
-        ``pseudo`` (a segmenter) and ``backbone`` (a dense extractor) may be injected (tests); otherwise
-        the pseudo method is the ``method`` of ``METHODS[pseudo_method].toy_demo(...)`` and the backbone
-        the toy CLIP. ``overrides``: ModuSegConfig values over :data:`TOY_CONFIG`. ``work_dir=None``: a fresh
-        temporary folder (nothing cached)."""
-        import tempfile
-
-        from weakseg.core import DemoEntry
-        from weakseg.data.toyworld import ToyWorld
-
-        work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="moduseg_toy_"))
-        work_dir.mkdir(parents=True, exist_ok=True)
-        if pseudo is None:
-            pseudo = _toy_pseudo_method(pseudo_method, work_dir, progress)
-        values = {**TOY_CONFIG, **overrides}
-        config = ModuSegConfig.from_dict(values)
-        seg = cls(config, backbone=backbone)
-        world = ToyWorld(64, "train", num_scenes=num_train)
-        tag = pseudo_method if isinstance(pseudo_method, str) else type(pseudo).__name__
-        bank_path = work_dir / f"moduseg_bank_{tag}_{num_train}.safetensors"
-        seg.build_bank(world, bank_path, pseudo=pseudo, progress=progress, dataset_name="toyworld",
-                       rank=0, world_size=1)
-        seg.config = seg.config.replace(bank=str(bank_path))
-        note = (f"baseline: {tag}, whose pseudo masks on {num_train} toy training scenes (image-level labels) "
-                f"built the bank; ModuSeg labels superpixel proposals by {config.k}-NN retrieval in it")
-        return DemoEntry(method=seg, baseline=pseudo, note=note)
-
 
 # ================================================================================================ helpers
 def _accepts_key(proposer) -> bool:
@@ -1233,16 +1162,6 @@ def _merge_parts(parts: Path, n: int, names: list[str], backbone: str, build: di
     samples = [sample_names.get(i, str(i)) for i in used]
     return FeatureBank(F.normalize(vec, dim=1).contiguous(), lab.contiguous(), sample_index, samples, list(names),
                        backbone, json.loads(json.dumps(build)), report)
-
-
-def _toy_pseudo_method(name: str, work_dir: Path, progress: bool):
-    cls = METHODS.get(name)
-    hook = getattr(cls, "toy_demo", None)
-    if hook is None:
-        raise ValueError(f"ModuSeg.toy_demo: pseudo_method {name!r} has no toy_demo() yet, so there is no toy "
-                         f"configuration to make pseudo masks with; pass pseudo=<a segmenter> or a pseudo_method "
-                         f"whose class defines toy_demo")
-    return hook(work_dir / name, progress=progress).method
 
 
 def build_bank(dataset, out: str | os.PathLike, *, pseudo, config: ModuSegConfig | None = None, backbone=None,

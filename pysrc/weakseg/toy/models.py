@@ -168,8 +168,8 @@ def assemble_sd(vae, unet, text_encoder, tokenizer_dir: str | None = None):
     """A :class:`weakseg.backbones.StableDiffusionBackbone` from trained parts: the CLIP BPE tokenizer with
     SD 2.x's "!" padding (ids equal open_clip's, so the converted text tower sees what it was trained on)
     and SD's PNDM scheduler configuration."""
-    from weakseg.backbones.diffusion import StableDiffusionBackbone, _make_scheduler
+    from weakseg.backbones.diffusion import StableDiffusionBackbone, make_scheduler
     from weakseg.backbones.tokenizer import make_clip_tokenizer
 
     tok = make_clip_tokenizer(tokenizer_dir, pad_token="!")
-    return StableDiffusionBackbone(vae, unet, text_encoder, tok, _make_scheduler("pndm"), name="toyworld")
+    return StableDiffusionBackbone(vae, unet, text_encoder, tok, make_scheduler("pndm"), name="toyworld")

@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from weakseg.core import GENERATED_DATASETS
+from weakseg.data.captions import CaptionSample
+
 __all__ = ["CLASSES", "OBJECT_CLASSES", "COLORS", "STUFF", "SPLIT_SEEDS", "ToyObject", "ToyScene", "ToyWorld",
-           "caption_for"]
+           "caption_for", "ToyCaptions", "open_toyworld", "open_toy_captions"]
 
 OBJECT_CLASSES = ("circle", "square", "triangle", "star", "ring")
 CLASSES = ("background",) + OBJECT_CLASSES
@@ -237,3 +240,47 @@ class ToyWorld:
         return ToyScene(image=torch.from_numpy(img).permute(2, 0, 1).contiguous(), label=torch.from_numpy(label),
                         image_labels=present, caption=caption_for(visible or objects, stuff), stuff=stuff,
                         objects=objects, name=f"toy_{self.split}_{self.seed}_{i:06d}")
+
+
+class ToyCaptions:
+    """The toy world's scenes as (image, caption) pairs: no masks, no labels. Rendered scenes are kept in
+    memory (``cache``; a 64 px scene is 12 kB and rendering one costs tens of milliseconds)."""
+
+    def __init__(self, num_scenes: int = 1000, split: str = "train", size: int = 64, cache: bool = True):
+        self.world = ToyWorld(size=size, split=split, num_scenes=num_scenes)
+        self._captions: list[str] | None = None
+        self._scenes: dict[int, CaptionSample] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    @property
+    def captions(self) -> list[str]:
+        if self._captions is None:
+            self._captions = [self[i].caption for i in range(len(self.world))]
+        return self._captions
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"toy{i:06d}" for i in range(len(self.world))]
+
+    def __getitem__(self, i: int) -> CaptionSample:
+        if self._scenes is not None and i in self._scenes:
+            return self._scenes[i]
+        s = self.world[i]
+        out = CaptionSample(s.image, s.caption, f"toy{i:06d}")
+        if self._scenes is not None:
+            self._scenes[i] = out
+        return out
+
+
+@GENERATED_DATASETS.register("toyworld")
+def open_toyworld(split: str | None = None, **kwargs) -> ToyWorld:
+    """``--dataset toyworld``: the generated scenes of ``split`` (default the held-out ``"test"``)."""
+    return ToyWorld(split=split or "test", **kwargs)
+
+
+@GENERATED_DATASETS.register("toyworld-captions")
+def open_toy_captions(split: str | None = None, **kwargs) -> "ToyCaptions":
+    """``--data toyworld``: the toy scenes of ``split`` (default ``"train"``) as image-caption pairs."""
+    return ToyCaptions(split=split or "train", **kwargs)

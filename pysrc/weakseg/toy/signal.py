@@ -1,4 +1,4 @@
-"""Does the toy world's training carry real signal? ``python -m weakseg.toyworld.signal``.
+"""Does the toy world's training carry real signal? ``python -m weakseg.toy.signal``.
 
 Three figures on held-out ``"val"`` scenes (never seen in training):
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakseg.data.toyworld import CLASSES, OBJECT_CLASSES, ToyWorld
+from weakseg.toy.world import CLASSES, OBJECT_CLASSES, ToyWorld
 from weakseg.io import write_json
 
 __all__ = ["clip_zero_shot_accuracy", "sd_attention_iou", "best_threshold_iou", "run_signal", "main"]
@@ -167,9 +167,9 @@ def run_signal(clip=None, sd=None, num_clip: int = 200, num_sd: int = 100, t: in
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from weakseg.toyworld import load_toy_clip, load_toy_sd, toy_weights_available
+    from weakseg.toy import load_toy_clip, load_toy_sd, toy_weights_available
 
-    p = argparse.ArgumentParser(prog="python -m weakseg.toyworld.signal", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m weakseg.toy.signal", description=__doc__.split("\n")[0])
     p.add_argument("--clip", default=None, help="CLIP weights folder (default: the committed weights)")
     p.add_argument("--sd", default=None, help="Stable Diffusion weights folder (default: the committed weights)")
     p.add_argument("--num-clip", type=int, default=200)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clip = load_toy_clip(a.clip) if want_clip and (a.clip or toy_weights_available("clip")) else None
     sd = load_toy_sd(a.sd) if want_sd and (a.sd or toy_weights_available("sd")) else None
     if clip is None and sd is None:
-        p.error("no toy weights found; train them with `python -m weakseg.toyworld.train`")
+        p.error("no toy weights found; train them with `python -m weakseg.toy.train`")
     if clip is None and want_clip:
         print("CLIP weights missing: skipping the zero-shot figure")
     if sd is None and want_sd:
