@@ -90,3 +90,30 @@ def test_minmax_has_no_absolute_eps():
         assert m.eq(0).all()
     with pytest.raises(ValueError, match="eps"):
         minmax_per_class(x, eps=-1.0)
+
+
+def test_check_segment_inputs_is_the_one_check_every_method_runs():
+    import weakseg
+    from weakseg.core import check_segment_inputs
+
+    img = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    inp = check_segment_inputs([img, img], ["background", "cat"], torch.tensor([[1, 1], [1, 0]]).bool())
+    assert inp.size == (8, 8) and inp.background and inp.batch == 2 and inp.allowed.tolist() == [[1, 1], [1, 0]]
+    cases = [
+        (([img, torch.zeros(3, 8, 9, dtype=torch.uint8)], ["cat"]), {}, "images: one batch"),
+        (([img], "cat,dog"), {}, "class_names: expected a list"),
+        (([img], []), {}, "at least one class"),
+        (([img], ["cat", " "]), {}, "empty class name at position 1"),
+        (([img], ["cat", "dog", "cat"]), {}, "'cat' is given twice (positions 0 and 2)"),
+        (([img], ["cat"]), {"background": "required"}, "needs the background first"),
+        (([img], ["background"]), {"min_foreground": 1}, "at least 1"),
+        (([img], ["cat"], torch.ones(1, 2, dtype=torch.bool)), {}, "image_labels: expected a (B, C) = (1, 1)"),
+    ]
+    for args, kw, words in cases:
+        with pytest.raises(ValueError) as e:
+            check_segment_inputs(*args, **kw)
+        assert words in str(e.value), (words, str(e.value))
+    # every method runs it: a duplicate class reaches the same error through segment()
+    seg = weakseg.create("synseg", preset="tiny")
+    with pytest.raises(ValueError, match="given twice"):
+        seg.segment([torch.zeros(3, 64, 64, dtype=torch.uint8)], ["background", "cat", "cat"])

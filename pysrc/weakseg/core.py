@@ -636,6 +636,77 @@ def check_images(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Te
     return items
 
 
+# the names that mark channel 0 as the background class (``segment``'s class convention)
+BACKGROUND_NAMES = ("background", "bg", "_background_", "backgroud")
+
+
+def has_background(class_names: Sequence[str]) -> bool:
+    """Whether channel 0 of ``class_names`` is the background class."""
+    return len(class_names) > 0 and str(class_names[0]).strip().lower() in BACKGROUND_NAMES
+
+
+def image_label_mask(image_labels: torch.Tensor | None, B: int, C: int, device) -> torch.Tensor:
+    """(B, C) bool of the allowed classes: the image-level labels, or all classes when None."""
+    if image_labels is None:
+        return torch.ones(B, C, dtype=torch.bool, device=device)
+    if not isinstance(image_labels, torch.Tensor) or image_labels.shape != (B, C):
+        shape = tuple(image_labels.shape) if isinstance(image_labels, torch.Tensor) else type(image_labels).__name__
+        raise ValueError(f"image_labels: expected a (B, C) = ({B}, {C}) bool tensor, got {shape}")
+    return image_labels.to(device=device, dtype=torch.bool)
+
+
+@dataclass
+class SegmentInputs:
+    """The checked arguments of ``Segmenter.segment`` (:func:`check_segment_inputs`)."""
+
+    images: list[torch.Tensor]
+    class_names: list[str]
+    size: tuple[int, int]
+    background: bool
+    allowed: torch.Tensor  # (B, C) bool on the CPU: the image-level labels, or all True
+
+    @property
+    def batch(self) -> int:
+        return len(self.images)
+
+
+def check_segment_inputs(images, class_names: Sequence[str], image_labels: torch.Tensor | None = None, *,
+                         background: str = "optional", min_foreground: int = 0) -> SegmentInputs:
+    """The one check of ``segment(images, class_names, image_labels)`` every method runs: RGB uint8 images of
+    one size (one call returns one (B, C, H, W) tensor), a list of distinct non-empty class names (a string is
+    not a list), the background first where ``background="required"``, at least ``min_foreground``
+    non-background classes, and image labels of shape (B, C). Each error names the argument."""
+    items = check_images(images)
+    sizes = sorted({tuple(int(v) for v in im.shape[-2:]) for im in items})
+    if len(sizes) != 1:
+        raise ValueError(f"images: one batch must share one size (scores are (B, C, H, W)), got sizes {sizes}; "
+                         f"segment them separately (one call per image size)")
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
+        raise ValueError(f"class_names: expected a list of class names, got {type(class_names).__name__} "
+                         f"{class_names!r}")
+    names = [c if isinstance(c, str) else str(c) for c in class_names]
+    if not names:
+        raise ValueError("class_names: expected at least one class")
+    empty = [i for i, n in enumerate(names) if not n.strip()]
+    if empty:
+        raise ValueError(f"class_names: empty class name at position {empty[0]} of {names}")
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ValueError(f"class_names: {n!r} is given twice (positions {seen[n]} and {i}); give each class once")
+        seen[n] = i
+    bg = has_background(names)
+    if background not in ("optional", "required"):
+        raise ValueError(f"check_segment_inputs: background must be 'optional' or 'required', got {background!r}")
+    if background == "required" and not bg:
+        raise ValueError(f"class_names: this method needs the background first (e.g. ['background', ...]), got "
+                         f"{names}")
+    if len(names) - int(bg) < min_foreground:
+        raise ValueError(f"class_names: expected at least {min_foreground} (non-background) class(es), got {names}")
+    allowed = image_label_mask(image_labels, len(items), len(names), torch.device("cpu"))
+    return SegmentInputs(items, names, sizes[0], bg, allowed)
+
+
 def list_methods() -> list[str]:
     return METHODS.names()
 

@@ -16,13 +16,7 @@ __all__ = [
     "CLASS_RENAMES", "rename_classes", "BACKGROUND_NAMES", "has_background",
 ]
 
-# the names that mark channel 0 as the background class (``segment``'s class convention)
-BACKGROUND_NAMES = ("background", "bg", "_background_", "backgroud")
-
-
-def has_background(class_names: Sequence[str]) -> bool:
-    """Whether channel 0 of ``class_names`` is the background class."""
-    return len(class_names) > 0 and str(class_names[0]).strip().lower() in BACKGROUND_NAMES
+from weakseg.core import BACKGROUND_NAMES, has_background  # noqa: E402  (the class convention of segment)
 
 # PASCAL VOC 2012: background + 20 objects, devkit spelling.
 VOC_CLASSES: tuple[str, ...] = (

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from weakseg.data.classnames import BACKGROUND_NAMES
+from weakseg.core import BACKGROUND_NAMES
 
 __all__ = ["check_out_dir", "check_out_file", "class_list", "class_names_arg", "open_train_dataset"]
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from weakseg.data.classnames import BACKGROUND_NAMES, has_background
+from weakseg.core import BACKGROUND_NAMES, has_background, image_label_mask
 
 __all__ = ["BACKGROUND_NAMES", "has_background", "minmax_per_class", "resize_maps", "background_channel",
            "scores_to_labels", "image_label_mask", "clip_tag_classes", "load_tagger_clip", "BackgroundRule",
@@ -91,16 +91,6 @@ def background_channel(fg: torch.Tensor, rule: BackgroundRule) -> tuple[torch.Te
     none = (cut.amax(dim=1, keepdim=True) <= 0) if fg.shape[1] else torch.ones_like(fg[:, :1], dtype=torch.bool)
     # background wins exactly where nothing survived the threshold
     return cut, none.to(fg.dtype)
-
-
-def image_label_mask(image_labels: torch.Tensor | None, B: int, C: int, device) -> torch.Tensor:
-    """(B, C) bool of the allowed classes: the image-level labels, or all classes when None."""
-    if image_labels is None:
-        return torch.ones(B, C, dtype=torch.bool, device=device)
-    if not isinstance(image_labels, torch.Tensor) or image_labels.shape != (B, C):
-        shape = tuple(image_labels.shape) if isinstance(image_labels, torch.Tensor) else type(image_labels).__name__
-        raise ValueError(f"image_labels: expected a (B, C) = ({B}, {C}) bool tensor, got {shape}")
-    return image_labels.to(device=device, dtype=torch.bool)
 
 
 def scores_to_labels(fg: torch.Tensor, class_names: Sequence[str], image_labels: torch.Tensor | None = None,

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.attention import LayerCapture
-from weakseg.core import BACKBONES, METHODS, PresetConfig, SegmentationOutput, check_images
+from weakseg.core import BACKBONES, METHODS, PresetConfig, SegmentationOutput, check_segment_inputs
 from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, has_background, image_label_mask,
                                     load_tagger_clip, minmax_per_class, resize_maps, scores_to_labels)
 
@@ -560,15 +560,8 @@ class DiffSegmenter:
         classes present (weakly-supervised), else the candidates come from ``open_vocab``;
         captions: optional text per image (or None entries) appended after the class phrase of every
         prompt of that image (overrides ``config.captioner``). Scores (B, C, H, W) in [0, 1]."""
-        items_in = check_images(images)
-        names = list(class_names)
-        if not names or not all(isinstance(n, str) and n.strip() for n in names):
-            raise ValueError(f"class_names: expected a non-empty list of non-empty strings, got {class_names!r}")
-        sizes = {tuple(im.shape[-2:]) for im in items_in}
-        if len(sizes) != 1:
-            raise ValueError(f"images: one call returns one (B, C, H, W) tensor, so all images must share a size; "
-                             f"got sizes {sorted(sizes)} (call segment per image)")
-        B = len(items_in)
+        inp = check_segment_inputs(images, class_names, image_labels)
+        items_in, names, B = inp.images, inp.class_names, inp.batch
         if captions is not None and (isinstance(captions, str) or len(captions) != B):
             raise ValueError(f"captions: expected a list of {B} strings or None (one per image), got {captions!r}")
         bg = int(has_background(names))
@@ -587,7 +580,7 @@ class DiffSegmenter:
                     cont = ""
                 items.append((b, name, cont))
                 where.append((b, j))
-        H, W = sizes.pop()
+        H, W = inp.size
         device = self.sd.device
         fg = torch.zeros(B, len(fg_names), H, W, dtype=torch.float32, device=device)
         if items:

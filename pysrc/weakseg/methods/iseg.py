@@ -55,9 +55,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from weakseg.core import BACKBONES, METHODS, PresetConfig, SegmentationOutput, check_images
+from weakseg.core import BACKBONES, METHODS, PresetConfig, SegmentationOutput, check_segment_inputs
 from weakseg.data.classnames import CLASS_RENAMES
-from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, grid_seeds, has_background,
+from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, grid_seeds,
                                     image_label_mask, load_tagger_clip, minmax_per_class, resize_maps,
                                     scores_to_labels)
 from weakseg.methods.diffusion_common import (ClassPrompt, build_class_prompt, fuse_cross_attention,
@@ -466,20 +466,13 @@ class ISeg:
         (background first if the dataset has one); image_labels: optional (B, C) bool. Returns scores
         (B, C, H, W) (per-class min-max maps of the prompt classes, 0 for the others, the background
         from the rule) and labels (B, H, W)."""
-        items = check_images(images)
-        sizes = {tuple(im.shape[-2:]) for im in items}
-        if len(sizes) != 1:
-            raise ValueError(f"images: one batch must share one size (scores are (B, C, H, W)), got sizes "
-                             f"{sorted(sizes)}; segment them separately")
-        class_names = list(class_names)
-        if not class_names:
-            raise ValueError("class_names: expected at least one class")
-        bg = int(has_background(class_names))
+        inp = check_segment_inputs(images, class_names, image_labels)
+        items, class_names, bg = inp.images, inp.class_names, int(inp.background)
         allowed = self.candidates(items, class_names, image_labels)
         fg_idx = [torch.nonzero(allowed[b, bg:]).flatten().tolist() for b in range(len(items))]
         names = [[class_names[bg + j] for j in idx] for idx in fg_idx]
         maps = self.class_maps(items, names)
-        H, W = sizes.pop()
+        H, W = inp.size
         fg = torch.zeros(len(items), len(class_names) - bg, H, W)
         for b, (m, idx) in enumerate(zip(maps, fg_idx)):
             if idx:

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakseg.core import (BACKBONES, METHODS, PresetConfig, SegmentationOutput, check_images, check_weights,
+from weakseg.core import (BACKBONES, METHODS, PresetConfig, SegmentationOutput, check_segment_inputs, check_weights,
                           read_safetensors_file)
-from weakseg.methods.common import BackgroundRule, has_background, image_label_mask, minmax_per_class, scores_to_labels
+from weakseg.methods.common import BackgroundRule, minmax_per_class, scores_to_labels
 
 __all__ = ["SynSeg", "SynSegConfig", "SynSegHead", "PRESETS", "bounded_cos", "fss_pool", "mccl_losses",
            "split_views", "stitch_views", "read_head_file", "MODEL_FORMAT", "LOSS_NAMES"]
@@ -493,21 +493,9 @@ class SynSeg:
                 ) -> SegmentationOutput:
         """images: RGB uint8 (B, 3, H, W) or a list of same-sized (3, H, W); class_names: the candidate classes, the background first where the dataset has one (its channel is
         the constant τ); image_labels: optional (B, C) bool restricting each image's classes."""
-        items = check_images(images)
-        if isinstance(class_names, str) or not isinstance(class_names, Sequence):
-            raise ValueError(f"class_names: expected a list of class names, got {type(class_names).__name__}")
-        names = [str(c) for c in class_names]
-        if any(not n.strip() for n in names):
-            raise ValueError(f"class_names: empty class name in {names}")
-        bg = has_background(names)
-        fg_names = names[1:] if bg else names
-        if not fg_names:
-            raise ValueError(f"class_names: expected at least one (non-background) class, got {names}")
-        sizes = {tuple(im.shape[-2:]) for im in items}
-        if len(sizes) != 1:
-            raise ValueError(f"images: one batch must share one size, got {sorted(sizes)}; segment them separately")
-        B, C = len(items), len(names)
-        allowed = image_label_mask(image_labels, B, C, torch.device("cpu"))
+        inp = check_segment_inputs(images, class_names, image_labels, min_foreground=1)
+        items, names, allowed = inp.images, inp.class_names, inp.allowed
+        fg_names = names[1:] if inp.background else names
         fg = torch.stack(self.class_maps(items, fg_names))
         scores, labels = scores_to_labels(fg, names, allowed, BackgroundRule("constant", self.config.bg_threshold))
         return SegmentationOutput(scores=scores, labels=labels, class_names=names)

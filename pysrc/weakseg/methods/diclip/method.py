@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 from weakseg.backbones.text import DICLIP_BACKGROUND_WORDS, DICLIP_VOC20, VOC20
 from weakseg.core import (BACKBONES, METHODS, PresetConfig, SegmentationOutput, WeightsFileError, check_images,
+                          check_segment_inputs,
                           check_weights, read_safetensors_file)
-from weakseg.methods.common import (BackgroundRule, StageTimer, has_background, image_label_mask, minmax_per_class,
+from weakseg.methods.common import (BackgroundRule, StageTimer, minmax_per_class,
                                     scores_to_labels)
 from weakseg.methods.diclip import cam as camlib
 from weakseg.methods.diclip import refine as reflib
@@ -643,16 +644,8 @@ class DiCLIP:
         """images: RGB uint8 (B, 3, H, W) or a list of same-sized (3, H, W); class_names: background first;
         image_labels: optional (B, C) bool (the classes present). Returns per-class scores and labels."""
         items = check_images(images)
-        sizes = {tuple(im.shape[-2:]) for im in items}
-        if len(sizes) != 1:
-            raise ValueError(f"images: one batch must share one size, got {sorted(sizes)}; segment them separately")
-        class_names = [str(c) for c in class_names]
-        if not has_background(class_names) or len(class_names) < 2:
-            raise ValueError(f"class_names: DiCLIP needs the background first and at least one class, got "
-                             f"{class_names}")
-        B, C = len(items), len(class_names)
-        allowed = image_label_mask(image_labels, B, C, torch.device("cpu"))
-        H, W = sizes.pop()
+        inp = check_segment_inputs(items, class_names, image_labels, background="required", min_foreground=1)
+        class_names, allowed, (H, W) = inp.class_names, inp.allowed, inp.size
         if self.config.mode == "head":
             return self._segment_head(items, class_names, allowed if image_labels is not None else None)
         _, sized = self.resize_batch(items)

@@ -67,9 +67,9 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.core import (BACKBONES, IGNORE_INDEX, METHODS, PROPOSERS, MethodConfig, ModelSpec, SegmentationOutput,
-                          check_images, read_safetensors)
+                          check_segment_inputs, read_safetensors)
 from weakseg.io import hash_file, save_safetensors, write_json
-from weakseg.methods.common import StageTimer, has_background, image_label_mask
+from weakseg.methods.common import StageTimer, has_background
 
 __all__ = ["ModuSeg", "ModuSegConfig", "FeatureBank", "BankError", "BANK_FORMAT", "BANK_FORMAT_VERSION",
            "build_bank", "load_backbone", "load_proposer", "encode_regions", "purify_regions", "exact_topk",
@@ -802,21 +802,14 @@ class ModuSeg:
 
         if self.bank is None:
             raise RuntimeError("ModuSeg: no feature bank loaded (set bank=PATH or build one with `weakseg bank build`)")
-        items = check_images(images)
-        sizes = {tuple(im.shape[-2:]) for im in items}
-        if len(sizes) != 1:
-            raise ValueError(f"images: one batch must share one size (scores are (B, C, H, W)), got sizes "
-                             f"{sorted(sizes)}; segment them separately")
-        class_names = [str(c) for c in class_names]
-        if not class_names:
-            raise ValueError("class_names: expected at least one class")
+        inp = check_segment_inputs(images, class_names, image_labels)
+        items, class_names = inp.images, inp.class_names
         for name, seq in (("proposals", proposals), ("keys", keys)):
             if seq is not None and len(seq) != len(items):
                 raise ValueError(f"{name}: expected one entry per image ({len(items)}), got {len(seq)}")
         B, C = len(items), len(class_names)
-        H, W = sizes.pop()
-        allowed = image_label_mask(image_labels, B, C, torch.device("cpu"))
-        bg_out = has_background(class_names)
+        H, W = inp.size
+        allowed, bg_out = inp.allowed, inp.background
         fill = self._unassigned_label()
         index = {n: i for i, n in enumerate(class_names)}
         bank_names = self.bank.class_names
