@@ -82,84 +82,103 @@ namespace {
 // query; the parts cover ascending, disjoint index ranges, so merging them with knn_before
 // keeps the tie rule (equal similarity: smaller bank index first) exact.
 
-// Scan row[0, nn) (bank indices base + j, ascending) into one query's sorted top-k list.
-inline void scan_row_scalar(const float* row, int64_t nn, int64_t base, float* v, int64_t* id, int64_t* len,
-                            int64_t k) {
+// Scan one query's row of the score tile into its sorted top-k list: candidate j has
+// similarity row[j] * inv[j] (the dot product with the raw bank row, times the row's inverse
+// norm) and bank index base + j; candidates arrive in ascending index.
+inline void scan_row_scalar(const float* row, const float* inv, int64_t nn, int64_t base, float* v, int64_t* id,
+                            int64_t* len, int64_t k) {
   for (int64_t j = 0; j < nn; ++j) {
-    const float s = kernels::knn_key(row[j]);
+    const float s = kernels::knn_key(row[j] * inv[j]);
     // Later bank rows never win a tie, so "<=" rejects without a call.
     if (*len == k && s <= v[k - 1]) continue;
     kernels::topk_insert(v, id, len, k, s, base + j);
   }
 }
 
+// Inverse L2 norms of rows of src (rows x D): 1 / max(||x||, 1e-12), as F.normalize.
+inline void inv_norms_scalar(const float* src, int64_t rows, int64_t D, float* inv) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* x = src + i * D;
+    float ss = 0.f;
+    for (int64_t j = 0; j < D; ++j) ss += x[j] * x[j];
+    inv[i] = 1.0f / std::max(std::sqrt(ss), 1e-12f);
+  }
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define WS_KNN_X86 1
-__attribute__((target("avx512f"))) void scan_row_avx512(const float* row, int64_t nn, int64_t base, float* v,
-                                                          int64_t* id, int64_t* len, int64_t k) {
+__attribute__((target("avx512f"))) void scan_row_avx512(const float* row, const float* inv, int64_t nn,
+                                                          int64_t base, float* v, int64_t* id, int64_t* len,
+                                                          int64_t k) {
   int64_t j = 0;
-  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, kernels::knn_key(row[j]), base + j);
+  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, kernels::knn_key(row[j] * inv[j]), base + j);
   if (j == nn) return;
   __m512 thr = _mm512_set1_ps(v[k - 1]);
   for (; j + 16 <= nn; j += 16) {
     // NaN compares false (it ranks last, like -inf, and a full list never takes -inf from a
     // later row); an equal similarity from a later row never displaces a kept one.
-    __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), thr, _CMP_GT_OQ);
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), _mm512_loadu_ps(inv + j));
+    __mmask16 m = _mm512_cmp_ps_mask(x, thr, _CMP_GT_OQ);
     if (m) {
+      alignas(64) float xs[16];
+      _mm512_store_ps(xs, x);
       do {
         const int b = __builtin_ctz(m);
         m &= static_cast<__mmask16>(m - 1);
-        kernels::topk_insert(v, id, len, k, row[j + b], base + j + b);
+        kernels::topk_insert(v, id, len, k, xs[b], base + j + b);
       } while (m);
       thr = _mm512_set1_ps(v[k - 1]);
     }
   }
-  scan_row_scalar(row + j, nn - j, base + j, v, id, len, k);
+  scan_row_scalar(row + j, inv + j, nn - j, base + j, v, id, len, k);
 }
 
-__attribute__((target("avx2"))) void scan_row_avx2(const float* row, int64_t nn, int64_t base, float* v,
-                                                     int64_t* id, int64_t* len, int64_t k) {
+__attribute__((target("avx2"))) void scan_row_avx2(const float* row, const float* inv, int64_t nn, int64_t base,
+                                                     float* v, int64_t* id, int64_t* len, int64_t k) {
   int64_t j = 0;
-  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, kernels::knn_key(row[j]), base + j);
+  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, kernels::knn_key(row[j] * inv[j]), base + j);
   if (j == nn) return;
   __m256 thr = _mm256_set1_ps(v[k - 1]);
   for (; j + 8 <= nn; j += 8) {
-    unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), thr, _CMP_GT_OQ)));
+    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(inv + j));
+    unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(x, thr, _CMP_GT_OQ)));
     if (m) {
+      alignas(32) float xs[8];
+      _mm256_store_ps(xs, x);
       do {
         const int b = __builtin_ctz(m);
         m &= m - 1;
-        kernels::topk_insert(v, id, len, k, row[j + b], base + j + b);
+        kernels::topk_insert(v, id, len, k, xs[b], base + j + b);
       } while (m);
       thr = _mm256_set1_ps(v[k - 1]);
     }
   }
-  scan_row_scalar(row + j, nn - j, base + j, v, id, len, k);
+  scan_row_scalar(row + j, inv + j, nn - j, base + j, v, id, len, k);
 }
 
-__attribute__((target("avx512f"))) void normalize_rows_avx512(const float* src, float* dst, int64_t rows,
-                                                                int64_t D) {
+__attribute__((target("avx512f"))) void inv_norms_avx512(const float* src, int64_t rows, int64_t D, float* inv) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* x = src + i * D;
-    float* y = dst + i * D;
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int64_t j = 0;
+    for (; j + 32 <= D; j += 32) {
+      const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+      acc0 = _mm512_fmadd_ps(a, a, acc0);
+      acc1 = _mm512_fmadd_ps(b, b, acc1);
+    }
     for (; j + 16 <= D; j += 16) {
       const __m512 a = _mm512_loadu_ps(x + j);
-      acc = _mm512_fmadd_ps(a, a, acc);
+      acc0 = _mm512_fmadd_ps(a, a, acc0);
     }
-    float ss = _mm512_reduce_add_ps(acc);
+    float ss = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     for (; j < D; ++j) ss += x[j] * x[j];
-    const float inv = 1.0f / std::max(std::sqrt(ss), 1e-12f);
-    const __m512 vi = _mm512_set1_ps(inv);
-    j = 0;
-    for (; j + 16 <= D; j += 16) _mm512_storeu_ps(y + j, _mm512_mul_ps(_mm512_loadu_ps(x + j), vi));
-    for (; j < D; ++j) y[j] = x[j] * inv;
+    inv[i] = 1.0f / std::max(std::sqrt(ss), 1e-12f);
   }
 }
 #endif
 
-using ScanFn = void (*)(const float*, int64_t, int64_t, float*, int64_t*, int64_t*, int64_t);
+using ScanFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t*, int64_t*, int64_t);
+using NormFn = void (*)(const float*, int64_t, int64_t, float*);
 
 ScanFn pick_scan() {
 #ifdef WS_KNN_X86
@@ -169,20 +188,11 @@ ScanFn pick_scan() {
   return scan_row_scalar;
 }
 
-// Rows of src (rows x D, float32) scaled to unit L2 norm (norm clamped at 1e-12, as the
-// reference's F.normalize) into dst.
-void normalize_rows(const float* src, float* dst, int64_t rows, int64_t D) {
+NormFn pick_norms() {
 #ifdef WS_KNN_X86
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return normalize_rows_avx512(src, dst, rows, D);
+  if (__builtin_cpu_supports("avx512f")) return inv_norms_avx512;
 #endif
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* x = src + i * D;
-    float ss = 0.f;
-    for (int64_t j = 0; j < D; ++j) ss += x[j] * x[j];
-    const float inv = 1.0f / std::max(std::sqrt(ss), 1e-12f);
-    for (int64_t j = 0; j < D; ++j) dst[i * D + j] = x[j] * inv;
-  }
+  return inv_norms_scalar;
 }
 
 int64_t env_or(const char* name, int64_t dflt) {
@@ -201,7 +211,8 @@ struct KnnPlan {
 // across threads when it has at least two tiles per thread, else the queries are.
 KnnPlan plan_knn(int64_t Q, int64_t N, int64_t D, int64_t threads) {
   KnnPlan p;
-  p.nt = env_or("WEAKSEG_KNN_NT", 512);
+  // A bank tile of about 1 MiB: 256 rows at D = 1024, 1024 rows at D = 256.
+  p.nt = env_or("WEAKSEG_KNN_NT", std::max<int64_t>(64, std::min<int64_t>(1024, ((int64_t(1) << 18) / std::max<int64_t>(D, 1)) / 16 * 16)));
   p.qb = env_or("WEAKSEG_KNN_QB", 1024);
   const int64_t min_part = env_or("WEAKSEG_KNN_MIN_PART", 2 * p.nt);
   p.parts = std::max<int64_t>(1, std::min<int64_t>(threads, N / min_part));
@@ -232,38 +243,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(const at::Tensor& qu
   std::vector<int64_t> top_i(static_cast<size_t>(P * Q * kk));
   std::vector<int64_t> len(static_cast<size_t>(P * Q), 0);
   static const ScanFn scan = pick_scan();
+  static const NormFn norms = pick_norms();
+  const at::Tensor bank_raw = at::from_blob(const_cast<float*>(bdat), {N, D}, fopts);
 
-  at::parallel_for(0, P * QP, 1, [&](int64_t u0, int64_t u1) {
-    const int64_t nt = std::min(plan.nt, N);
-    std::unique_ptr<float[]> tile(new float[static_cast<size_t>(nt * D)]);
-    const int64_t qb_max = std::min(plan.qb, Q);
-    std::unique_ptr<float[]> score(new float[static_cast<size_t>(qb_max * nt)]);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t p = u / QP, qp = u % QP;
-      // Part p: whole tiles [t0, t1) of the bank; query chunk qp: [qa, qz).
-      const int64_t ntiles = (N + nt - 1) / nt;
-      const int64_t n_begin = std::min(N, (ntiles * p / P) * nt), n_end = std::min(N, (ntiles * (p + 1) / P) * nt);
-      const int64_t qa = Q * qp / QP, qz = Q * (qp + 1) / QP;
-      float* V = top_v.data() + p * Q * kk;
-      int64_t* I = top_i.data() + p * Q * kk;
-      int64_t* L = len.data() + p * Q;
-      for (int64_t n0 = n_begin; n0 < n_end; n0 += nt) {
-        const int64_t nn = std::min(nt, n_end - n0);
-        normalize_rows(bdat + n0 * D, tile.get(), nn, D);
-        const at::Tensor bt = at::from_blob(tile.get(), {nn, D}, fopts);
-        for (int64_t q0 = qa; q0 < qz; q0 += qb_max) {
-          const int64_t qn_rows = std::min(qb_max, qz - q0);
-          at::Tensor st = at::from_blob(score.get(), {qn_rows, nn}, fopts);
-          at::mm_out(st, qn.narrow(0, q0, qn_rows), bt.t());  // (qn_rows, nn): one tile, never Q x N
-          const float* s = score.get();
-          for (int64_t i = 0; i < qn_rows; ++i) {
-            const int64_t q = q0 + i;
-            scan(s + i * nn, nn, n0, V + q * kk, I + q * kk, L + q, kk);
-          }
+  // Unit u: bank part u / QP, query chunk u % QP. Per bank tile: the GEMM of each block of the
+  // chunk's queries against the raw tile (MKL streams it from memory), the tile's inverse row
+  // norms (the tile is in cache by then), and the scan.
+  auto run_unit = [&](int64_t u, float* score, float* inv) {
+    const int64_t nt = std::min(plan.nt, N), qb = std::min(plan.qb, Q);
+    const int64_t p = u / QP, qp = u % QP;
+    const int64_t ntiles = (N + nt - 1) / nt;
+    const int64_t n_begin = std::min(N, (ntiles * p / P) * nt), n_end = std::min(N, (ntiles * (p + 1) / P) * nt);
+    const int64_t qa = Q * qp / QP, qz = Q * (qp + 1) / QP;
+    float* V = top_v.data() + p * Q * kk;
+    int64_t* I = top_i.data() + p * Q * kk;
+    int64_t* L = len.data() + p * Q;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += nt) {
+      const int64_t nn = std::min(nt, n_end - n0);
+      const at::Tensor bt = bank_raw.narrow(0, n0, nn).t();
+      for (int64_t q0 = qa; q0 < qz; q0 += qb) {
+        const int64_t rows = std::min(qb, qz - q0);
+        at::Tensor st = at::from_blob(score, {rows, nn}, fopts);
+        at::mm_out(st, qn.narrow(0, q0, rows), bt);  // (rows, nn): one tile, never Q x N
+        if (q0 == qa) norms(bdat + n0 * D, nn, D, inv);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t q = q0 + i;
+          scan(score + i * nn, inv, nn, n0, V + q * kk, I + q * kk, L + q, kk);
         }
       }
     }
-  });
+  };
+  const int64_t units = P * QP;
+  const size_t score_n = static_cast<size_t>(std::min(plan.qb, Q) * std::min(plan.nt, N));
+  const size_t inv_n = static_cast<size_t>(std::min(plan.nt, N));
+  if (units == 1) {
+    // One unit: the GEMMs use every thread (MKL's own parallelism).
+    std::unique_ptr<float[]> score(new float[score_n]), inv(new float[inv_n]);
+    run_unit(0, score.get(), inv.get());
+  } else {
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      std::unique_ptr<float[]> score(new float[score_n]), inv(new float[inv_n]);
+      for (int64_t u = u0; u < u1; ++u) run_unit(u, score.get(), inv.get());
+    });
+  }
 
   // Merge the parts' lists (ascending, disjoint index ranges) into part 0's, then vote.
   const int64_t* bl = bl_t.data_ptr<int64_t>();
