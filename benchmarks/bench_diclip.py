@@ -1,4 +1,4 @@
-"""DiCLIP's composite hot spots (specs/diclip.md §7) at the reference's shapes: verify against the
+"""DiCLIP's composite hot spots (docs/specs/diclip.md §7) at the reference's shapes: verify against the
 straightforward form, then time both.
 
 - K4 surgery similarity / cache retrieval: the GEMM form of :func:`surgery_similarity` vs CLIP

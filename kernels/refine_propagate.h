@@ -2,7 +2,7 @@
 // self-attention and N-step propagation), shared by the CPU loops and the CUDA
 // kernels.
 //
-// The contract (DESIGN.md op 5) builds, from attention A (rows = queries),
+// The contract (docs/design.md op 5) builds, from attention A (rows = queries),
 //   T  = A / colmax(A);  T = T + ent*log10(e*T) where T > 0;  T = max(T, 0)
 //   Pm = T / rowsum(T)
 // and repeats C = Pm @ C; C = C - colmin(C); C = C / colsum(C).

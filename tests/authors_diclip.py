@@ -1,7 +1,7 @@
 """A faithful transcription of the parts of the DiCLIP authors' code (zwyang6/DiCLIP) that weakseg is
 checked against — a test oracle and the benchmarks' baseline, not part of the package.
 
-Sources (read at the commits specs/diclip.md names):
+Sources (read at the commits docs/specs/diclip.md names):
 
 * clip/clip_custom.py (7da9c28): ``Attention.forward`` (the surgery blocks: original path + the q-q /
   k-k surgery path, ``ex_feats`` added to every head's patch block, the original attention returned

@@ -6,7 +6,7 @@
 //     thread (mode "threads": real concurrency, what TSan/ASan need) or a
 //     fiber, i.e. a ucontext coroutine with its own stack (mode "fibers", the
 //     default: one OS thread switches between the CUDA threads at every
-//     barrier / shuffle, 4-6x faster here). Blocks run one at a time, in a
+//     barrier / shuffle, the faster one). Blocks run one at a time, in a
 //     shuffled order; in "fibers" mode the threads are also resumed in a
 //     shuffled order after every barrier, in "threads" mode they start after
 //     random yields. Mode and seed: configure(), or the environment

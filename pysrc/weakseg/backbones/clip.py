@@ -8,7 +8,7 @@ weights (``ln_1``, ``attn.in_proj_*`` / ``attn.out_proj``, ``ln_2``, ``mlp``, ``
 so the forward can return attention probabilities and modify attention; without modifications
 it computes what ``model.encode_image`` computes.
 
-Surgery (DiCLIP / CLIP Surgery, ``specs/diclip.md`` §1, §2c), for the last ``N`` blocks:
+Surgery (DiCLIP / CLIP Surgery, ``docs/specs/diclip.md`` §1, §2c), for the last ``N`` blocks:
 
 * the *original path* ``x_ori`` runs every block unchanged (attention + MLP); it supplies the CLS
   embedding and the per-block token outputs;
@@ -178,7 +178,7 @@ class ConvStem(nn.Module):
     ``VisionTransformer`` (same input, same (B, width, H/p, W/p) output for p = 2**len(channels)); the
     transformer, position embedding, pooling and projection are unchanged, so every token-level code path
     runs as on a standard ViT. Used by the toy world's CLIP, whose tiny tower learns shapes far faster
-    with it than with a linear 8x8 patchify (measured in ``weakseg.toy.train``)."""
+    with it than with a linear 8x8 patchify (benchmarks/results/toyworld_training_notes.md)."""
 
     def __init__(self, channels: Sequence[int], width: int):
         super().__init__()

@@ -1,9 +1,9 @@
 """Stable Diffusion backbone (diffusers): VAE encoding, noising, one UNet pass with attention capture,
 class-token re-weighting, and image generation.
 
-Used by DiffSegmenter and iSeg (cross/self-attention maps, specs/diffsegmenter_iseg.md §1-§2) and by
+Used by DiffSegmenter and iSeg (cross/self-attention maps, docs/specs/diffsegmenter_iseg.md §1-§2) and by
 DiCLIP (self-attention q/k and probabilities, image generation for the key-value cache;
-specs/diclip.md §2a, §3a).
+docs/specs/diclip.md §2a, §3a).
 
 Layouts: ``stabilityai/stable-diffusion-2-1-base`` (the default; per-block head counts 5/10/20/20 of
 width 64, linear projections in the transformers, OpenCLIP-H text encoder of width 1024, pad token "!")
@@ -545,7 +545,7 @@ class StableDiffusionBackbone(FromSpec):
         """Text-to-image through diffusers' ``StableDiffusionPipeline`` on these components (a copy of the
         scheduler, so ``self.scheduler`` keeps its state). ``generator``: a torch.Generator or an int seed.
         Returns RGB uint8 images (B, 3, height, width); height/width default to the UNet's sample size × 8.
-        (DiCLIP's cache: 45 steps, guidance 10, seed 4307, 384², specs/diclip.md §3a.)"""
+        (DiCLIP's cache: 45 steps, guidance 10, seed 4307, 384², docs/specs/diclip.md §3a.)"""
         items = self._prompts(prompts)
         if isinstance(generator, int):
             generator = torch.Generator(device=self.device).manual_seed(generator)

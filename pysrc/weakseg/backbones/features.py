@@ -1,7 +1,7 @@
 """Dense patch features on the patch grid (DINOv2 through transformers) and the common
 :class:`PatchFeatures` result that every dense extractor returns.
 
-The padding convention follows ModuSeg (specs/moduseg.md §1.3): the image keeps its native
+The padding convention follows ModuSeg (docs/specs/moduseg.md §1.3): the image keeps its native
 resolution and is padded on the **bottom and right** to the next multiple of the patch size, so
 an (H, W) image gives a ceil(H/p) x ceil(W/p) token grid (500x375 with p=16 -> 512x384 -> 24x32;
 37x50 with p=14 -> 42x56 -> 3x4). Token (i, j) covers padded pixels

@@ -2,7 +2,7 @@
 
 ``image`` is one RGB uint8 tensor (3, H, W). The result holds pairwise-disjoint boolean masks at
 the image's resolution with float32 scores in descending order, which is what ModuSeg's
-inference stage consumes (specs/moduseg.md §2.1: EntitySeg masks made non-overlapping by
+inference stage consumes (docs/specs/moduseg.md §2.1: EntitySeg masks made non-overlapping by
 painting in ascending score order, thresholded by score and area).
 
 Proposers:

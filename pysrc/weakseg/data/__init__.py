@@ -1,4 +1,4 @@
-"""weakseg.data: dataset readers and class-name tables (see DESIGN.md)."""
+"""weakseg.data: dataset readers and class-name tables (see docs/design.md)."""
 
 from weakseg.data.classnames import CLASS_RENAMES, rename_classes
 from weakseg.data.datasets import (

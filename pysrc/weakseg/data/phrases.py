@@ -1,4 +1,4 @@
-"""Caption -> noun phrases, SynSeg's category source (specs/synseg.md §4; the paper's Alg. 1 + 2).
+"""Caption -> noun phrases, SynSeg's category source (docs/specs/synseg.md §4; the paper's Alg. 1 + 2).
 
 :class:`NounPhraseExtractor` turns a caption into its distinct noun phrases, each one category:
 

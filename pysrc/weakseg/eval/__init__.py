@@ -1,4 +1,4 @@
-"""weakseg.eval: metrics (a mergeable confusion matrix) and the evaluation loop (see DESIGN.md)."""
+"""weakseg.eval: metrics (a mergeable confusion matrix) and the evaluation loop (see docs/design.md)."""
 
 from weakseg.eval.metrics import MIOU_CONVENTIONS, ConfusionMatrix
 from weakseg.eval.runner import evaluate, open_eval_dataset

@@ -1,6 +1,6 @@
 """``erode`` and ``erode_labels``: rectangular erosion of binary masks and label maps.
 
-Contract (DESIGN.md, ops 1 and 2): masks (..., H, W) bool/uint8 are eroded with a
+Contract (docs/design.md, ops 1 and 2): masks (..., H, W) bool/uint8 are eroded with a
 (kh, kw) rectangle (odd sizes); pixels outside the image count as foreground, so
 image borders never erode (OpenCV's default border). ``iterations`` passes of a
 k-window equal one pass of a ((k-1)*iterations+1)-window. For uint8 the result

@@ -1,6 +1,6 @@
 """``masked_area_pool``: soft-masked average pooling of patch features.
 
-Contract (DESIGN.md, op 3): features (B, C, h, w) on the patch grid, masks
+Contract (docs/design.md, op 3): features (B, C, h, w) on the patch grid, masks
 (B, M, H, W) at pixel resolution (bool/uint8: nonzero is foreground; float in
 [0, 1]). Patch weights w = adaptive_avg_pool2d(mask, (h, w)) are the covered
 fraction of each patch (ModuSeg's Soft-Masked Feature Aggregation, DiCLIP's mask

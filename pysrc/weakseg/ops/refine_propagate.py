@@ -3,7 +3,7 @@ propagation of class maps (also DiCLIP's random walk on SD attention and
 DiffSegmenter's single product); ``refine_propagate_qk`` does the same from the
 per-head queries and keys of the self-attention layer.
 
-Contract (DESIGN.md, op 5), in the reference code's order, for attention
+Contract (docs/design.md, op 5), in the reference code's order, for attention
 ``attn`` (B, P, P) with rows = queries and maps (B, P, K)::
 
     T  = attn / colmax(attn)                  # column max over the queries

@@ -27,9 +27,8 @@ __all__ = ["CLIP_CONFIG", "VAE_CONFIG", "UNET_CONFIG", "build_clip", "build_vae"
            "text_tower_to_hf", "assemble_sd"]
 
 # open_clip CLIP through CLIPBackbone.tiny (keyword arguments of that constructor)
-# conv_stem: a ConvStem (three 3x3 stride-2 convolutions) instead of the linear 8x8 patchify; with the linear
-# one the tiny ViT learned shape slowly (zero-shot 61.8% after 3,000 steps; a supervised probe of the
-# tower stayed near 51% from step 400 to 600, against 90% after 1,000 steps with the stem at lr 6e-4).
+# conv_stem: a ConvStem (three 3x3 stride-2 convolutions) instead of the linear 8x8 patchify, with which the
+# tiny ViT learned shape slowly (benchmarks/results/toyworld_training_notes.md).
 CLIP_CONFIG: dict[str, Any] = dict(image_size=64, patch_size=8, width=128, layers=4, heads=4, embed_dim=64,
                                    text_width=32, text_layers=4, text_heads=2, context_length=77, quick_gelu=False,
                                    conv_stem=[32, 64, 128])

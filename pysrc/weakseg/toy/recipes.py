@@ -46,9 +46,9 @@ def diffsegmenter_demo(work_dir: Path | None = None, progress: bool = True, back
 
 # Toy-world settings (64 x 64 scenes, 8 px CLIP patches): the reference's pixel thresholds scaled down
 # with the image (300 px of a 500 x 375 image is 0.16 %; a 20 px erosion radius is 4 % of its width);
-# superpixels that an oracle labelling scores 92 % mIoU on test scenes; K = 1 for a bank of a few hundred
-# rows in which every scene adds a background row (K = 25 lets the background outvote the shapes; on 60
-# val scenes K = 1, 3, 5, 25 gave 43.8, 41.7, 41.6, 38.5 mIoU, benchmarks/results/ablate_moduseg_toy.md);
+# superpixels fine enough for the shapes (oracle labelling: benchmarks/results/toyworld_training_notes.md);
+# K = 1 for a bank of a few hundred rows in which every scene adds a background row (a large K lets the
+# background outvote the shapes: benchmarks/results/ablate_moduseg_toy.md);
 # the vote sees the image's classes, which the demo gives every method (the reference ignores them).
 MODUSEG_TOY_CONFIG: dict[str, Any] = dict(backbone="clip-dense", backbone_model="toy", proposer="superpixel",
                                   proposer_options=dict(method="felzenszwalb", scale=60.0, sigma=0.5, min_size=12,

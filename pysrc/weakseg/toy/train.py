@@ -8,17 +8,13 @@ Stages (``--stage``; ``all`` runs them in this order, each one's result feeds th
    distribution; images get a random one of the 8 flips/rotations (captions are invariant to them).
    Identical captions in a batch count as positives of each other. Each image also gets a hard
    negative caption, its own with one shape word swapped (:func:`shape_negative`): without it the
-   colours and backgrounds identify the caption within a batch and the model learns little about shape
-   (measured: 42% zero-shot shape accuracy after 1,400 steps, text embeddings of "a photo of a circle."
-   and "... square." at cosine 0.99). Even with them the image tower learned shape slowly (34% after
-   1,200 steps), so a second term trains CLIP as the zero-shot classifier it is used as: the
+   colours and backgrounds identify the caption within a batch and the model learns little about shape.
+   Even with them the image tower learned shape slowly, so a second term trains CLIP as the zero-shot classifier it is used as: the
    cross-entropy of each image against the five class prompts "a photo of a {shape}" (with or without
    the period), the target uniform over the shapes its caption names (weak labels read from the
    caption, never from the masks). The image tower's patchify is a :class:`~weakseg.backbones.clip.ConvStem`
-   (``CLIP_CONFIG["conv_stem"]``): with open_clip's linear 8x8 patchify the tower stalled (61.8% zero-shot
-   after 3,000 steps; a supervised probe of it flat at about 51% from step 400 to 600), with the stem the
-   same probe reached 90% after 1,000 steps (lr 6e-4). 4,500 steps, lr 6e-4 (the same recipe with 3,000
-   steps gave 86.4%).
+   (``CLIP_CONFIG["conv_stem"]``): with open_clip's linear 8x8 patchify the tower stalled. 4,500 steps,
+   lr 6e-4. The measurements behind these choices: benchmarks/results/toyworld_training_notes.md.
 2. ``text``: the CLIP whose text tower starts Stable Diffusion's text encoder: the same objective with
    open_clip's linear patchify (:data:`TEXT_CLIP_OVERRIDES`), 3,000 steps at lr 1e-3, batches drawn from
    the clip stage's random stream; i.e. the first recipe of stage 1. Its image tower is discarded. (SD's
@@ -32,12 +28,9 @@ Stages (``--stage``; ``all`` runs them in this order, each one's result feeds th
    from the text stage's CLIP text tower and trained with the UNet (:data:`TRAIN_TEXT_ENCODER`), 10% caption
    dropout (the empty prompt). 2,400 steps.
 
-Measured for the committed weights (seed 0, ``python -m weakseg.toy.signal``; figures in the
-project's notes): CLIP zero-shot accuracy on 500 single-object val scenes 99.6% ("a photo of a {}." and
-the template ensemble alike; the issue's target is 90%); the UNet's 16x16 class-token cross-attention
-overlaps the object masks at a best-threshold IoU of 0.47 (the issue's target is 0.5) and one
-propagation by its 16x16 self-attention raises that to 0.52 (100 val scenes, 148 object-class pairs,
-t = 100).
+What the committed weights learned (CLIP zero-shot accuracy, cross-attention IoU with and without
+propagation) is measured by ``python -m weakseg.toy.signal``; the figures are in
+benchmarks/results/toyworld_signal_2026-11-22.json and benchmarks/results/toyworld_training_notes.md.
 
 Determinism: every model is initialised from ``--seed``; the batch of step ``s`` (scene indices,
 augmentations, caption variants, noise, timesteps, dropout) is drawn from generators seeded with
@@ -96,12 +89,8 @@ class StageSettings:
     ckpt_every: int = 250
 
 
-# Step counts chosen for about two hours on 2 CPU cores in total. Seconds per step measured on an idle
-# machine with --threads 2: CLIP batch 64 0.56 s (4,500 steps ~42 min), the text stage's CLIP 0.54 s
-# (3,000 steps ~27 min), UNet + text encoder batch 32 0.86 s (2,400 steps ~35 min, plus a few minutes to
-# encode the scenes with the VAE at each start); with
-# one thread while other jobs shared the machine: CLIP 0.85-1.4 s, VAE batch 32 ~1-4 s (1,200 steps),
-# UNet 1.3-1.9 s. On a shared machine a single thread (--threads 1) is several times faster than two.
+# Step counts chosen for about two hours on 2 CPU cores in total (seconds per step of each stage:
+# benchmarks/results/toyworld_training_notes.md). On a shared machine use --threads 1.
 DEFAULT_SETTINGS: dict[str, StageSettings] = {
     "clip": StageSettings(steps=4500, batch=64, lr=6e-4, warmup=100, weight_decay=0.1),
     "text": StageSettings(steps=3000, batch=64, lr=1e-3, warmup=100, weight_decay=0.1),

@@ -1,1 +1,1 @@
-"""weakseg.train (see DESIGN.md)."""
+"""weakseg.train (see docs/design.md)."""
