@@ -12,7 +12,8 @@ from weakseg.backbones.proposers import (DiskProposer, MaskProposer, Proposals, 
                                          paint_disjoint)
 from weakseg.core import PROPOSERS
 
-from weakseg.backbones.proposers import SAM2Proposer, _has_sam2
+from weakseg.backbones.proposers import SAM2Proposer
+from weakseg.backbones.proposers.sam import _has_sam2
 
 if not _has_sam2():  # transformers without Sam2Model
     SAM2Proposer = None
