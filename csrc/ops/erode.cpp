@@ -196,8 +196,18 @@ void min_filter_u8(const uint8_t* in, uint8_t* out, int64_t planes, int64_t H, i
   }
   const int64_t plane = H * W;
   const int64_t threads = at::get_num_threads();
-  // Small jobs run on the calling thread: a parallel region costs more than they do.
-  const bool serial = threads <= 1 || planes * plane < (int64_t(1) << 17);
+  // Small jobs run on the calling thread: a parallel region costs more than they do. Work in
+  // row passes per pixel: the vertical (w - 1 direct, else 3) and horizontal (w - 1 direct, else
+  // the doubling steps + 1) passes and the copy.
+  auto passes = [](int64_t w) {
+    if (w <= 3) return w - 1;
+    int64_t n = 1;
+    while ((int64_t(2) << n) <= w) ++n;
+    return n + 1;
+  };
+  const int64_t work = planes * plane * (std::min<int64_t>(passes(win.yhi - win.ylo + 1), 3) +
+                                         passes(win.xhi - win.xlo + 1) + 1);
+  const bool serial = threads <= 1 || work < (int64_t(1) << 21);
   if (serial || planes >= threads) {
     auto body = [&](int64_t p0, int64_t p1) {
       auto& b = bufs();
