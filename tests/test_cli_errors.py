@@ -312,3 +312,31 @@ def test_probe_is_bounded_in_time(monkeypatch):
     t0 = time.perf_counter()
     assert hub._probe("huggingface.co", 443, 0.3) is False
     assert time.perf_counter() - t0 < 2
+
+
+# ------------------------------------------------------------------- issue 22: what a new user hits, one line each
+def _garbage(path):
+    path.write_bytes(b"not a safetensors file" * 8)
+    return str(path)
+
+
+@pytest.mark.parametrize("method, sets, words", [
+    # missing weights (offline): a model spec naming a folder that is not there, or an unknown tiny variant
+    ("iseg", ["model=/no/such/sd"], ["'/no/such/sd' does not exist", "diffusers"]),
+    ("iseg", ["model=tiny:sdxl"], ["tiny:sd15"]),
+    ("synseg", ["preset=tiny", "clip_model=/no/such/clip"], ["/no/such/clip"]),
+    ("moduseg", ["backbone=nope"], ["ModuSegConfig.backbone", "dinov2", "clip-dense"]),
+    # corrupt bank, cache, trained head, training checkpoint: the argument and the file are named
+    ("moduseg", ["backbone=clip-dense", "backbone_model=tiny", "proposer=superpixel", "bank={bad}"],
+     ["feature bank", "bad.safetensors", "not a readable safetensors file"]),
+    ("diclip", ["preset=tiny", "cache={bad}"], ["cache", "bad.safetensors", "not a readable safetensors file"]),
+    ("diclip", ["preset=tiny", "mode=head", "checkpoint={bad}"], ["checkpoint", "bad.safetensors"]),
+    ("synseg", ["preset=tiny", "checkpoint={bad}"], ["SynSegConfig.checkpoint", "bad.safetensors"]),
+])
+def test_bad_models_and_files_are_one_line_naming_the_setting(tmp_path, capsys, method, sets, words):
+    img = _png(tmp_path / "a.png", size=(64, 64))
+    bad = _garbage(tmp_path / "bad.safetensors")
+    rc = main(["segment", str(img), "--method", method, "--classes", "cat", "--out", str(tmp_path / "o"),
+               "--set", *[s.format(bad=bad) for s in sets]])
+    assert rc == 2
+    _one_line_error(capsys, *words)
