@@ -333,7 +333,9 @@ def test_clustering_input_has_exact_zeros_replaced(sd21, images, monkeypatch):
     cluster means are taken over the replaced maps."""
     import weakseg.ops
 
-    fuse = iseg_mod.fuse_cross_attention
+    from weakseg.methods.iseg import method as iseg_method
+
+    fuse = iseg_method.fuse_cross_attention
     seen = {}
 
     def zeroed(*a, **kw):
@@ -346,7 +348,7 @@ def test_clustering_input_has_exact_zeros_replaced(sd21, images, monkeypatch):
         seen["x"] = x.clone()
         return kl_kmeans(x, seeds, iterations)
 
-    monkeypatch.setattr(iseg_mod, "fuse_cross_attention", zeroed)
+    monkeypatch.setattr(iseg_method, "fuse_cross_attention", zeroed)
     monkeypatch.setattr(weakseg.ops, "kl_kmeans", spy)
     make(sd21, steps=1).segment(images, NAMES, LABELS)
     x = seen["x"]
@@ -423,6 +425,12 @@ def test_presets_and_registration():
     assert c.replace(steps=3).ent == 0.015 and c.replace(steps=3).steps == 3  # explicit values survive replace
     assert ISegConfig(preset="voc-ovs").heads_16 == iseg_mod.VOC_HEADS_16 and len(iseg_mod.VOC_HEADS_16) == 41
     assert ISegConfig(preset="voc-ovs").background_separator == ""
+    # the stuff words of the prompt: the reference's strings after its string-literal concatenation
+    assert iseg_mod.VOC_STUFF == "ground, land, grass, tree, building, wall, sky, lake, water"
+    assert iseg_mod.COCO_STUFF.endswith("water, river, sea, railway, ")
+    assert iseg_mod.ISEG_BACKGROUND_COCO[:len(iseg_mod.ISEG_BACKGROUND_VOC)] == iseg_mod.ISEG_BACKGROUND_VOC
+    assert ISegConfig().background_words == iseg_mod.VOC_STUFF and PRESETS["coco-wsss"]["background_words"] == \
+        iseg_mod.COCO_STUFF
     assert PRESETS["voc-wsss"]["heads_32"] == (22, 5, 21, 13, 8, 27, 28, 6, 25)
     assert_raises_naming(lambda: ISegConfig.from_preset("ade"), ValueError, ["preset", "ade", "voc-wsss"])
     assert_raises_naming(lambda: ISegConfig(dtype="float16"), ValueError, ["dtype", "float16", "GPU"])
