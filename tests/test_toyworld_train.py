@@ -337,7 +337,7 @@ def test_text_stage_draws_the_clip_stage_batches(tmp_path, cache):
     b, _ = T.train_clip(cache, tmp_path, st, overrides=TINY["text"], progress=False, stage="text")
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k
-    assert (tmp_path / "final" / "text").is_dir() and (tmp_path / "ckpt" / "text" / "state.json").is_file()
+    assert (tmp_path / "final" / "text").is_dir() and (tmp_path / "ckpt" / "text" / "last.safetensors").is_file()
     assert_raises_naming(lambda: T.train_clip(cache, tmp_path, st, stage="vae"), ValueError, ["stage", "'text'"])
     assert_raises_naming(lambda: T._load_final_clip(tmp_path / "none", "cpu", "text"), FileNotFoundError,
                          ["--stage text"])

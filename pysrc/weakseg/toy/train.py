@@ -35,7 +35,8 @@ benchmarks/results/toyworld_signal_2026-11-22.json and benchmarks/results/toywor
 Determinism: every model is initialised from ``--seed``; the batch of step ``s`` (scene indices,
 augmentations, caption variants, noise, timesteps, dropout) is drawn from generators seeded with
 ``(seed, stage, s)`` only, and the learning rate is a function of ``s``. A checkpoint (every
-``--ckpt-every`` steps and at the end: model + AdamW state in safetensors, step and settings in JSON) is
+``--ckpt-every`` steps and at the end: model, AdamW state and random streams in one safetensors file, step
+and settings in its header, written by :func:`weakseg.train.common.save_checkpoint`) is
 therefore all ``--resume`` needs to continue bit for bit.
 
 Data: the training scenes (``ToyWorld(64, "train")``, 1-3 objects) are generated once into
@@ -64,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.io import save_safetensors, write_json
+from weakseg.train import common
 from weakseg.toy.world import COLORS, OBJECT_CLASSES, STUFF, ToyWorld
 from weakseg.toy.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_sd, build_clip, build_unet,
                                      build_vae, text_tower_to_hf)
@@ -269,50 +271,32 @@ def _make_optimizer(params, s: StageSettings) -> torch.optim.AdamW:
 # --------------------------------------------------------------------------------------------------
 # checkpoints
 
-def _ckpt_dir(work_dir: Path, stage: str) -> Path:
-    return Path(work_dir) / "ckpt" / stage
+CHECKPOINT_FORMAT = "weakseg-toy-checkpoint"
+
+
+def _ckpt_path(work_dir: Path, stage: str) -> Path:
+    return Path(work_dir) / "ckpt" / stage / "last.safetensors"
 
 
 def save_checkpoint(work_dir: Path, stage: str, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                     settings: StageSettings, seed: int, extra: dict | None = None) -> Path:
-    """Write ``<work>/ckpt/<stage>/state_<step>.safetensors`` (model + AdamW tensors) and then ``state.json``
-    (step, settings, seed, param groups) atomically; older tensor files are removed."""
-    d = _ckpt_dir(work_dir, stage)
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    osd = opt.state_dict()
-    for pid, st in osd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().clone()
-    name = f"state_{step:07d}.safetensors"
-    save_safetensors(tensors, d / name)
-    meta = {"stage": stage, "step": step, "seed": seed, "settings": asdict(settings),
-            "param_groups": osd["param_groups"], "tensors": name, "extra": extra or {}}
-    write_json(d / "state.json", meta, indent=1)
-    for old in d.glob("state_*.safetensors"):
-        if old.name != name:
-            old.unlink()
-    return d / name
+    """``<work>/ckpt/<stage>/last.safetensors``: model, AdamW state and random streams with the step, seed and
+    settings in its header, written atomically by the one checkpoint writer (:func:`weakseg.train.common.
+    save_checkpoint`)."""
+    path = _ckpt_path(work_dir, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"stage": stage, "step": step, "seed": seed, "settings": asdict(settings), "extra": extra or {}}
+    common.save_checkpoint(path, model, opt, meta, CHECKPOINT_FORMAT)
+    return path
 
 
 def load_checkpoint(work_dir: Path, stage: str, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict | None:
-    """Restore model and optimizer from the stage's checkpoint; returns its JSON (None if there is none)."""
-    from safetensors.torch import load_file
-
-    d = _ckpt_dir(work_dir, stage)
-    meta_path = d / "state.json"
-    if not meta_path.is_file():
+    """Restore model and optimizer from the stage's checkpoint (checked by :func:`weakseg.train.common.
+    load_checkpoint`); returns its metadata (None if there is none)."""
+    path = _ckpt_path(work_dir, stage)
+    if not path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(d / meta["tensors"]))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta
+    return common.load_checkpoint(path, model, opt, CHECKPOINT_FORMAT)
 
 
 def _settings_from(meta: dict, settings: StageSettings, stage: str) -> StageSettings:
@@ -333,17 +317,14 @@ def _run_loop(stage: str, model: torch.nn.Module, step_fn: Callable[[int], torch
 
     opt = _make_optimizer(model.parameters(), settings)
     start = 0
-    d = _ckpt_dir(work_dir, stage)
     if resume:
         meta = load_checkpoint(work_dir, stage, model, opt)
         if meta is not None:
             _settings_from(meta, settings, stage)
             start = int(meta["step"])
             log(f"[{stage}] resumed at step {start}/{settings.steps}")
-    elif (d / "state.json").is_file():
-        (d / "state.json").unlink()
-        for old in d.glob("state_*.safetensors"):
-            old.unlink()
+    elif _ckpt_path(work_dir, stage).is_file():
+        _ckpt_path(work_dir, stage).unlink()
     model.train()
     losses = []
     t0 = time.perf_counter()
