@@ -185,3 +185,43 @@ def test_opcheck(device):
     args = (torch.randn(7, 16, generator=g).to(device), torch.randn(40, 16, generator=g).to(device),
             torch.randint(0, 4, (40,), generator=g).to(device), 5, 4)
     torch.library.opcheck(torch.ops.weakseg.knn_vote.default, args)
+
+
+def test_vote_rule_on_given_neighbours():
+    from weakseg.ops.knn_vote import knn_vote_from_neighbors
+
+    # most votes beats a larger sum; equal votes: the larger sum; equal votes and sums: the smaller id
+    sims = torch.tensor([[0.9, 0.9, 0.1, 0.1, 0.1],
+                         [0.5, 0.5, 0.6, 0.6, 0.0],
+                         [0.5, 0.25, 0.5, 0.25, 0.0],
+                         [0.7, 0.3, 0.0, 0.0, 0.0]])
+    labels = torch.tensor([[3, 3, 1, 1, 1],
+                           [1, 1, 2, 2, -1],
+                           [2, 2, 1, 1, -1],
+                           [-1, -1, -1, -1, -1]])
+    lab, conf, votes = knn_vote_from_neighbors(sims, labels, 4)
+    assert lab.tolist() == [1, 2, 1, -1]
+    assert votes.tolist() == [[0, 3, 0, 2], [0, 2, 2, 0], [0, 2, 2, 0], [0, 0, 0, 0]]
+    torch.testing.assert_close(conf, torch.tensor([0.1, 0.6, 0.375, 0.0]))
+    assert lab.dtype == votes.dtype == torch.int64 and conf.dtype == torch.float32
+
+
+def test_reference_and_moduseg_share_the_vote_rule():
+    """One definition: the reference and ModuSeg's GEMM / FAISS paths vote with knn_vote_from_neighbors,
+    bitwise, exact similarity ties included (small-integer vectors tie often)."""
+    import weakseg.methods.moduseg.search as moduseg_search
+    from weakseg.methods.moduseg import exact_topk, vote_from_neighbors
+    from weakseg.ops.knn_vote import knn_vote_from_neighbors
+
+    assert moduseg_search.knn_vote_from_neighbors is knn_vote_from_neighbors
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        q = torch.randint(-2, 3, (12, 4), generator=g).float()
+        bank = torch.randint(-2, 3, (50, 4), generator=g).float()
+        bank[bank.abs().sum(1) == 0, 0] = 1.0
+        q[q.abs().sum(1) == 0, 0] = 1.0
+        bl = torch.randint(0, 5, (50,), generator=g)
+        ref = knn_vote_reference(q, bank, bl, 9, 5)
+        sims, idx = exact_topk(q, bank, 9)
+        for got in (vote_from_neighbors(sims, idx, bl, 5), knn_vote_from_neighbors(sims, bl[idx], 5)):
+            assert all(torch.equal(a, b) for a, b in zip(got, ref))

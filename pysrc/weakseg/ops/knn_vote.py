@@ -1,6 +1,6 @@
 """``knn_vote``: cosine k-nearest-neighbour retrieval and majority vote.
 
-Contract (DESIGN.md, op 4): queries (Q, D) and bank (N, D) are L2-normalised
+Contract (docs/design.md, op 4): queries (Q, D) and bank (N, D) are L2-normalised
 inside; the k most similar bank rows (k clipped to N; equal similarities rank
 the smaller bank index first) vote with their label; the winner has most
 votes, ties broken by the larger sum of its voters' similarities, then the
@@ -16,6 +16,10 @@ spaces in use (ImageNet-21k's 21,841 classes; LVIS 1,203; ADE20K-full 3,688).
 
 The compiled kernels stream the bank in tiles (one GEMM per tile) and keep a
 running top-k per query, so no Q x N matrix is ever formed.
+
+The vote rule on given neighbours is defined once, in pure PyTorch:
+:func:`knn_vote_from_neighbors`; :func:`knn_vote_reference` and every exact or
+approximate search outside the op (ModuSeg's GEMM and FAISS paths) vote with it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from weakseg.ops._common import check, has_library_op, has_values, run_op
 
-__all__ = ["knn_vote", "knn_vote_reference", "MAX_CLASSES"]
+__all__ = ["knn_vote", "knn_vote_reference", "knn_vote_from_neighbors", "MAX_CLASSES"]
 
 MAX_CLASSES = 1 << 16  # the same bound as the compiled op (csrc/ops/knn_vote.h)
 
@@ -57,6 +61,38 @@ def _check(queries, bank, bank_labels, k, num_classes) -> None:
               f"bank_labels must lie in [0, num_classes={num_classes}), found values in [{lo}, {hi}]")
 
 
+def knn_vote_from_neighbors(sims: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """The vote rule of :func:`knn_vote`, on given neighbours: ``sims`` (Q, k) float similarities and
+    ``labels`` (Q, k) integer class ids in [0, num_classes) of each query's neighbours (label -1: no
+    neighbour in that slot; it neither votes nor adds to a sum) -> (labels (Q,) int64, confidence (Q,)
+    float32, votes (Q, num_classes) int64).
+
+    The winner has most votes, ties broken by the larger sum of its voters' similarities (summed in
+    float32 in the given neighbour order), then the smaller class id; confidence = that sum / its
+    votes (the mean similarity of the winning voters). A query without any neighbour gets label -1 and
+    confidence 0. Pure PyTorch, on the device of ``sims``."""
+    Q = sims.shape[0]
+    dev = sims.device
+    labels = labels.to(dev, torch.int64)
+    valid = labels >= 0
+    # slot -1 votes into an extra column (num_classes) that is cut off
+    lab = torch.where(valid, labels, torch.full_like(labels, num_classes))
+    votes = torch.zeros(Q, num_classes + 1, dtype=torch.int64, device=dev).scatter_add_(1, lab, valid.long())
+    sums = torch.zeros(Q, num_classes + 1, dtype=torch.float32, device=dev).scatter_add_(
+        1, lab, torch.where(valid, sims.float(), torch.zeros((), dtype=torch.float32, device=dev)))
+    votes, sums = votes[:, :num_classes].contiguous(), sums[:, :num_classes]
+    best = votes.max(dim=1, keepdim=True).values
+    # Among the classes with most votes, the largest sum; argmax takes the first (smallest id) on ties.
+    masked = torch.where(votes == best, sums, torch.full_like(sums, float("-inf")))
+    winner = masked.argmax(dim=1)
+    win_votes = votes.gather(1, winner[:, None]).squeeze(1)
+    conf = sums.gather(1, winner[:, None]).squeeze(1) / win_votes.clamp_min(1)
+    none = ~valid.any(1)
+    winner = torch.where(none, torch.full_like(winner, -1), winner)
+    conf = torch.where(none, torch.zeros_like(conf), conf)
+    return winner, conf, votes
+
+
 def knn_vote_reference(queries, bank, bank_labels, k: int, num_classes: int):
     """Pure-PyTorch KNN vote (materialises Q x N); same contract as :func:`knn_vote`."""
     _check(queries, bank, bank_labels, k, num_classes)
@@ -74,16 +110,7 @@ def knn_vote_reference(queries, bank, bank_labels, k: int, num_classes: int):
     # A stable descending sort ranks equal similarities by ascending bank index.
     vals, idx = torch.sort(sims, dim=1, descending=True, stable=True)
     vals, idx = vals[:, :k], idx[:, :k]
-    lab = bank_labels.long()[idx]
-    votes.scatter_add_(1, lab, torch.ones_like(lab))
-    sums = torch.zeros(Q, num_classes, dtype=torch.float32, device=dev).scatter_add_(1, lab, vals)
-    best = votes.max(dim=1, keepdim=True).values
-    # Among the classes with most votes, the largest sum; argmax takes the first (smallest id) on ties.
-    masked = torch.where(votes == best, sums, torch.full_like(sums, float("-inf")))
-    labels = masked.argmax(dim=1)
-    win_votes = votes.gather(1, labels[:, None]).squeeze(1)
-    conf = sums.gather(1, labels[:, None]).squeeze(1) / win_votes.clamp_min(1)
-    return labels, conf, votes
+    return knn_vote_from_neighbors(vals, bank_labels.long()[idx], num_classes)
 
 
 def knn_vote(queries, bank, bank_labels, k: int, num_classes: int):
