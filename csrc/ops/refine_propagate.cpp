@@ -14,7 +14,12 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "csrc/ops/common.h"
 #include "csrc/ops/refine_propagate.h"
@@ -85,7 +90,8 @@ double refine_threshold(double ent) {
 // running max over whole rows), then the bands are combined.
 template <typename in_t, typename acc_t>
 static void colmax_cpu(const in_t* a, int64_t P, acc_t* cmax) {
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P / 64));
+  // Small matrices stay on the calling thread (a parallel region costs more than they do).
+  const int64_t nt = P * P < (int64_t(1) << 20) ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), P / 64));
   std::vector<acc_t> part(static_cast<size_t>(nt * P), acc_t(0));
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -130,6 +136,61 @@ static void unpack_row(acc_t* ti, int64_t P, int64_t n, std::vector<acc_t>& val,
   for (int64_t m = 0; m < n; ++m) ti[idx[m]] = val[m];
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define WS_REFINE_X86 1
+// Natural log of 16 positive floats (normal or subnormal; other lanes give garbage that the
+// caller masks): x = m 2^e with m in [sqrt(1/2), sqrt(2)), ln(1 + f) for f = m - 1 by the usual
+// degree-9 minimax polynomial of single-precision logarithms; about 1 ulp.
+__attribute__((target("avx512f"))) static inline __m512 log_ps_avx512(__m512 x) {
+  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);  // [1, 2)
+  __m512 e = _mm512_getexp_ps(x);                                          // floor(log2 x), subnormals too
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  const __m512 z = _mm512_mul_ps(f, f);
+  __m512 y = _mm512_set1_ps(7.0376836292E-2f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310E-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740E-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846E-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787E-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665E-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765E-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993E-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174E-1f));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);                  // f^3 P(f)
+  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);  // e ln2 (low part)
+  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);            // - f^2 / 2
+  const __m512 r = _mm512_add_ps(f, y);
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), r);  // e ln2 (high part)
+}
+
+// One row of T' (float): t = a * inv; t + lam (1 + ln t) where t > t_lo, clamped at 0, else 0.
+// Returns the row sum and stores the non-zero count in *nnz.
+__attribute__((target("avx512f"))) static float ers_row_avx512(const float* ai, const float* inv, int64_t P,
+                                                                float lam, float t_lo, float* ti, int64_t* nnz) {
+  __m512 vsum = _mm512_setzero_ps();
+  int64_t n = 0;
+  const __m512 vlo = _mm512_set1_ps(t_lo), vlam = _mm512_set1_ps(lam), one = _mm512_set1_ps(1.0f),
+               zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < P; j += 16) {
+    const __mmask16 tail = P - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (P - j)) - 1u);
+    const __m512 tv = _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, ai + j), _mm512_maskz_loadu_ps(tail, inv + j));
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(tail, tv, vlo, _CMP_GT_OQ);  // NaN: false
+    __m512 v = zero;
+    if (keep) {
+      v = lam == 0.f ? tv : _mm512_fmadd_ps(vlam, _mm512_add_ps(one, log_ps_avx512(tv)), tv);
+      v = _mm512_maskz_max_ps(keep, v, zero);
+      vsum = _mm512_add_ps(vsum, v);
+      n += __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ)));
+    }
+    _mm512_mask_storeu_ps(ti + j, tail, v);
+  }
+  *nnz = n;
+  return _mm512_reduce_add_ps(vsum);
+}
+#endif
+
 // Rows [i0, i1) of T' from attention `a` (P x P, row-major), their sums r and
 // non-zero counts nnz; rows with nnz <= pack_max are packed. inv holds
 // 1 / colmax (0 for columns without a positive entry). `a` and `t` may alias
@@ -138,6 +199,20 @@ template <typename in_t, typename acc_t>
 static void ers_rows_cpu(const in_t* a, const acc_t* inv, int64_t P, int64_t i0, int64_t i1, acc_t lam,
                          acc_t t_lo, int64_t pack_max, acc_t* t, acc_t* r, int64_t* nnz) {
   std::vector<int32_t> idx;
+#ifdef WS_REFINE_X86
+  if constexpr (std::is_same_v<in_t, float> && std::is_same_v<acc_t, float>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f");
+    if (avx512) {
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t n = 0;
+        r[i] = ers_row_avx512(a + i * P, inv, P, lam, t_lo, t + i * P, &n);
+        nnz[i] = n;
+        if (n <= pack_max) pack_row(t + i * P, P, n, idx);
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t i = i0; i < i1; ++i) {
     const in_t* ai = a + i * P;
     acc_t* ti = t + i * P;
@@ -161,8 +236,8 @@ static void ers_rows_cpu(const in_t* a, const acc_t* inv, int64_t P, int64_t i0,
 // y (P, K) = T' c for a T' whose rows with nnz <= pack_max are packed.
 template <typename acc_t>
 static void sparse_rows_mm_cpu(const acc_t* t, const int64_t* nnz, int64_t pack_max, const acc_t* c, int64_t P,
-                               int64_t K, acc_t* y) {
-  at::parallel_for(0, P, 32, [&](int64_t i0, int64_t i1) {
+                               int64_t K, acc_t* y, int64_t grain) {
+  at::parallel_for(0, P, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const acc_t* ti = t + i * P;
       acc_t* yi = y + i * K;
@@ -217,11 +292,13 @@ static void propagate_one_cpu(const at::Tensor& a, at::Tensor& t, at::Tensor& r,
     acc_t* rp = r.data_ptr<acc_t>();
     // Pack rows of density <= 1/4 (only worth it when there are steps to run).
     const int64_t pack_max = steps > 0 && P >= 64 ? P / 4 : -1;
+    // Rows per task: small matrices are built on the calling thread.
+    const int64_t row_grain = std::max<int64_t>(16, (int64_t(1) << 18) / P);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "refine_propagate_ers", [&] {
       const scalar_t* ap = a.const_data_ptr<scalar_t>();
       colmax_cpu(ap, P, inv.data());
       for (auto& v : inv) v = v > acc_t(0) ? acc_t(1) / v : acc_t(0);
-      at::parallel_for(0, P, 16, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, P, row_grain, [&](int64_t i0, int64_t i1) {
         ers_rows_cpu(ap, inv.data(), P, i0, i1, lam, t_lo, pack_max, tp, rp, nnz.data());
       });
     });
@@ -231,20 +308,23 @@ static void propagate_one_cpu(const at::Tensor& a, at::Tensor& t, at::Tensor& r,
     for (int64_t i = 0; i < P; ++i) sparse_cost += static_cast<double>(nnz[i] <= pack_max ? nnz[i] : P);
     const bool sparse = pack_max >= 0 && 3.0 * sparse_cost < static_cast<double>(P) * static_cast<double>(P);
     if (!sparse && pack_max >= 0) {
-      at::parallel_for(0, P, 16, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, P, row_grain, [&](int64_t i0, int64_t i1) {
         std::vector<acc_t> val;
         std::vector<int32_t> idx;
         for (int64_t i = i0; i < i1; ++i)
           if (nnz[i] <= pack_max) unpack_row(tp + i * P, P, nnz[i], val, idx);
       });
     }
+    // A step of the sparse product costs about sparse_cost * K multiply-adds: below 2^18 it runs
+    // on the calling thread.
+    const int64_t sparse_grain = sparse_cost * static_cast<double>(K) < double(1 << 18) ? std::max<int64_t>(P, 1) : 32;
     auto m = maps_b.to(ct).contiguous();
     acc_t* c = out_b.data_ptr<acc_t>();
     acc_t* yp = y.data_ptr<acc_t>();
     colnorm_cpu<acc_t>(m.const_data_ptr<acc_t>(), nullptr, P, K, c);
     for (int64_t s = 0; s < steps; ++s) {
       if (sparse) {
-        sparse_rows_mm_cpu<acc_t>(tp, nnz.data(), pack_max, c, P, K, yp);
+        sparse_rows_mm_cpu<acc_t>(tp, nnz.data(), pack_max, c, P, K, yp, sparse_grain);
       } else {
         at::mm_out(y, t, out_b);
       }
