@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weakseg.backbones.configs import RANDOM_SEED
 from weakseg.backbones.hub import hub_errors, require_hub
 from weakseg.backbones.text import resolve_templates
 from weakseg.core import BACKBONES, FromSpec, check_images
@@ -234,6 +235,22 @@ def _load_with_conv_stem(path: Path, full_cfg: dict, channels, weights: list[Pat
     return model.eval()
 
 
+@contextlib.contextmanager
+def _quiet_root_log(prefix: str):
+    """Drop the root logger's records that start with ``prefix`` inside the block."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(prefix)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 @BACKBONES.register("clip")
 class CLIPBackbone(nn.Module, FromSpec):
     """An open_clip CLIP model with dense features, attention access and surgery attention.
@@ -423,6 +440,40 @@ class CLIPBackbone(nn.Module, FromSpec):
                                            force_quick_gelu=force_quick_gelu)
             tokenizer = open_clip.get_tokenizer(cleaned, cache_dir=cache_dir)
         return cls._finish(model, tokenizer, model_cfg, pos_interp, device, dtype)
+
+    @classmethod
+    def from_config(cls, model: str = "ViT-B-16", *, pretrained: str | None = None, cache_dir: str | None = None,
+                    device="cpu", dtype=None, pos_interp: str = "bicubic", seed: int = RANDOM_SEED,
+                    **kw) -> "CLIPBackbone":
+        """``random:<model>``: the open_clip model ``model`` (an open_clip name such as ``ViT-B-16``,
+        ``ViT-L-14``; ``ViT-B/16`` works too) built from open_clip's own config with random weights drawn
+        from ``seed`` (the global RNG is left untouched), no download. ``pretrained``: when it names a tag of
+        the model (``"openai"``), the architecture switches that the tag implies (QuickGELU) and its
+        normalisation mean/std are applied, but nothing is loaded. ``device="meta"`` builds without
+        allocating. ``cache_dir`` and other keywords have nothing to load and are ignored."""
+        import open_clip
+
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"clip: random:<model> needs an open_clip model name, got {model!r}")
+        cleaned = model.strip().replace("/", "-")
+        if cleaned not in open_clip.list_models():
+            vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
+            raise ValueError(f"clip: {model!r} is not an open_clip model name (random:<model>); known ViT models "
+                             f"(the image towers CLIPBackbone runs): {', '.join(vits)}")
+        model_cfg = open_clip.get_model_config(cleaned)
+        tag_cfg = open_clip.get_pretrained_cfg(cleaned, pretrained) if isinstance(pretrained, str) else {}
+        quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+        if quick_gelu:
+            model_cfg["quick_gelu"] = True
+        preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+        meta = torch.device(device).type == "meta"
+        with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
+            torch.manual_seed(int(seed))
+            with _quiet_root_log("No pretrained weights loaded"):  # open_clip's note that weights are random
+                net = open_clip.create_model(cleaned, pretrained=None, device="meta" if meta else "cpu",
+                                             force_quick_gelu=quick_gelu, force_preprocess_cfg=preprocess or None)
+        tokenizer = open_clip.get_tokenizer(cleaned)
+        return cls._finish(net, tokenizer, model_cfg, pos_interp, device, dtype)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``path/open_clip_config.json`` (open_clip's ``model_cfg`` + ``preprocess_cfg``, plus a

@@ -24,6 +24,7 @@ scaling of the selected text-encoder output rows by γ: :meth:`StableDiffusionBa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import math
@@ -37,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.backbones.attention import AttentionStore, LayerCapture, attention_layer_info, install_capture
+from weakseg.backbones.configs import RANDOM_SEED, STABLE_DIFFUSION as SD_CONFIGS
+from weakseg.backbones.configs import STABLE_DIFFUSION_ALIASES as SD_CONFIG_ALIASES, resolve as resolve_config
 from weakseg.backbones.hub import hub_error, require_hub
 from weakseg.backbones.tokenizer import CLIP_VOCAB_SIZE, EOS_TOKEN, make_clip_tokenizer
 from weakseg.core import BACKBONES, FromSpec, check_images
@@ -261,6 +264,33 @@ class StableDiffusionBackbone(FromSpec):
             raise OSError(f"Stable Diffusion: could not load the {where}: {e}; expected {expected}") from e
         sd = cls(vae, unet, text_encoder, tokenizer, scheduler, name=name)
         return sd.to(device, dtype)
+
+    @classmethod
+    def from_config(cls, model: str = DEFAULT_MODEL, *, cache_dir: str | None = None, device="cpu",
+                    dtype: torch.dtype | None = None, seed: int = RANDOM_SEED, **kw) -> "StableDiffusionBackbone":
+        """``random:<model>``: the real architecture of ``model`` (UNet, VAE, text encoder and scheduler
+        configs of its hub repository, :data:`weakseg.backbones.configs.STABLE_DIFFUSION`) with random
+        weights drawn from ``seed`` (the global RNG is left untouched), no download. ``model``: a hub name
+        (``stabilityai/stable-diffusion-2-1-base``, ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+        ``runwayml/stable-diffusion-v1-5``) or ``sd21`` / ``sd15``. ``device="meta"`` builds without
+        allocating (parameter counts). ``cache_dir`` holds the offline tokenizer files; other keywords
+        (what :meth:`from_pretrained` passes to the hub) have nothing to load and are ignored."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        import diffusers
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        canonical, cfg = resolve_config(model, SD_CONFIGS, SD_CONFIG_ALIASES, cls.FAMILY)
+        meta = torch.device(device).type == "meta"
+        with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
+            torch.manual_seed(int(seed))
+            unet = UNet2DConditionModel.from_config(cfg["unet"])
+            vae = AutoencoderKL.from_config(cfg["vae"])
+            text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        sched = cfg["scheduler"]
+        scheduler = getattr(diffusers, sched["_class_name"]).from_config(sched)
+        tokenizer = make_clip_tokenizer(cache_dir, pad_token=cfg["pad_token"])
+        sd = cls(vae, unet, text_encoder, tokenizer, scheduler, name=f"random:{canonical}")
+        return sd if meta and dtype is None else sd.to(device, dtype)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the diffusers pipeline layout (model_index.json and one subfolder per component,

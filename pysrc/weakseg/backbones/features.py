@@ -24,6 +24,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from weakseg.backbones.configs import DINOV2 as DINOV2_CONFIGS, DINOV2_ALIASES, RANDOM_SEED
+from weakseg.backbones.configs import resolve as resolve_config
 from weakseg.backbones.hub import hub_errors, require_hub
 from weakseg.core import BACKBONES, FromSpec, check_images
 
@@ -296,6 +298,25 @@ class DINOv2Features(torch.nn.Module, FromSpec):
             model = AutoModel.from_pretrained(src, config=config, cache_dir=cache_dir, dtype=dtype, **kw)
         return cls(model, layer=layer, layernorm=layernorm, pad=pad).to(device)
 
+    @classmethod
+    def from_config(cls, model: str = "facebook/dinov2-base", *, cache_dir: str | None = None, device="cpu",
+                    dtype=None, layer: int = -1, layernorm: bool = True, pad: str = "zero", seed: int = RANDOM_SEED,
+                    **kw) -> "DINOv2Features":
+        """``random:<model>``: the real architecture of ``model`` (``facebook/dinov2-small`` / ``-base`` /
+        ``-large`` / ``-giant``, or ``dinov2-base`` ...; configs in :data:`weakseg.backbones.configs.DINOV2`)
+        with random weights drawn from ``seed`` (the global RNG is left untouched), no download.
+        ``device="meta"`` builds without allocating. ``cache_dir`` and other keywords have nothing to load
+        and are ignored."""
+        from transformers import Dinov2Config, Dinov2Model
+
+        _, cfg = resolve_config(model, DINOV2_CONFIGS, DINOV2_ALIASES, cls.FAMILY)
+        meta = torch.device(device).type == "meta"
+        with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
+            torch.manual_seed(int(seed))
+            net = Dinov2Model(Dinov2Config(**cfg))
+        out = cls(net, layer=layer, layernorm=layernorm, pad=pad)
+        return out.to(device=device, dtype=dtype) if dtype is not None else out.to(device=device)
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the model in transformers' format (config.json + model.safetensors)."""
         self.model.save_pretrained(os.fspath(path), safe_serialization=True)
@@ -407,6 +428,13 @@ class CLIPDenseFeatures(FromSpec):
         from weakseg.backbones.clip import CLIPBackbone
 
         return cls(CLIPBackbone.from_pretrained(name_or_path, **kw), surgery_layers)
+
+    @classmethod
+    def from_config(cls, model: str = "ViT-B-16", *, surgery_layers: int = 0, **kw) -> "CLIPDenseFeatures":
+        """``random:<model>``: :meth:`CLIPBackbone.from_config` (an open_clip model name, random weights)."""
+        from weakseg.backbones.clip import CLIPBackbone
+
+        return cls(CLIPBackbone.from_config(model, **kw), surgery_layers)
 
     def save_pretrained(self, path) -> None:
         self.clip.save_pretrained(path)

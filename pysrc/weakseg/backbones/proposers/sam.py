@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from weakseg.backbones.configs import RANDOM_SEED, SAM as SAM_CONFIGS, SAM_ALIASES, SAM_IMAGE_PROCESSOR
+from weakseg.backbones.configs import resolve as resolve_config
 from weakseg.backbones.features import resolve_pretrained
 from weakseg.backbones.hub import hub_errors
 from weakseg.backbones.proposers.base import Proposals, check_image, paint_disjoint
@@ -136,6 +138,30 @@ class SAMProposer(torch.nn.Module, FromSpec):
             model = model_cls.from_pretrained(src, config=config, dtype=dtype, **kw)
             ip = ip_cls.from_pretrained(src, **kw)
         return cls(model, ip, **options).to(device)
+
+    @classmethod
+    def from_config(cls, model: str | None = None, *, cache_dir: str | None = None, device="cpu", dtype=None,
+                    seed: int = RANDOM_SEED, **options) -> "SAMProposer":
+        """``random:<model>``: the real architecture of ``model`` (``facebook/sam-vit-base`` / ``-large`` /
+        ``-huge``, or ``sam-vit-base``, ``vit_b`` ...; configs in :data:`weakseg.backbones.configs.SAM`) and
+        its image processor, with random weights drawn from ``seed`` (the global RNG is left untouched), no
+        download. ``device="meta"`` builds without allocating. ``options`` are the constructor's AMG
+        settings; ``cache_dir`` has nothing to load and is ignored."""
+        model_cls, ip_cls = cls._classes()
+        table = SAM_CONFIGS if cls.model_type == "sam" else {}
+        aliases = SAM_ALIASES if cls.model_type == "sam" else {}
+        if not table:
+            raise ValueError(f"{cls.FAMILY}: random:<model> (real architecture, random weights) has no configs for "
+                             f"{cls.model_type!r} models; use tiny, a hub name or a local path")
+        _, cfg = resolve_config(model if model is not None else cls.default_model, table, aliases, cls.FAMILY)
+        from transformers import SamConfig
+        meta = torch.device(device).type == "meta"
+        with torch.random.fork_rng(devices=[]), (torch.device("meta") if meta else contextlib.nullcontext()):
+            torch.manual_seed(int(seed))
+            net = model_cls(SamConfig(**cfg))
+        ip = ip_cls(**SAM_IMAGE_PROCESSOR)
+        out = cls(net, ip, **options)
+        return out.to(device=device, dtype=dtype) if dtype is not None else out.to(device=device)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write model (config.json + model.safetensors) and image processor
