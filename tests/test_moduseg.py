@@ -527,6 +527,9 @@ def test_segment_class_mapping_and_image_labels(tmp_path, colour_data):
     sub = seg.segment([s.image], ["background", "green"])
     assert set(sub.labels.unique().tolist()) <= {0, 1}
     assert torch.equal(sub.labels[0] == 1, full == 2)
+    # a class the bank does not hold cannot be retrieved: refused, naming it and the bank's classes
+    assert_raises_naming(lambda: seg.segment([s.image], ["background", "green", "zebra"]), ValueError,
+                         ["class_names", "'zebra'", "not in the feature bank", "green", "weakseg bank build"])
     # with use_image_labels the vote only sees the image's classes
     seg.config = seg.config.replace(use_image_labels=True)
     only_red = torch.tensor([[True, True, False, False]])

@@ -216,6 +216,12 @@ class ModuSeg:
         index = {n: i for i, n in enumerate(class_names)}
         bank_names = self.bank.class_names
         bank_bg = 0 if has_background(bank_names) else None
+        unknown = [n for n in class_names[int(bg_out):] if n not in bank_names]
+        if unknown:  # retrieval can only give the bank's classes: a class it lacks would silently stay empty
+            known = bank_names[1:] if bank_bg is not None else bank_names
+            raise ValueError(f"class_names: {', '.join(repr(n) for n in unknown)} not in the feature bank "
+                             f"{self.config.bank!r}, whose classes are {', '.join(known)}; ask for those, or build a "
+                             f"bank with these classes (`weakseg bank build`)")
         # bank class -> output channel (-1: not requested, handled as background)
         to_out = torch.tensor([index.get(n, -1) for n in bank_names], dtype=torch.int64)
         if bank_bg is not None and bg_out:
