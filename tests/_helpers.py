@@ -24,7 +24,7 @@ def diclip_tiny_models():
 
 def make_diclip(models, **kw):
     """A DiCLIP with the "tiny" preset and ``kw`` on the given (clip, sd) pair."""
-    from weakseg.methods.diclip.method import DiCLIP, DiCLIPConfig
+    from weakseg.methods.diclip import DiCLIP, DiCLIPConfig
 
     clip, sd = models
     return DiCLIP(DiCLIPConfig.from_dict({"preset": "tiny", **kw}), clip=clip, sd=sd)

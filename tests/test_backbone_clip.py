@@ -390,11 +390,14 @@ def test_synonyms_and_background_rows(bb):
 
 
 def test_named_sets_and_template_errors(bb):
-    assert len(T.VOC20) == 20 and len(T.DICLIP_VOC20) == 20 and len(T.DICLIP_BACKGROUND_WORDS) == 25
-    assert len(set(T.DICLIP_BACKGROUND_WORDS)) == 25
-    assert T.ISEG_BACKGROUND_STRING_VOC == "ground, land, grass, tree, building, wall, sky, lake, water"
-    assert T.ISEG_BACKGROUND_STRING_COCO.endswith("water, river, sea, railway, ")
-    ce = bb.class_embeddings(T.DICLIP_VOC20, T.DICLIP_TEMPLATE, background_words=T.DICLIP_BACKGROUND_WORDS,
+    from weakseg.data.classnames import VOC_CLASSES
+    from weakseg.methods.diclip.prompts import DICLIP_BACKGROUND_WORDS, DICLIP_TEMPLATE, DICLIP_VOC20
+
+    assert len(VOC_CLASSES[1:]) == 20 and len(DICLIP_VOC20) == 20 and len(DICLIP_BACKGROUND_WORDS) == 25
+    assert len(set(DICLIP_BACKGROUND_WORDS)) == 25
+    assert T.resolve_templates("origami") == [DICLIP_TEMPLATE] == ["a clean origami {}."]
+    assert T.resolve_templates("single") == ["a photo of a {}."]
+    ce = bb.class_embeddings(DICLIP_VOC20, DICLIP_TEMPLATE, background_words=DICLIP_BACKGROUND_WORDS,
                              synonym_sep=None)
     assert ce.embeddings.shape == (45, 32) and ce.num_classes == 20 and ce.num_background == 25
     assert_raises_naming(lambda: bb.class_embeddings(["cat"], "a photo"), ValueError, ["{}", "a photo"])

@@ -10,7 +10,7 @@ from weakseg.backbones.clip import CLIPBackbone
 from weakseg.methods.diclip import cam as camlib
 from weakseg.methods.diclip import refine as reflib
 from weakseg.methods.diclip import vce as vcelib
-from weakseg.methods.diclip.method import DiCLIP, DiCLIPConfig
+from weakseg.methods.diclip import DiCLIP, DiCLIPConfig
 from weakseg.methods.diclip.modules import (KVAdapter, SegHead, affinity_labels, affinity_loss, balanced_seg_loss,
                                             radius_mask)
 

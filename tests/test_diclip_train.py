@@ -10,7 +10,7 @@ from tests._helpers import assert_raises_naming, diclip_tiny_models, make_diclip
 from weakseg.toy.world import ToyWorld
 from weakseg.methods.diclip import cache as cachelib
 from weakseg.methods.diclip.cache import CacheBuildConfig, CacheError, KVCache, build_cache
-from weakseg.methods.diclip.method import DiCLIP, DiCLIPConfig
+from weakseg.methods.diclip import DiCLIP, DiCLIPConfig
 from weakseg.train.diclip import DiCLIPTrainConfig, augment, lr_at, train_diclip
 from weakseg.toy.diclip import toy_demo as diclip_toy_demo
 

@@ -1,63 +1,24 @@
-"""Class-name sets, background words and prompt templates used with CLIP text embeddings.
+"""Prompt templates used with CLIP text embeddings.
 
-Plain data (tuples of strings) plus :func:`resolve_templates`, which turns the ``templates``
-argument of :meth:`weakseg.backbones.clip.CLIPBackbone.class_embeddings` into a list of
-format strings with one ``{}`` each.
+:func:`resolve_templates` turns the ``templates`` argument of
+:meth:`weakseg.backbones.clip.CLIPBackbone.class_embeddings` into a list of format strings with one
+``{}`` each. Named sets: ``"single"`` = ``"a photo of a {}."`` (CLIPSeg's fixed prompt, SynSeg's
+default), ``"origami"`` = ``"a clean origami {}."`` (DiCLIP's, docs/specs/diclip.md), ``"ensemble"`` =
+the 80 OpenAI ImageNet templates as shipped by open_clip (``open_clip.OPENAI_IMAGENET_TEMPLATES``;
+CorrCLIP/ModuSeg).
 
-Sources (see the method specs under ``specs/``):
-
-* ``VOC20``: the 20 PASCAL VOC class names in the dataset's order.
-* ``DICLIP_VOC20``: DiCLIP's VOC prompt names (datasets/clip_text.py of its codebase), with the
-  "synonyms" written into the name strings exactly as the reference code has them. Note that the
-  reference code formats each whole string into the template ("a clean origami person with
-  clothes,people,human."); ``class_embeddings(..., synonym_sep=None)`` reproduces that, while the
-  default ``synonym_sep=","`` splits on commas and averages the parts as synonyms.
-* ``DICLIP_BACKGROUND_WORDS``: DiCLIP's 25 background words (one text row each).
-* ``ISEG_BACKGROUND_VOC`` / ``ISEG_BACKGROUND_COCO``: the background words iSeg appends to its SD
-  prompt, and :data:`ISEG_BACKGROUND_STRING_VOC` / :data:`ISEG_BACKGROUND_STRING_COCO` the exact
-  strings after the reference code's string-literal concatenation (the COCO string ends in ", ").
-* Templates: ``"single"`` = ``"a photo of a {}."`` (CLIPSeg's fixed prompt, SynSeg's default),
-  ``"origami"`` = DiCLIP's ``"a clean origami {}."``, ``"ensemble"`` = the 80 OpenAI ImageNet
-  templates as shipped by open_clip (``open_clip.OPENAI_IMAGENET_TEMPLATES``; CorrCLIP/ModuSeg).
+The methods' own word lists live with the methods (e.g. :mod:`weakseg.methods.diclip.prompts`,
+:mod:`weakseg.methods.iseg.config`); the datasets' class names in :mod:`weakseg.data.classnames`.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = [
-    "VOC20", "DICLIP_VOC20", "DICLIP_BACKGROUND_WORDS", "ISEG_BACKGROUND_VOC", "ISEG_BACKGROUND_COCO",
-    "ISEG_BACKGROUND_STRING_VOC", "ISEG_BACKGROUND_STRING_COCO", "SINGLE_TEMPLATE", "DICLIP_TEMPLATE",
-    "ensemble_templates", "resolve_templates", "TEMPLATE_SETS",
-]
-
-VOC20: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)
-
-DICLIP_VOC20: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human", "pottedplant", "sheep",
-    "sofa", "train", "tvmonitor screen",
-)
-
-DICLIP_BACKGROUND_WORDS: tuple[str, ...] = (
-    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea", "railway",
-    "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock", "street",
-    "valley", "bridge", "sign",
-)
-
-ISEG_BACKGROUND_VOC: tuple[str, ...] = (
-    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water",
-)
-ISEG_BACKGROUND_COCO: tuple[str, ...] = ISEG_BACKGROUND_VOC + ("river", "sea", "railway")
-ISEG_BACKGROUND_STRING_VOC: str = ", ".join(ISEG_BACKGROUND_VOC)
-ISEG_BACKGROUND_STRING_COCO: str = ", ".join(ISEG_BACKGROUND_COCO) + ", "
+__all__ = ["SINGLE_TEMPLATE", "ORIGAMI_TEMPLATE", "ensemble_templates", "resolve_templates", "TEMPLATE_SETS"]
 
 SINGLE_TEMPLATE = "a photo of a {}."
-DICLIP_TEMPLATE = "a clean origami {}."
+ORIGAMI_TEMPLATE = "a clean origami {}."
 
 
 def ensemble_templates() -> list[str]:
@@ -70,7 +31,7 @@ def ensemble_templates() -> list[str]:
 
 TEMPLATE_SETS: dict[str, object] = {
     "single": [SINGLE_TEMPLATE],
-    "origami": [DICLIP_TEMPLATE],
+    "origami": [ORIGAMI_TEMPLATE],
     "ensemble": ensemble_templates,
 }
 

@@ -41,7 +41,7 @@ TOY_TRAIN_SCENES = 400
 
 
 def _method(clip, sd, preset: str, **overrides):
-    from weakseg.methods.diclip.method import DiCLIP, DiCLIPConfig
+    from weakseg.methods.diclip import DiCLIP, DiCLIPConfig
 
     return DiCLIP(DiCLIPConfig.from_dict({"preset": preset, **overrides}), clip=clip, sd=sd)
 

@@ -1,4 +1,4 @@
-"""DiCLIP's key-value cache (TSA, specs/diclip.md §3a): the file format and its builder.
+"""DiCLIP's key-value cache (TSA, docs/specs/diclip.md §3a): the file format and its builder.
 
 File: safetensors with
 

@@ -1,4 +1,4 @@
-"""DiCLIP's CAMs on the CLIP token features (specs/diclip.md §1, §3b, §3c).
+"""DiCLIP's CAMs on the CLIP token features (docs/specs/diclip.md §1, §3b, §3c).
 
 All functions are plain tensor maths on
 

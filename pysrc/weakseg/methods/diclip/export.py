@@ -1,6 +1,6 @@
 """DiCLIP's deployable graphs (:class:`weakseg.export.ExportGraphs`).
 
-What is deployed, and why (specs/diclip.md §1, §5):
+What is deployed, and why (docs/specs/diclip.md §1, §5):
 
 * The SD pass (VCE, ACR), CAA and the SD random walk are *not* in the graph. ACR runs KL k-means and the
   walk runs ``refine_propagate`` (custom ops, data-dependent loops), SD is a second large model, and the

@@ -1,4 +1,4 @@
-"""DiCLIP's trained parts and their losses (specs/diclip.md §3c, §5): the dynamic key-value adapter,
+"""DiCLIP's trained parts and their losses (docs/specs/diclip.md §3c, §5): the dynamic key-value adapter,
 the segmentation head over frozen CLIP layers, the class-balanced CE and the affinity loss.
 """
 

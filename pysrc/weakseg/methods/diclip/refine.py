@@ -1,4 +1,4 @@
-"""CAM -> pseudo labels (specs/diclip.md §4): CLIP-attention affinity refinement (CAA) with box
+"""CAM -> pseudo labels (docs/specs/diclip.md §4): CLIP-attention affinity refinement (CAA) with box
 masks, the random walk on SD self-attention (``weakseg.ops.refine_propagate_qk``), PAR, and the
 label rule (bg = 1 − max over the present classes, argmax, no ignore band).
 """

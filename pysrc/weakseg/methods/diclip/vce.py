@@ -1,4 +1,4 @@
-"""Visual Correlation Enhancement (specs/diclip.md §2): Stable Diffusion self-attention -> the
+"""Visual Correlation Enhancement (docs/specs/diclip.md §2): Stable Diffusion self-attention -> the
 Attention Clustering Refinement (ACR) -> an additive bias for CLIP's surgery attention.
 
 1. :func:`sd_pass`: one UNet call at the null prompt and t = 101 on the image's VAE posterior mean,
