@@ -1,7 +1,7 @@
 import pytest
 import torch
 from _helpers import assert_raises_naming
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weakseg.ops import knn_vote, knn_vote_reference
@@ -225,3 +225,133 @@ def test_reference_and_moduseg_share_the_vote_rule():
         sims, idx = exact_topk(q, bank, 9)
         for got in (vote_from_neighbors(sims, idx, bl, 5), knn_vote_from_neighbors(sims, bl[idx], 5)):
             assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+# ---- the CPU kernel's tiled / split paths (issue 20) --------------------------------------------
+
+class _threads:
+    """torch's intra-op thread count for a block (the CPU kernel splits the bank across threads, or
+    the queries when the bank is small, from at::get_num_threads(); tests otherwise run with one)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def _exact_tie_bank(N, D, C, g, nan_rows=False):
+    """A bank of scaled one-hot rows (2^m e_d): every similarity is exactly a query component (or 0),
+    whatever the GEMM's blocking or the normalisation's rounding, so long runs of exactly equal
+    similarities cross the tile and part boundaries. Optionally some NaN rows (rank last)."""
+    d = torch.randint(0, D, (N,), generator=g)
+    scale = 2.0 ** torch.randint(-3, 4, (N,), generator=g).float()
+    bank = torch.nn.functional.one_hot(d, D).float() * scale[:, None]
+    if nan_rows and N:
+        bank[torch.rand(N, generator=g) < 0.05] = float("nan")
+    return bank, torch.randint(0, C, (N,), generator=g)
+
+
+def _exact_queries(Q, D, g):
+    """Queries whose components have distinct magnitudes and random signs: the ranking of the bank's
+    directions is then clear of any rounding."""
+    base = torch.stack([torch.randperm(D, generator=g) for _ in range(Q)]).float() + 1.0 if Q else torch.zeros(0, D)
+    sign = torch.where(torch.rand(Q, D, generator=g) < 0.5, -1.0, 1.0)
+    return base * sign
+
+
+def _assert_exact(queries, bank, bank_labels, k, C):
+    labels, conf, votes = knn_vote(queries, bank, bank_labels, k, C)
+    rl, rc, rv = knn_vote_reference(queries, bank, bank_labels, k, C)
+    assert torch.equal(labels, rl)
+    assert torch.equal(votes, rv)
+    torch.testing.assert_close(conf, rc, rtol=1e-6, atol=1e-6)
+
+
+@given(Q=st.integers(0, 12), N=st.integers(0, 6000), D=st.integers(2, 6), k=st.integers(1, 80),
+       C=st.integers(1, 5), threads=st.sampled_from([1, 2]), nan_rows=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_exact_ties_across_tiles_and_parts(Q, N, D, k, C, threads, nan_rows, seed):
+    """Equal similarities rank the smaller bank index first across the kernel's bank tiles (1024 rows
+    at small D) and across the bank parts of different threads (banks of >= 4096 rows with 2 threads);
+    k > N uses every row; NaN similarities rank last."""
+    g = torch.Generator().manual_seed(seed)
+    bank, bl = _exact_tie_bank(N, D, C, g, nan_rows)
+    with _threads(threads):
+        _assert_exact(_exact_queries(Q, D, g), bank, bl, k, C)
+
+
+@pytest.mark.parametrize("N", [1023, 1024, 1025, 2048, 4095, 4096, 4097, 8191, 12289])
+def test_exact_ties_at_tile_and_part_boundaries(N):
+    g = torch.Generator().manual_seed(N)
+    D = 3
+    # Every row is e_0 except a block of e_1 rows around the boundary: the top-k of a query with a
+    # larger component 1 is the first k e_1 rows, which straddle the tile / part boundary.
+    bank = torch.zeros(N, D)
+    bank[:, 0] = 1.0
+    mid = N // 2
+    lo, hi = max(0, mid - 30), min(N, mid + 30)
+    bank[lo:hi, 0] = 0.0
+    bank[lo:hi, 1] = 4.0
+    bank[N - 40:, 1] = 0.5  # later rows with the same direction tie with the block and lose
+    bank[N - 40:, 0] = 0.0
+    bl = torch.randint(0, 4, (N,), generator=g)
+    q = torch.tensor([[0.1, 3.0, -1.0], [2.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    for threads in (1, 2):
+        with _threads(threads):
+            for k in (1, 25, 60, 200):
+                _assert_exact(q, bank, bl, k, 4)
+
+
+@given(Q=st.integers(100, 300), N=st.integers(1, 3000), D=st.integers(1, 40), k=st.integers(1, 40),
+       seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=15)
+def test_query_split_matches_reference(Q, N, D, k, seed):
+    """Many queries and a small bank: the queries are split across the threads."""
+    g = torch.Generator().manual_seed(seed)
+    q, b = torch.randn(Q, D, generator=g), torch.randn(N, D, generator=g) * 3
+    bl = torch.randint(0, 7, (N,), generator=g)
+    with _threads(2):
+        _check_against_reference(q, b, bl, k, 7)
+
+
+@pytest.mark.parametrize("Q,N,D,k", [(3, 9000, 24, 25), (40, 20000, 300, 25), (2, 5000, 1024, 7)])
+def test_bank_split_matches_reference(Q, N, D, k):
+    """Banks of several tiles per thread: the bank is split across the threads, each part keeps its own
+    top-k, the parts are merged. D = 1024 gives 256-row tiles; D = 1 a single column."""
+    g = torch.Generator().manual_seed(Q * N)
+    q, b = torch.randn(Q, D, generator=g), torch.randn(N, D, generator=g)
+    b[::7] *= 100.0  # the per-row normalisation matters
+    b[5] = 0.0  # a zero row: similarity 0, as the reference's clamped norm gives
+    bl = torch.randint(0, 11, (N,), generator=g)
+    for threads in (1, 2):
+        with _threads(threads):
+            ok = _check_against_reference(q, b, bl, k, 11)
+            assert ok.float().mean() > 0.5
+
+
+def test_parallel_rows_are_exact_ties():
+    """D = 1: every similarity is exactly +1 or -1 (parallel rows, however long), so the top-k are the
+    first k rows of the query's sign, in every tile and part."""
+    g = torch.Generator().manual_seed(11)
+    bank = torch.randn(9000, 1, generator=g) * torch.rand(9000, 1, generator=g) * 50
+    bl = torch.randint(0, 5, (9000,), generator=g)
+    q = torch.tensor([[2.5], [-0.1], [0.0]])
+    for threads in (1, 2):
+        with _threads(threads):
+            for k in (3, 25, 4700):
+                _assert_exact(q, bank, bl, k, 5)
+
+
+def test_double_and_noncontiguous_bank():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(9, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(16, 5000, generator=g, dtype=torch.float64).t()  # a transposed view
+    bl = torch.randint(0, 3, (5000,), generator=g)
+    with _threads(2):
+        _check_against_reference(q, b, bl, 25, 3)
+        for x, y in zip(knn_vote(q, b, bl.int(), 25, 3), knn_vote(q, b, bl, 25, 3)):
+            assert torch.equal(x, y)

@@ -72,6 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_knn_outputs(int64_t Q, int6
 
 namespace {
 
+#define WS_KNN_AI __attribute__((always_inline)) inline
+
 // ---------------------------------------------------------------------------------------------
 // CPU path. The bank is split into contiguous parts (one per thread when the bank is large,
 // otherwise the queries are split); each part streams its rows in tiles: the tile is
@@ -83,80 +85,88 @@ namespace {
 // keeps the tie rule (equal similarity: smaller bank index first) exact.
 
 // Scan one query's row of the score tile into its sorted top-k list: candidate j has
-// similarity row[j] * inv[j] (the dot product with the raw bank row, times the row's inverse
-// norm) and bank index base + j; candidates arrive in ascending index.
-inline void scan_row_scalar(const float* row, const float* inv, int64_t nn, int64_t base, float* v, int64_t* id,
-                            int64_t* len, int64_t k) {
+// similarity row[j] / nrm[j] (the dot product of the unit query with the raw bank row, over the
+// row's norm clamped at 1e-12, as the reference's F.normalize; parallel rows give exactly 1) and
+// bank index base + j; candidates arrive in ascending index. The vector loops pre-filter with
+// row[j] * inv[j] (inv = 1 / nrm) against the k-th similarity lowered by a few ulps, which the
+// product never misses, and insert the exact quotients.
+WS_KNN_AI float knn_sim(float dot, float nrm) { return kernels::knn_key(dot / nrm); }
+
+WS_KNN_AI float relaxed(float thr) { return thr - (std::fabs(thr) * 0x1p-20f + 0x1p-140f); }
+
+inline void scan_row_scalar(const float* row, const float* inv, const float* nrm, int64_t nn, int64_t base, float* v,
+                            int64_t* id, int64_t* len, int64_t k) {
+  (void)inv;
   for (int64_t j = 0; j < nn; ++j) {
-    const float s = kernels::knn_key(row[j] * inv[j]);
+    const float s = knn_sim(row[j], nrm[j]);
     // Later bank rows never win a tie, so "<=" rejects without a call.
     if (*len == k && s <= v[k - 1]) continue;
     kernels::topk_insert(v, id, len, k, s, base + j);
   }
 }
 
-// Inverse L2 norms of rows of src (rows x D): 1 / max(||x||, 1e-12), as F.normalize.
-inline void inv_norms_scalar(const float* src, int64_t rows, int64_t D, float* inv) {
+// Row norms of src (rows x D), clamped at 1e-12, and their inverses.
+inline void norms_scalar(const float* src, int64_t rows, int64_t D, float* nrm, float* inv) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* x = src + i * D;
     float ss = 0.f;
     for (int64_t j = 0; j < D; ++j) ss += x[j] * x[j];
-    inv[i] = 1.0f / std::max(std::sqrt(ss), 1e-12f);
+    nrm[i] = std::max(std::sqrt(ss), 1e-12f);
+    inv[i] = 1.0f / nrm[i];
   }
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define WS_KNN_X86 1
-__attribute__((target("avx512f"))) void scan_row_avx512(const float* row, const float* inv, int64_t nn,
-                                                          int64_t base, float* v, int64_t* id, int64_t* len,
-                                                          int64_t k) {
+__attribute__((target("avx512f"))) void scan_row_avx512(const float* row, const float* inv, const float* nrm,
+                                                          int64_t nn, int64_t base, float* v, int64_t* id,
+                                                          int64_t* len, int64_t k) {
   int64_t j = 0;
-  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, kernels::knn_key(row[j] * inv[j]), base + j);
+  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, knn_sim(row[j], nrm[j]), base + j);
   if (j == nn) return;
-  __m512 thr = _mm512_set1_ps(v[k - 1]);
+  __m512 thr = _mm512_set1_ps(relaxed(v[k - 1]));
   for (; j + 16 <= nn; j += 16) {
     // NaN compares false (it ranks last, like -inf, and a full list never takes -inf from a
     // later row); an equal similarity from a later row never displaces a kept one.
     const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), _mm512_loadu_ps(inv + j));
     __mmask16 m = _mm512_cmp_ps_mask(x, thr, _CMP_GT_OQ);
     if (m) {
-      alignas(64) float xs[16];
-      _mm512_store_ps(xs, x);
       do {
         const int b = __builtin_ctz(m);
         m &= static_cast<__mmask16>(m - 1);
-        kernels::topk_insert(v, id, len, k, xs[b], base + j + b);
+        const float s = knn_sim(row[j + b], nrm[j + b]);
+        if (s > v[k - 1]) kernels::topk_insert(v, id, len, k, s, base + j + b);
       } while (m);
-      thr = _mm512_set1_ps(v[k - 1]);
+      thr = _mm512_set1_ps(relaxed(v[k - 1]));
     }
   }
-  scan_row_scalar(row + j, inv + j, nn - j, base + j, v, id, len, k);
+  scan_row_scalar(row + j, inv + j, nrm + j, nn - j, base + j, v, id, len, k);
 }
 
-__attribute__((target("avx2"))) void scan_row_avx2(const float* row, const float* inv, int64_t nn, int64_t base,
-                                                     float* v, int64_t* id, int64_t* len, int64_t k) {
+__attribute__((target("avx2"))) void scan_row_avx2(const float* row, const float* inv, const float* nrm, int64_t nn,
+                                                     int64_t base, float* v, int64_t* id, int64_t* len, int64_t k) {
   int64_t j = 0;
-  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, kernels::knn_key(row[j] * inv[j]), base + j);
+  for (; j < nn && *len < k; ++j) kernels::topk_insert(v, id, len, k, knn_sim(row[j], nrm[j]), base + j);
   if (j == nn) return;
-  __m256 thr = _mm256_set1_ps(v[k - 1]);
+  __m256 thr = _mm256_set1_ps(relaxed(v[k - 1]));
   for (; j + 8 <= nn; j += 8) {
     const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(inv + j));
     unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(x, thr, _CMP_GT_OQ)));
     if (m) {
-      alignas(32) float xs[8];
-      _mm256_store_ps(xs, x);
       do {
         const int b = __builtin_ctz(m);
         m &= m - 1;
-        kernels::topk_insert(v, id, len, k, xs[b], base + j + b);
+        const float s = knn_sim(row[j + b], nrm[j + b]);
+        if (s > v[k - 1]) kernels::topk_insert(v, id, len, k, s, base + j + b);
       } while (m);
-      thr = _mm256_set1_ps(v[k - 1]);
+      thr = _mm256_set1_ps(relaxed(v[k - 1]));
     }
   }
-  scan_row_scalar(row + j, inv + j, nn - j, base + j, v, id, len, k);
+  scan_row_scalar(row + j, inv + j, nrm + j, nn - j, base + j, v, id, len, k);
 }
 
-__attribute__((target("avx512f"))) void inv_norms_avx512(const float* src, int64_t rows, int64_t D, float* inv) {
+__attribute__((target("avx512f"))) void norms_avx512(const float* src, int64_t rows, int64_t D, float* nrm,
+                                                       float* inv) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* x = src + i * D;
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -172,13 +182,15 @@ __attribute__((target("avx512f"))) void inv_norms_avx512(const float* src, int64
     }
     float ss = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     for (; j < D; ++j) ss += x[j] * x[j];
-    inv[i] = 1.0f / std::max(std::sqrt(ss), 1e-12f);
+    nrm[i] = std::max(std::sqrt(ss), 1e-12f);
+    inv[i] = 1.0f / nrm[i];
   }
 }
 #endif
 
-using ScanFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t*, int64_t*, int64_t);
-using NormFn = void (*)(const float*, int64_t, int64_t, float*);
+using ScanFn = void (*)(const float*, const float*, const float*, int64_t, int64_t, float*, int64_t*, int64_t*,
+                        int64_t);
+using NormFn = void (*)(const float*, int64_t, int64_t, float*, float*);
 
 ScanFn pick_scan() {
 #ifdef WS_KNN_X86
@@ -190,9 +202,9 @@ ScanFn pick_scan() {
 
 NormFn pick_norms() {
 #ifdef WS_KNN_X86
-  if (__builtin_cpu_supports("avx512f")) return inv_norms_avx512;
+  if (__builtin_cpu_supports("avx512f")) return norms_avx512;
 #endif
-  return inv_norms_scalar;
+  return norms_scalar;
 }
 
 int64_t env_or(const char* name, int64_t dflt) {
@@ -249,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(const at::Tensor& qu
   // Unit u: bank part u / QP, query chunk u % QP. Per bank tile: the GEMM of each block of the
   // chunk's queries against the raw tile (MKL streams it from memory), the tile's inverse row
   // norms (the tile is in cache by then), and the scan.
-  auto run_unit = [&](int64_t u, float* score, float* inv) {
+  auto run_unit = [&](int64_t u, float* score, float* inv, float* nrm) {
     const int64_t nt = std::min(plan.nt, N), qb = std::min(plan.qb, Q);
     const int64_t p = u / QP, qp = u % QP;
     const int64_t ntiles = (N + nt - 1) / nt;
@@ -265,10 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(const at::Tensor& qu
         const int64_t rows = std::min(qb, qz - q0);
         at::Tensor st = at::from_blob(score, {rows, nn}, fopts);
         at::mm_out(st, qn.narrow(0, q0, rows), bt);  // (rows, nn): one tile, never Q x N
-        if (q0 == qa) norms(bdat + n0 * D, nn, D, inv);
+        if (q0 == qa) norms(bdat + n0 * D, nn, D, nrm, inv);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t q = q0 + i;
-          scan(score + i * nn, inv, nn, n0, V + q * kk, I + q * kk, L + q, kk);
+          scan(score + i * nn, inv, nrm, nn, n0, V + q * kk, I + q * kk, L + q, kk);
         }
       }
     }
@@ -278,12 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(const at::Tensor& qu
   const size_t inv_n = static_cast<size_t>(std::min(plan.nt, N));
   if (units == 1) {
     // One unit: the GEMMs use every thread (MKL's own parallelism).
-    std::unique_ptr<float[]> score(new float[score_n]), inv(new float[inv_n]);
-    run_unit(0, score.get(), inv.get());
+    std::unique_ptr<float[]> score(new float[score_n]), inv(new float[inv_n]), nrm(new float[inv_n]);
+    run_unit(0, score.get(), inv.get(), nrm.get());
   } else {
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-      std::unique_ptr<float[]> score(new float[score_n]), inv(new float[inv_n]);
-      for (int64_t u = u0; u < u1; ++u) run_unit(u, score.get(), inv.get());
+      std::unique_ptr<float[]> score(new float[score_n]), inv(new float[inv_n]), nrm(new float[inv_n]);
+      for (int64_t u = u0; u < u1; ++u) run_unit(u, score.get(), inv.get(), nrm.get());
     });
   }
 
