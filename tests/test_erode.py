@@ -200,3 +200,70 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.weakseg.erode.default, (mask, [3, 5], 2))
     lab = torch.randint(0, 3, (2, 17, 23), device=device)
     torch.library.opcheck(torch.ops.weakseg.erode_labels.default, (lab, [3, 3], 2, 255))
+
+
+# ---- the CPU kernel's paths (issue 20) -----------------------------------------------------------
+
+class _threads:
+    """torch's intra-op thread count for a block: the CPU kernel splits one large plane into row bands
+    across threads, or takes whole planes per thread, by at::get_num_threads()."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+@given(lead=st.integers(1, 3), H=st.integers(1, 90), W=st.integers(1, 90),
+       kh=st.integers(0, 35).map(lambda r: 2 * r + 1), kw=st.integers(0, 35).map(lambda r: 2 * r + 1),
+       threads=st.sampled_from([1, 2]), density=st.floats(0.9, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_erode_windows_of_every_size(lead, H, W, kh, kw, threads, density, seed):
+    """Windows 1..71 on each axis (direct minima up to 3 rows / columns, the streaming van Herk pass
+    and the doubling steps beyond, windows past the plane), on grey and binary planes."""
+    g = torch.Generator().manual_seed(seed)
+    grey = torch.randint(0, 256, (lead, H, W), generator=g, dtype=torch.uint8)
+    binary = torch.rand(lead, H, W, generator=g) < density
+    with _threads(threads):
+        for m in (grey, binary):
+            assert torch.equal(erode(m, (kh, kw)), erode_reference(m, (kh, kw)))
+
+
+@given(lead=st.integers(1, 2), H=st.integers(1, 70), W=st.integers(1, 70),
+       kh=st.integers(0, 25).map(lambda r: 2 * r + 1), kw=st.integers(0, 25).map(lambda r: 2 * r + 1),
+       dtype=st.sampled_from([torch.int64, torch.int32, torch.uint8]), nlab=st.integers(1, 4),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**31 - 1))
+def test_erode_labels_windows_of_every_size(lead, H, W, kh, kw, dtype, nlab, threads, seed):
+    """erode_labels runs two min filters of "equal neighbour" maps with even-sized windows (the pairs
+    inside a window): every window shape, 1-pixel planes, rows and columns."""
+    lab = _blocky_labels((lead,), H, W, nlab, dtype, torch.Generator().manual_seed(seed))
+    with _threads(threads):
+        assert torch.equal(erode_labels(lab, (kh, kw)), erode_labels_reference(lab, (kh, kw)))
+
+
+@pytest.mark.parametrize("shape, k, it", [((1, 700, 650), 3, 1), ((1, 700, 650), 41, 1), ((1, 517, 600), (5, 3), 20),
+                                          ((1, 530, 515), (1, 9), 1), ((3, 300, 310), 41, 1), ((2, 1, 1200), 7, 1)])
+def test_erode_large_planes_in_parallel(shape, k, it):
+    """Planes big enough to be split into row bands across threads (and a few whole planes per thread)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    mask = torch.rand(shape, generator=g) < 0.995
+    for threads in (1, 2):
+        with _threads(threads):
+            assert torch.equal(erode(mask, k, it), erode_reference(mask, k, it)), threads
+
+
+@pytest.mark.parametrize("shape, k, it", [((1, 600, 620), 3, 20), ((4, 256, 250), (3, 5), 6), ((1, 513, 700), 1, 1)])
+def test_erode_labels_large_planes_in_parallel(shape, k, it):
+    g = torch.Generator().manual_seed(1)
+    small = torch.randint(0, 21, (shape[0], 1, max(1, shape[1] // 64), max(1, shape[2] // 64)), generator=g)
+    lab = torch.nn.functional.interpolate(small.float(), size=shape[1:], mode="nearest")[:, 0].long()
+    lab[:, ::97, ::89] = 7  # isolated pixels
+    for threads in (1, 2):
+        with _threads(threads):
+            out = erode_labels(lab, k, it)
+            assert torch.equal(out, erode_labels_reference(lab, k, it)), threads
+            assert (out != 255).any()
