@@ -354,3 +354,50 @@ def test_compiled_op_errors_name_the_argument():
     op = torch.ops.weakseg.refine_propagate_qk.default
     assert_raises_naming(lambda: op(torch.rand(1, 2, 4, 3), torch.rand(1, 2, 4, 2), torch.rand(1, 4, 2), 0.1, 1, 1.0),
                          RuntimeError, ["weakseg.refine_propagate_qk", "k"])
+
+
+# ---- the CPU kernel's paths (issue 20) -----------------------------------------------------------
+
+class _threads:
+    """torch's intra-op thread count for a block (small matrices stay on the calling thread; larger
+    ones are built and propagated in row blocks across threads)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+@given(P=st.integers(1, 70), ent=st.floats(0, 0.3), spread=st.floats(0, 60), zeros=st.floats(0, 0.5),
+       seed=st.integers(0, 2**31 - 1))
+def test_entropy_reduced_rows_match_float64(P, ent, spread, zeros, seed):
+    """T' entry by entry (the vectorised logarithm of the float32 path, its 16-lane tails, the cut
+    below t_lo): one step from the identity maps gives Pm's columns, normalised; attention values
+    spread over e^-60 .. 1 (subnormal ratios included) with exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.exp(-spread * torch.rand(1, P, P, generator=g))
+    attn = attn * (torch.rand(1, P, P, generator=g) >= zeros)
+    maps = torch.eye(P)[None]
+    out = refine_propagate(attn, maps, ent, 1)
+    _assert_as_accurate_as_eager_fp32(out, attn, maps, ent, 1)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "uniform", "rows0.1", "onehot"])
+@pytest.mark.parametrize("P,K", [(256, 8), (1030, 1), (1100, 20)])
+def test_threads_and_sizes(kind, P, K):
+    """As accurate on one and two threads, on both sides of the size below which the kernel
+    stays on the calling thread."""
+    g = torch.Generator().manual_seed(P + K)
+    attn = _attention(kind, 1, P, g)
+    maps = torch.rand(1, P, K, generator=g)
+    outs = []
+    for threads in (1, 2):
+        with _threads(threads):
+            outs.append(refine_propagate(attn, maps, 0.015, 10))
+    for out in outs:  # (the GEMM's blocking, hence its rounding, depends on the thread count)
+        _assert_as_accurate_as_eager_fp32(out, attn, maps, 0.015, 10)
