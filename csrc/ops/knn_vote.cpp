@@ -1,6 +1,7 @@
 // knn_vote: schema, input checks and the CPU implementation: the bank is
-// streamed in tiles (one GEMM per tile), each query keeps its top-k in a
-// sorted buffer, then votes. Kernel bodies: kernels/knn_vote.h. CUDA
+// streamed in tiles (one GEMM per tile, the bank split across threads), each
+// query keeps its top-k in a sorted buffer that a vectorised threshold scan of
+// the score tile feeds, then votes. Kernel bodies: kernels/knn_vote.h. CUDA
 // launcher: cuda/knn_vote.cu.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -8,7 +9,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -207,11 +207,6 @@ NormFn pick_norms() {
   return norms_scalar;
 }
 
-int64_t env_or(const char* name, int64_t dflt) {
-  const char* e = std::getenv(name);
-  return e ? std::max<int64_t>(1, std::atoll(e)) : dflt;
-}
-
 struct KnnPlan {
   int64_t nt;      // bank rows per tile
   int64_t qb;      // queries per GEMM
@@ -224,9 +219,9 @@ struct KnnPlan {
 KnnPlan plan_knn(int64_t Q, int64_t N, int64_t D, int64_t threads) {
   KnnPlan p;
   // A bank tile of about 1 MiB: 256 rows at D = 1024, 1024 rows at D = 256.
-  p.nt = env_or("WEAKSEG_KNN_NT", std::max<int64_t>(64, std::min<int64_t>(1024, ((int64_t(1) << 18) / std::max<int64_t>(D, 1)) / 16 * 16)));
-  p.qb = env_or("WEAKSEG_KNN_QB", 1024);
-  const int64_t min_part = env_or("WEAKSEG_KNN_MIN_PART", 2 * p.nt);
+  p.nt = std::max<int64_t>(64, std::min<int64_t>(1024, ((int64_t(1) << 18) / std::max<int64_t>(D, 1)) / 16 * 16));
+  p.qb = 1024;
+  const int64_t min_part = 2 * p.nt;
   p.parts = std::max<int64_t>(1, std::min<int64_t>(threads, N / min_part));
   p.qparts = 1;
   if (p.parts == 1) p.qparts = std::max<int64_t>(1, std::min<int64_t>(threads, Q / 64));
