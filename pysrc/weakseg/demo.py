@@ -30,9 +30,8 @@ from weakseg.io import write_json, write_text
 
 __all__ = ["DEFAULT_IMAGES", "toy_demo_methods", "run_demo"]
 
-# 100 test scenes: with 40, one method's mIoU moved by several points between disjoint scene sets (iSeg's
-# refinement gain was +5.7 on 200 val scenes and -2.2 on the 40 test scenes), too noisy to rank a
-# refinement against its baseline. Per-image cost is ~0.1 s per method, so setup still dominates.
+# 100 test scenes: with 40 the mIoU of one method moved by several points between disjoint scene sets, too
+# noisy to rank a refinement against its baseline (benchmarks/results/toyworld_training_notes.md).
 DEFAULT_IMAGES = 100
 IMAGE_SIZE = 64
 

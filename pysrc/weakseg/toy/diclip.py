@@ -31,10 +31,8 @@ TOY_CACHE: dict[str, Any] = dict(source="generated", images_per_class=6, gen_pro
                                  gen_guidance=7.5, gen_size=64, gen_resize=None, gen_batch=20, fg_centroids=4,
                                  bg_centroids=6, batch_size=8)
 # a short run that fits the demo's budget on a 2-core CPU; pseudo labels refined by CAA only, as the toy
-# preset's CAMs (the SD walk spreads them, see PRESETS["toy"]): on 100 val scenes the head trained on
-# CAA + walk pseudo labels scored 18.2 mIoU, below the raw CAM's 20.0, and 32.7 on CAA-only ones (CAA then on
-# the surgery attention); with the code's CAA attention (head-summed original path, issue 26) and one k-means
-# start: 33.1 on the 100 val scenes (raw 20.0), 34.4 on the demo's 100 test scenes (was 31.4), so kept
+# preset's CAMs (the SD walk spreads them, see PRESETS["toy"]; the head trained on CAA + walk pseudo labels
+# scored below the raw CAM: benchmarks/results/toyworld_training_notes.md)
 TOY_TRAIN: dict[str, Any] = dict(iterations=120, batch_size=4, warmup_iters=10, caa_seg_from=60, save_every=40,
                                  log_every=20, scale_range=(0.75, 1.5), refine=("caa",))
 TOY_TRAIN_SCENES = 400

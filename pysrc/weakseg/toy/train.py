@@ -101,18 +101,15 @@ DEFAULT_SETTINGS: dict[str, StageSettings] = {
 }
 NUM_SCENES = 20000
 CAPTION_DROPOUT = 0.1
-# The UNet stage trains the text encoder too (initialised from the text stage's CLIP text tower). That
-# tower (linear patchify) maps "circle"/"square" (and "triangle"/"star") to nearly the same
-# token states (cosine 0.97-1.0), and a UNet conditioned on them frozen could not tie a class token to its
-# object. The ConvStem CLIP separates them (cosine 0.77 and 0.54 at the shape word of "a photo of a red {shape} and
-# a blue star on grass"), yet a UNet on its frozen text states still localised worse than one that trains
-# them: 16x16 class-token IoU 0.27 after 800 steps and 0.24 after 1,600 (60 val scenes, falling).
+# The UNet stage trains the text encoder too (initialised from the text stage's CLIP text tower): conditioned
+# on frozen text states, the UNet could not tie a class token to its object (the shape words map to nearly the
+# same states), and a UNet on the ConvStem CLIP's frozen states localised worse than one that trains them
+# (benchmarks/results/toyworld_training_notes.md).
 TRAIN_TEXT_ENCODER = True
 # Model-config overrides of the text stage's CLIP: open_clip's linear 8x8 patchify (the first CLIP recipe).
-# The UNet's text encoder starts from this CLIP's text tower, not from the clip stage's: three UNets on
-# text towers of ConvStem CLIPs localised worse (16x16 class-token IoU 0.43 against 0.47; iSeg on 100 val
-# scenes 36.4 against 44.2 mIoU), frozen or trained with the UNet, although those towers tell the shape
-# words apart far better (cosine 0.77 against 0.98 between "circle" and "square").
+# The UNet's text encoder starts from this CLIP's text tower, not from the clip stage's: UNets on the text
+# towers of ConvStem CLIPs localised worse, although those towers tell the shape words apart far better
+# (benchmarks/results/toyworld_training_notes.md).
 TEXT_CLIP_OVERRIDES: dict[str, Any] = {"conv_stem": None}
 KL_WEIGHT = 1e-3
 
