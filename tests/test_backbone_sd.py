@@ -421,3 +421,24 @@ def test_half_precision_capture(device, tok_dir):
     torch.testing.assert_close(p.sum(-1), torch.ones_like(p[..., 0]))
     m = cap.mean("down_blocks.0.attentions.0.transformer_blocks.0.attn1")
     assert m.dtype == torch.float32 and m.shape == (1, 64, 64)
+
+
+def test_running_mean_in_row_blocks_equals_one_block(sd15, monkeypatch):
+    """store="mean" forms every head after the first in row blocks (one full map held: the mean); any block
+    size gives the same mean, counts and reused outputs as whole maps."""
+    from weakseg.backbones.attention import AttentionStore
+
+    z, e = _inputs(sd15)
+    specs = [LayerCapture("re:.*attn1", store="mean", group="resolution", reuse=True),
+             LayerCapture("re:.*attn2", store="mean", group="resolution")]
+    out_whole, whole = sd15.unet(z, 100, e, capture=specs)
+    for block_rows in (1, 3, 16):  # 64 rows at the finest self-attention grid: uneven and one-row blocks
+        monkeypatch.setattr(AttentionStore, "MEAN_BLOCK_BYTES", 4 * 2 * 64 * block_rows)
+        out_rows, rows = sd15.unet(z, 100, e, capture=specs)
+        torch.testing.assert_close(out_rows, out_whole, atol=1e-6, rtol=1e-5)
+        for kind in ("self", "cross"):
+            assert rows.resolutions(kind) == whole.resolutions(kind)
+            for r in whole.resolutions(kind):
+                torch.testing.assert_close(rows.resolution_mean(kind, r), whole.resolution_mean(kind, r),
+                                           atol=1e-6, rtol=1e-5)
+                assert rows.count((kind, r)) == whole.count((kind, r))

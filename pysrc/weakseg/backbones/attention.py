@@ -201,6 +201,9 @@ class AttentionStore:
     - ``stored_bytes()``: bytes held by every recorded tensor; ``reset()`` drops everything.
     """
 
+    #: store="mean": after the first head, maps are formed in row blocks of at most this many bytes
+    MEAN_BLOCK_BYTES = 16 << 20
+
     def __init__(self, plan: Mapping[str, LayerCapture], info: Mapping[str, _LayerInfo]):
         self.plan = dict(plan)
         self.info = {n: info[n] for n in self.plan}
@@ -266,17 +269,26 @@ class AttentionStore:
                              f"shape {(B, P, T)}; reset() the capture between inputs of different sizes")
         n = self._counts.get(key, 0)
         out = torch.empty((*q.shape[:3], v.shape[-1]), dtype=q.dtype, device=q.device) if reuse else None
+        # once the running mean exists, each head's map is formed and added in row blocks of at most
+        # MEAN_BLOCK_BYTES, so the mean is the only full (B, P, T) map held (small maps: one block)
+        rows = max(1, min(P, self.MEAN_BLOCK_BYTES // max(1, 4 * B * T)))
         for h in range(q.shape[1]):
             m = None if mask is None else mask[:, min(h, mask.shape[1] - 1)]
-            p = self._probs_of(q[:, h], k[:, h], scale, m)
-            if out is not None:
-                out[:, h] = torch.matmul(p, v[:, h].float())
             if buf is None:
+                p = self._probs_of(q[:, h], k[:, h], scale, m)
+                if out is not None:
+                    out[:, h] = torch.matmul(p, v[:, h].float())
                 buf = p
                 self._means[key] = buf
             else:
-                buf.lerp_(p, 1.0 / (n + 1))  # the running mean in one pass
-                del p
+                for r0 in range(0, P, rows):
+                    r1 = min(P, r0 + rows)
+                    mb = m[..., r0:r1, :] if m is not None and m.dim() >= 2 and m.shape[-2] == P else m
+                    p = self._probs_of(q[:, h, r0:r1], k[:, h], scale, mb)
+                    if out is not None:
+                        out[:, h, r0:r1] = torch.matmul(p, v[:, h].float())
+                    buf[:, r0:r1].lerp_(p, 1.0 / (n + 1))  # the running mean in one pass
+                    del p
             n += 1
         self._counts[key] = n
         return out
