@@ -49,9 +49,9 @@ WS_AI void min_into(uint8_t* __restrict o, const uint8_t* __restrict a, int64_t 
 
 // Per-thread buffers (kept across calls; released after a call that needed more than 16 MiB).
 struct Bufs {
-  std::vector<uint8_t> ident, suf, pre, ext, a, b, vrow;
+  std::vector<uint8_t> ident, suf, pre, ext, a, b;
   void trim() {
-    for (auto* v : {&ident, &suf, &pre, &ext, &a, &b, &vrow})
+    for (auto* v : {&ident, &suf, &pre, &ext, &a, &b})
       if (v->capacity() > (size_t(16) << 20)) std::vector<uint8_t>().swap(*v);
   }
 };
@@ -123,7 +123,7 @@ WS_AI void filter_band_body(const uint8_t* in, uint8_t* out, int64_t H, int64_t 
   uint8_t* pre = bf.pre.data();
   for (int64_t bs = y0 + win.ylo; bs < y1 + win.ylo; bs += wy) {
     const int64_t i_end = std::min(wy, y1 + win.ylo - bs);  // outputs of this block
-    // Suffix minima; rows with i >= i_end... all of them are needed for i = 0.
+    // Suffix minima of the whole block (output i = 0 needs all of them).
     std::memcpy(suf + (wy - 1) * W, row_at(bs + wy - 1), static_cast<size_t>(W));
     for (int64_t i = wy - 2; i >= 0; --i) min2(suf + i * W, suf + (i + 1) * W, row_at(bs + i), W);
     for (int64_t i = 0; i < i_end; ++i) {
