@@ -176,13 +176,8 @@ def _kl_kmeans_cases(device: str, quick: bool):
 
 
 def _vote_from(sims, idx, bl, C):
-    lab = bl[idx]
-    votes = torch.zeros(lab.shape[0], C, dtype=torch.int64, device=lab.device).scatter_add_(1, lab, torch.ones_like(lab))
-    sums = torch.zeros(lab.shape[0], C, dtype=torch.float32, device=lab.device).scatter_add_(1, lab, sims.float())
-    best = votes.max(1, keepdim=True).values
-    labels = torch.where(votes == best, sums, torch.full_like(sums, float("-inf"))).argmax(1)
-    conf = sums.gather(1, labels[:, None])[:, 0] / votes.gather(1, labels[:, None])[:, 0].clamp_min(1)
-    return labels, conf, votes
+    """The op's vote rule (:func:`weakseg.ops.knn_vote_from_neighbors`) on neighbours found another way."""
+    return ops.knn_vote_from_neighbors(sims, bl[idx], C)
 
 
 def _mm_topk_vote(q, b, bl, k, C):
