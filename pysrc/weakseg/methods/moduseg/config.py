@@ -40,9 +40,9 @@ class ModuSegConfig(MethodConfig):
     fractions). min_area: the pixel-area floor of bank regions and proposals (300).
 
     k: neighbours that vote (25). search: ``"op"`` (weakseg.ops.knn_vote, which never holds the queries x bank
-    similarities on the GPU), ``"gemm"`` (exact: one library GEMM for every similarity, ``torch.topk``, the
-    same vote; on the CPU faster than the op's kernel for the few dozen queries of one image), ``"auto"`` (the
-    default: "op" on a GPU, "gemm" on the CPU; op and gemm give the same votes) or ``"faiss"``. faiss_ivf_threshold:
+    similarities; the fastest on the CPU too: benchmarks/results/moduseg_search_cpu_2026-12-06.md), ``"gemm"``
+    (exact: one library GEMM for every similarity, ``torch.topk``, the same vote), ``"auto"`` (the default:
+    "op"; op and gemm give the same votes) or ``"faiss"``. faiss_ivf_threshold:
     banks with more rows use IndexIVFFlat (1e5); faiss_nlist_max / faiss_nprobe: 1024 / 32.
     nms / nms_iou: per-class NMS (on, 0.4; a no-op for disjoint proposals except the area floor).
     unassigned: label of pixels no proposal claims: "background" (class 0; the reference, also for

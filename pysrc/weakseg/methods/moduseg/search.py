@@ -2,7 +2,7 @@
 
 Backends (``ModuSegConfig.search``): ``weakseg.ops.knn_vote`` ("op", K = 25, cosine; never holds the
 queries x bank similarities on the GPU), one GEMM + ``torch.topk`` (:func:`exact_topk`, "gemm"; the
-same neighbours), "auto" (op on a GPU, gemm on the CPU) or FAISS (:class:`FaissSearch`, "faiss":
+same neighbours), "auto" (the op, on every device) or FAISS (:class:`FaissSearch`, "faiss":
 ``IndexFlatIP``, ``IndexIVFFlat`` above ``faiss_ivf_threshold`` bank rows, nlist = min(sqrt N, 1024),
 nprobe = min(32, nlist)). Every backend votes with the one rule of the op,
 :func:`weakseg.ops.knn_vote.knn_vote_from_neighbors` (winner = most votes, then the larger summed
@@ -109,10 +109,9 @@ class FaissSearch:
 
 
 def resolve_search(mode: str, device: torch.device) -> str:
-    """The backend ``ModuSegConfig.search`` names on ``device``: "auto" is "op" on a GPU, "gemm" elsewhere."""
-    if mode == "auto":
-        return "op" if torch.device(device).type == "cuda" else "gemm"
-    return mode
+    """The backend ``ModuSegConfig.search`` names on ``device``: "auto" is the op on every device (its CPU
+    kernel overtook one GEMM + top-k at every ModuSeg shape: benchmarks/results/moduseg_search_cpu_2026-12-06.md)."""
+    return "op" if mode == "auto" else mode
 
 
 def search_bank(seg, queries: torch.Tensor, rows: torch.Tensor | None = None):
