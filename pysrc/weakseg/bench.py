@@ -130,6 +130,24 @@ def _masked_area_pool_cases(device: str, quick: bool):
     return cases
 
 
+# ModuSeg on the CPU: Q = the proposals of one image (about 50-300), a bank of 10^4 - 10^6 rows of CLIP
+# features (D = 768 / 1024), k = 25. The 10^6-row bank is 4 GiB of float32: cases are generated one at a time.
+_MODUSEG_KNN = [(200, 100_000, 768, 25, 21), (100, 1_000_000, 1024, 25, 21)]
+
+
+def _knn_case(device: str, Q: int, N: int, D: int, k: int, C: int, g: torch.Generator):
+    q = torch.randn(Q, D, generator=g).to(device)
+    b = torch.randn(N, D, generator=g).to(device)
+    bl = torch.randint(0, C, (N,), generator=g).to(device)
+    impls = [("weakseg", lambda: ops.knn_vote(q, b, bl, k, C)),
+             ("reference", lambda: ops.knn_vote_reference(q, b, bl, k, C)),
+             ("torch mm+topk", lambda: _mm_topk_vote(q, b, bl, k, C))]
+    fa = _faiss_vote(q, b, bl, k, C) if device == "cpu" else None
+    if fa is not None:
+        impls.append(("faiss IndexFlatIP", fa))
+    return f"Q{Q} N{N} D{D} k{k}", impls, _labels_agree
+
+
 def _knn_cases(device: str, quick: bool):
     g = torch.Generator().manual_seed(3)
     if quick:
@@ -138,19 +156,11 @@ def _knn_cases(device: str, quick: bool):
         spec = [(10000, 1000000, 1024, 25, 81), (1000, 100000, 1024, 25, 21)]
     else:
         spec = [(1000, 100000, 256, 25, 21), (200, 20000, 1024, 25, 81)]
-    cases = []
     for Q, N, D, k, C in spec:
-        q = torch.randn(Q, D, generator=g).to(device)
-        b = torch.randn(N, D, generator=g).to(device)
-        bl = torch.randint(0, C, (N,), generator=g).to(device)
-        impls = [("weakseg", lambda q=q, b=b, bl=bl, k=k, C=C: ops.knn_vote(q, b, bl, k, C)),
-                 ("reference", lambda q=q, b=b, bl=bl, k=k, C=C: ops.knn_vote_reference(q, b, bl, k, C)),
-                 ("torch mm+topk", lambda q=q, b=b, bl=bl, k=k, C=C: _mm_topk_vote(q, b, bl, k, C))]
-        fa = _faiss_vote(q, b, bl, k, C) if device == "cpu" else None
-        if fa is not None:
-            impls.append(("faiss IndexFlatIP", fa))
-        cases.append((f"Q{Q} N{N} D{D} k{k}", impls, _labels_agree))
-    return cases
+        yield _knn_case(device, Q, N, D, k, C, g)
+    if device == "cpu" and not quick:
+        for i, (Q, N, D, k, C) in enumerate(_MODUSEG_KNN):
+            yield _knn_case(device, Q, N, D, k, C, torch.Generator().manual_seed(30 + i))
 
 
 def _kl_kmeans_cases(device: str, quick: bool):
@@ -220,6 +230,17 @@ def _refine_cases(device: str, quick: bool):
         impls = [("weakseg", lambda a=attn, m=maps, N=N, e=ent: ops.refine_propagate(a, m, e, N)),
                  ("reference", lambda a=attn, m=maps, N=N, e=ent: ops.refine_propagate_reference(a, m, e, N))]
         cases.append((f"B{B} P{P} K{K} N{N} ent{ent}", impls, _maps_close(1e-3)))
+    if device == "cpu" and not quick:  # every P x K of a grid (N = 10, ent 0.015, as iSeg)
+        seen = {name for name, _, _ in cases}
+        g = torch.Generator().manual_seed(40)
+        for P in (256, 1024, 4096):
+            attn = (torch.randn(1, P, P, generator=g) * 4).softmax(-1).to(device)
+            for K in (1, 8, 20):
+                if f"B1 P{P} K{K} N10 ent0.015" not in seen:
+                    maps = torch.rand(1, P, K, generator=g).to(device)
+                    impls = [("weakseg", lambda a=attn, m=maps: ops.refine_propagate(a, m, 0.015, 10)),
+                             ("reference", lambda a=attn, m=maps: ops.refine_propagate_reference(a, m, 0.015, 10))]
+                    cases.append((f"B1 P{P} K{K} N10 ent0.015", impls, _maps_close(1e-3)))
     return cases
 
 
@@ -302,8 +323,12 @@ def run_cases(op: str, device: str, quick: bool) -> list[Row]:
             times[name] = _time_ms(fn, min_run)
             if device == "cuda":
                 peaks[name] = _peak_extra_mib(fn)
+        ours = next(t for name, t in times.items() if name.startswith("weakseg"))
         for name, _ in impls:
-            extra = {"peak_extra_mib": round(peaks[name], 1)} if name in peaks else {}
+            # the weakseg kernel's speed-up against this implementation, in the same run
+            extra = {"weakseg_speedup": round(times[name] / ours, 3)}
+            if name in peaks:
+                extra["peak_extra_mib"] = round(peaks[name], 1)
             rows.append(Row(op, device, case, name, times[name], times["reference"] / times[name], notes[name], extra))
     return rows
 
@@ -321,11 +346,13 @@ def _peak_extra_mib(fn) -> float:
 
 def format_table(rows: list[Row]) -> str:
     mem = any("peak_extra_mib" in r.extra for r in rows)
-    lines = ["| op | device | case | implementation | ms (median) | speed-up vs reference | check |"
-             + (" peak extra MiB |" if mem else ""),
-             "|---|---|---|---|---:|---:|---|" + ("---:|" if mem else "")]
+    lines = ["| op | device | case | implementation | ms (median) | speed-up vs reference | weakseg speed-up vs this "
+             "| check |" + (" peak extra MiB |" if mem else ""),
+             "|---|---|---|---|---:|---:|---:|---|" + ("---:|" if mem else "")]
     for r in rows:
-        line = f"| {r.op} | {r.device} | {r.case} | {r.impl} | {r.ms:.3f} | {r.vs_reference:.2f}x | {r.check} |"
+        ws = r.extra.get("weakseg_speedup")
+        line = (f"| {r.op} | {r.device} | {r.case} | {r.impl} | {r.ms:.3f} | {r.vs_reference:.2f}x | "
+                f"{'' if ws is None else f'{ws:.2f}x'} | {r.check} |")
         if mem:
             line += f" {r.extra.get('peak_extra_mib', '')} |"
         lines.append(line)
