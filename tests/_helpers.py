@@ -1,5 +1,7 @@
 """Assertions shared by the op test modules."""
 
+import contextlib
+
 import pytest
 
 
@@ -28,3 +30,17 @@ def make_diclip(models, **kw):
 
     clip, sd = models
     return DiCLIP(DiCLIPConfig.from_dict({"preset": "tiny", **kw}), clip=clip, sd=sd)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count for a block (the CPU kernels split their work by at::get_num_threads();
+    the tests otherwise run with one)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from _helpers import assert_raises_naming
+from _helpers import assert_raises_naming, torch_threads
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -204,20 +204,6 @@ def test_opcheck(device):
 
 # ---- the CPU kernel's paths (issue 20) -----------------------------------------------------------
 
-class _threads:
-    """torch's intra-op thread count for a block: the CPU kernel splits one large plane into row bands
-    across threads, or takes whole planes per thread, by at::get_num_threads()."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
-
 
 @given(lead=st.integers(1, 3), H=st.integers(1, 90), W=st.integers(1, 90),
        kh=st.integers(0, 35).map(lambda r: 2 * r + 1), kw=st.integers(0, 35).map(lambda r: 2 * r + 1),
@@ -228,7 +214,7 @@ def test_erode_windows_of_every_size(lead, H, W, kh, kw, threads, density, seed)
     g = torch.Generator().manual_seed(seed)
     grey = torch.randint(0, 256, (lead, H, W), generator=g, dtype=torch.uint8)
     binary = torch.rand(lead, H, W, generator=g) < density
-    with _threads(threads):
+    with torch_threads(threads):
         for m in (grey, binary):
             assert torch.equal(erode(m, (kh, kw)), erode_reference(m, (kh, kw)))
 
@@ -241,7 +227,7 @@ def test_erode_labels_windows_of_every_size(lead, H, W, kh, kw, dtype, nlab, thr
     """erode_labels runs two min filters of "equal neighbour" maps with even-sized windows (the pairs
     inside a window): every window shape, 1-pixel planes, rows and columns."""
     lab = _blocky_labels((lead,), H, W, nlab, dtype, torch.Generator().manual_seed(seed))
-    with _threads(threads):
+    with torch_threads(threads):
         assert torch.equal(erode_labels(lab, (kh, kw)), erode_labels_reference(lab, (kh, kw)))
 
 
@@ -252,7 +238,7 @@ def test_erode_large_planes_in_parallel(shape, k, it):
     g = torch.Generator().manual_seed(sum(shape))
     mask = torch.rand(shape, generator=g) < 0.995
     for threads in (1, 2):
-        with _threads(threads):
+        with torch_threads(threads):
             assert torch.equal(erode(mask, k, it), erode_reference(mask, k, it)), threads
 
 
@@ -263,7 +249,7 @@ def test_erode_labels_large_planes_in_parallel(shape, k, it):
     lab = torch.nn.functional.interpolate(small.float(), size=shape[1:], mode="nearest")[:, 0].long()
     lab[:, ::97, ::89] = 7  # isolated pixels
     for threads in (1, 2):
-        with _threads(threads):
+        with torch_threads(threads):
             out = erode_labels(lab, k, it)
             assert torch.equal(out, erode_labels_reference(lab, k, it)), threads
             assert (out != 255).any()

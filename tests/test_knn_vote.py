@@ -1,6 +1,6 @@
 import pytest
 import torch
-from _helpers import assert_raises_naming
+from _helpers import assert_raises_naming, torch_threads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -229,20 +229,6 @@ def test_reference_and_moduseg_share_the_vote_rule():
 
 # ---- the CPU kernel's tiled / split paths (issue 20) --------------------------------------------
 
-class _threads:
-    """torch's intra-op thread count for a block (the CPU kernel splits the bank across threads, or
-    the queries when the bank is small, from at::get_num_threads(); tests otherwise run with one)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
-
 
 def _exact_tie_bank(N, D, C, g, nan_rows=False):
     """A bank of scaled one-hot rows (2^m e_d): every similarity is exactly a query component (or 0),
@@ -280,7 +266,7 @@ def test_exact_ties_across_tiles_and_parts(Q, N, D, k, C, threads, nan_rows, see
     k > N uses every row; NaN similarities rank last."""
     g = torch.Generator().manual_seed(seed)
     bank, bl = _exact_tie_bank(N, D, C, g, nan_rows)
-    with _threads(threads):
+    with torch_threads(threads):
         _assert_exact(_exact_queries(Q, D, g), bank, bl, k, C)
 
 
@@ -301,7 +287,7 @@ def test_exact_ties_at_tile_and_part_boundaries(N):
     bl = torch.randint(0, 4, (N,), generator=g)
     q = torch.tensor([[0.1, 3.0, -1.0], [2.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
     for threads in (1, 2):
-        with _threads(threads):
+        with torch_threads(threads):
             for k in (1, 25, 60, 200):
                 _assert_exact(q, bank, bl, k, 4)
 
@@ -314,7 +300,7 @@ def test_query_split_matches_reference(Q, N, D, k, seed):
     g = torch.Generator().manual_seed(seed)
     q, b = torch.randn(Q, D, generator=g), torch.randn(N, D, generator=g) * 3
     bl = torch.randint(0, 7, (N,), generator=g)
-    with _threads(2):
+    with torch_threads(2):
         _check_against_reference(q, b, bl, k, 7)
 
 
@@ -328,7 +314,7 @@ def test_bank_split_matches_reference(Q, N, D, k):
     b[5] = 0.0  # a zero row: similarity 0, as the reference's clamped norm gives
     bl = torch.randint(0, 11, (N,), generator=g)
     for threads in (1, 2):
-        with _threads(threads):
+        with torch_threads(threads):
             ok = _check_against_reference(q, b, bl, k, 11)
             assert ok.float().mean() > 0.5
 
@@ -341,7 +327,7 @@ def test_parallel_rows_are_exact_ties():
     bl = torch.randint(0, 5, (9000,), generator=g)
     q = torch.tensor([[2.5], [-0.1], [0.0]])
     for threads in (1, 2):
-        with _threads(threads):
+        with torch_threads(threads):
             for k in (3, 25, 4700):
                 _assert_exact(q, bank, bl, k, 5)
 
@@ -351,7 +337,7 @@ def test_double_and_noncontiguous_bank():
     q = torch.randn(9, 16, generator=g, dtype=torch.float64)
     b = torch.randn(16, 5000, generator=g, dtype=torch.float64).t()  # a transposed view
     bl = torch.randint(0, 3, (5000,), generator=g)
-    with _threads(2):
+    with torch_threads(2):
         _check_against_reference(q, b, bl, 25, 3)
         for x, y in zip(knn_vote(q, b, bl.int(), 25, 3), knn_vote(q, b, bl, 25, 3)):
             assert torch.equal(x, y)

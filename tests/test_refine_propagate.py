@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from _helpers import assert_raises_naming
+from _helpers import assert_raises_naming, torch_threads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -358,20 +358,6 @@ def test_compiled_op_errors_name_the_argument():
 
 # ---- the CPU kernel's paths (issue 20) -----------------------------------------------------------
 
-class _threads:
-    """torch's intra-op thread count for a block (small matrices stay on the calling thread; larger
-    ones are built and propagated in row blocks across threads)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
-
 
 @given(P=st.integers(1, 70), ent=st.floats(0, 0.3), spread=st.floats(0, 60), zeros=st.floats(0, 0.5),
        seed=st.integers(0, 2**31 - 1))
@@ -397,7 +383,7 @@ def test_threads_and_sizes(kind, P, K):
     maps = torch.rand(1, P, K, generator=g)
     outs = []
     for threads in (1, 2):
-        with _threads(threads):
+        with torch_threads(threads):
             outs.append(refine_propagate(attn, maps, 0.015, 10))
     for out in outs:  # (the GEMM's blocking, hence its rounding, depends on the thread count)
         _assert_as_accurate_as_eager_fp32(out, attn, maps, 0.015, 10)
