@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         facts = machine_facts([a.device])
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"methods_{a.device}_{a.model.replace('/', '_')}_{a.size}"
+        stem = out / f"methods_{a.device}_{a.model.replace('/', '_').replace(':', '-')}_{a.size}"
         write_text(stem.with_suffix(".md"), "# weakseg method pipeline benchmark\n\n"
                    + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n\n" + table + "\n")
         write_text(stem.with_suffix(".json"), json.dumps({"facts": facts, "rows": rows}, indent=2))

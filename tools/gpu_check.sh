@@ -48,7 +48,12 @@ for s in "${STAGES[@]}"; do
       done ;;
     bench)
       stage bench_ops 150 "$PY" -m weakseg bench --device cuda --out "$OUT"
-      stage bench_methods 120 "$PY" benchmarks/bench_methods.py --device cuda --size 512 --images 2 --out "$OUT"
+      # the real architectures with random weights (they time as the real ones): iSeg on SD-2.1-base,
+      # DiffSegmenter on SD-1.5, at 512^2
+      stage bench_iseg 150 "$PY" benchmarks/bench_methods.py --device cuda --size 512 --images 2 --methods iseg \
+        --model random:stabilityai/stable-diffusion-2-1-base --out "$OUT"
+      stage bench_diffsegmenter 150 "$PY" benchmarks/bench_methods.py --device cuda --size 512 --images 2 \
+        --methods diffsegmenter --model random:stable-diffusion-v1-5/stable-diffusion-v1-5 --out "$OUT"
       stage bench_synseg 90 "$PY" benchmarks/bench_synseg.py --device cuda --out "$OUT"
       stage export_onnx 90 "$PY" -m weakseg export diclip --format onnx --out /tmp/e2e --classes cat,dog,car \
         --set preset=tiny vce=false 'refine=[]' cam_source=patch
