@@ -69,17 +69,10 @@ def class_names_arg(spec: str) -> list[str]:
 
 
 def open_train_dataset(name: str, root: str | None, split: str | None, limit: int | None):
-    """A training dataset by name: a generated one (``toyworld``: ``limit`` scenes, default 1000, of the
-    ``train`` split) or a reader of :mod:`weakseg.data` on ``root``."""
+    """A training dataset by name: :func:`weakseg.eval.runner.open_eval_dataset` with the ``train`` split by
+    default and, for a generated one (``toyworld``), ``limit`` scenes (default 1000)."""
     from weakseg.core import GENERATED_DATASETS
-    from weakseg.data import open_dataset
-    from weakseg.eval.runner import check_dataset_name
+    from weakseg.eval.runner import open_eval_dataset
 
-    check_dataset_name(name)
-    if name in GENERATED_DATASETS:
-        return GENERATED_DATASETS.get(name)(split or "train", num_scenes=limit if limit is not None else 1000)
-    if root is None:
-        raise ValueError(f"--dataset {name}: --root DIR is required")
-    if Path(root).exists() and not Path(root).is_dir():
-        raise ValueError(f"--root: {root} is a file; expected the {name} dataset's directory")
-    return open_dataset(name, root, split or "train")
+    kwargs = {"num_scenes": limit if limit is not None else 1000} if name in GENERATED_DATASETS else {}
+    return open_eval_dataset(name, root, split or "train", **kwargs)
