@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from weakseg.core import COMMANDS
+from weakseg.core import COMMANDS, GENERATED_DATASETS
 from weakseg.eval.arguments import check_out_file
 
 __all__ = ["add_parser"]
@@ -16,7 +16,8 @@ def _build(args: argparse.Namespace) -> int:
     import weakseg
     from weakseg.eval import open_eval_dataset
 
-    ds_kwargs = {"num_scenes": args.limit} if args.dataset == "toyworld" and args.limit is not None else {}
+    generated = args.dataset in GENERATED_DATASETS
+    ds_kwargs = {"num_scenes": args.limit} if generated and args.limit is not None else {}
     check_out_file(args.out)
     dataset = open_eval_dataset(args.dataset, args.root, args.split or "train", **ds_kwargs)
     overrides = {"backbone": args.backbone} if args.backbone else {}
