@@ -75,11 +75,24 @@ _ADVICE = ("set HF_HUB_OFFLINE=1 to use a copy already in the local hub cache, o
            "(written by save_pretrained) instead")
 
 
+def _sync_offline() -> None:
+    """huggingface_hub reads ``HF_HUB_OFFLINE`` once, when it is imported; a value set later (by the user's
+    script, or a test) would leave it trying the network with retries. Its flag is read at call time, so
+    set it to what the environment says now."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - every hub library depends on it
+        return
+    constants.HF_HUB_OFFLINE = True
+
+
 def require_hub(name: str, what: str) -> None:
     """Call before handing the hub name ``name`` (``what``: the kind of model, e.g. "CLIP model") to a hub
-    library: returns at once under ``HF_HUB_OFFLINE``, else raises :class:`HubUnavailableError` when the hub
-    cannot be reached."""
+    library: under ``HF_HUB_OFFLINE`` returns at once (and makes sure huggingface_hub reads only its local
+    cache, even when the variable was set after it was imported), else raises :class:`HubUnavailableError`
+    when the hub cannot be reached."""
     if hub_offline():
+        _sync_offline()
         return
     if not hub_reachable():
         host, port = _endpoint()
