@@ -343,6 +343,21 @@ def test_text_stage_draws_the_clip_stage_batches(tmp_path, cache):
                          ["--stage text"])
 
 
+def test_snapshot_writes_the_unet_checkpoint_as_loadable_sd_weights(trained, tmp_path):
+    root, _ = trained
+    where = T.snapshot_sd(root / "work", tmp_path / "snap", overrides=TINY["unet"])
+    assert where == tmp_path / "snap" / "sd"
+    snap, final = load_toy_sd(where), load_toy_sd(root / "out" / "sd")
+    # the checkpoint of the last step holds what the stage finished with: the same UNet and text encoder
+    for a, b in ((snap.unet_model, final.unet_model), (snap.text_encoder, final.text_encoder), (snap.vae, final.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_raises_naming(lambda: T.snapshot_sd(tmp_path / "none", tmp_path / "x"), FileNotFoundError,
+                         ["--stage unet", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):  # the CLI names the missing checkpoint (argparse error, rc 2)
+        T.main(["--snapshot", str(tmp_path / "y"), "--work", str(tmp_path / "none")])
+
+
 def test_loaders_name_the_missing_path_and_the_training_command(tmp_path):
     assert not toy_weights_available("clip", tmp_path / "none")
     assert_raises_naming(lambda: load_toy_clip(tmp_path / "none"), FileNotFoundError,

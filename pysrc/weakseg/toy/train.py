@@ -71,7 +71,7 @@ from weakseg.toy.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_s
                                      build_vae, text_tower_to_hf)
 
 __all__ = ["STAGES", "StageSettings", "DEFAULT_SETTINGS", "default_work_dir", "default_weights_dir", "SceneCache",
-           "load_scene_cache", "caption_variant", "shape_negative", "shape_targets", "train_clip", "train_vae", "train_unet", "train", "main"]
+           "load_scene_cache", "caption_variant", "shape_negative", "shape_targets", "train_clip", "train_vae", "train_unet", "train", "snapshot_sd", "main"]
 
 STAGES = ("clip", "text", "vae", "unet")
 # the id of each stage's per-step random stream (the text stage draws the clip stage's: see train_clip)
@@ -614,6 +614,30 @@ def _load_final_vae(work_dir: Path, device: str):
     return AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device)
 
 
+def snapshot_sd(work_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike = "toy_sd_snapshot",
+                overrides: dict | None = None, device: str = "cpu") -> Path:
+    """The unet stage's latest checkpoint as Stable Diffusion weights in ``out_dir/sd`` (the committed layout,
+    fp16), with the finished vae stage's VAE and, if the checkpoint has none, the text stage's text tower; so the
+    signal (``python -m weakseg.toy.signal --sd out_dir/sd``) can be read while the stage is still running, as
+    it was when the v2 toy SD was dropped (benchmarks/results/toyworld_v2_2026-12-06.md). ``overrides``: the
+    unet config overrides the stage was run with. Returns ``out_dir/sd``."""
+    from safetensors.torch import load_file
+
+    work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
+    path = _ckpt_path(work_dir, "unet")
+    if not path.is_file():
+        raise FileNotFoundError(f"snapshot_sd: no unet-stage checkpoint at {path}; run --stage unet first")
+    vae = _load_final_vae(work_dir, device)
+    text_encoder = text_tower_to_hf(_load_final_clip(work_dir, device, "text").model)
+    unet = build_unet(0, overrides)
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(("optim.", "rng."))}
+    if any(k.startswith("text_encoder.") for k in state):  # trained with the text encoder (TRAIN_TEXT_ENCODER)
+        _UNetWithText(unet, text_encoder).load_state_dict(state, strict=True)
+    else:
+        unet.load_state_dict(state, strict=True)
+    return write_sd_weights(vae, unet.eval(), text_encoder.eval(), Path(out_dir))
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -715,7 +739,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="stop each stage after this many steps (checkpointed); continue later with --resume")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    p.add_argument("--snapshot", default=None, metavar="DIR",
+                   help="write the unet stage's latest checkpoint as SD weights to DIR/sd (to measure the signal "
+                        "mid-training) and exit")
     a = p.parse_args(argv)
+    if a.snapshot is not None:
+        try:
+            where = snapshot_sd(a.work, a.snapshot, device=a.device)
+        except FileNotFoundError as e:
+            p.error(str(e))
+        print(f"written to {where}")
+        return {"snapshot": str(where)}
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if a.threads is not None:
