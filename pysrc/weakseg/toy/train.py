@@ -615,26 +615,23 @@ def _load_final_vae(work_dir: Path, device: str):
 
 
 def snapshot_sd(work_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike = "toy_sd_snapshot",
-                overrides: dict | None = None, device: str = "cpu") -> Path:
+                overrides: dict | None = None, device: str = "cpu", train_text: bool | None = None) -> Path:
     """The unet stage's latest checkpoint as Stable Diffusion weights in ``out_dir/sd`` (the committed layout,
-    fp16), with the finished vae stage's VAE and, if the checkpoint has none, the text stage's text tower; so the
-    signal (``python -m weakseg.toy.signal --sd out_dir/sd``) can be read while the stage is still running, as
-    it was when the v2 toy SD was dropped (benchmarks/results/toyworld_v2_2026-12-06.md). ``overrides``: the
-    unet config overrides the stage was run with. Returns ``out_dir/sd``."""
-    from safetensors.torch import load_file
-
+    fp16), with the finished vae stage's VAE and the text stage's text tower (replaced by the checkpoint's
+    text encoder when the stage trains it: ``train_text``, default :data:`TRAIN_TEXT_ENCODER`, as in
+    :func:`train_unet`); so the signal (``python -m weakseg.toy.signal --sd out_dir/sd``) can be read while
+    the stage is still running, as it was when the v2 toy SD was dropped
+    (benchmarks/results/toyworld_v2_2026-12-06.md). ``overrides``: the unet config overrides the stage was
+    run with. Returns ``out_dir/sd``."""
     work_dir = Path(work_dir) if work_dir is not None else default_work_dir()
     path = _ckpt_path(work_dir, "unet")
     if not path.is_file():
         raise FileNotFoundError(f"snapshot_sd: no unet-stage checkpoint at {path}; run --stage unet first")
+    train_text = TRAIN_TEXT_ENCODER if train_text is None else bool(train_text)
     vae = _load_final_vae(work_dir, device)
     text_encoder = text_tower_to_hf(_load_final_clip(work_dir, device, "text").model)
     unet = build_unet(0, overrides)
-    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(("optim.", "rng."))}
-    if any(k.startswith("text_encoder.") for k in state):  # trained with the text encoder (TRAIN_TEXT_ENCODER)
-        _UNetWithText(unet, text_encoder).load_state_dict(state, strict=True)
-    else:
-        unet.load_state_dict(state, strict=True)
+    common.load_checkpoint(path, _UNetWithText(unet, text_encoder) if train_text else unet, None, CHECKPOINT_FORMAT)
     return write_sd_weights(vae, unet.eval(), text_encoder.eval(), Path(out_dir))
 
 
