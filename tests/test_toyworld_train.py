@@ -412,3 +412,36 @@ def test_committed_toy_sd_attention_localises_and_propagation_helps():
     r = sd_attention_iou(load_toy_sd(), num_scenes=30)
     assert r["cross"]["miou"] >= 0.35, r["cross"]
     assert r["propagated_1"]["miou"] > r["cross"]["miou"], (r["cross"]["miou"], r["propagated_1"]["miou"])
+
+
+def test_hires_stage_continues_the_unet_on_upsampled_scenes_and_caches_the_latents(trained):
+    """Stage 5 starts from the unet stage's UNet (not a fresh one), trains on 32x32 latents of the scenes
+    upsampled to 128 px, records the new latent side in the UNet config, reuses the encoded latents on a
+    second run, and its snapshot loads as SD weights."""
+    root, _ = trained
+    work = root / "work"
+    unet0, te0 = T._load_final_unet(work, "cpu")
+    summary = T.train("hires", out_dir=root / "out_hr", work_dir=work, steps={"hires": 2}, batch={"hires": 4},
+                      num_scenes=N_SCENES, progress=False, log=lambda m: None)
+    assert summary["finished"] and set(summary["stages"]) == {"hires"}
+    unet1, te1 = T._load_final_unet(work, "cpu", "hires")
+    assert unet1.config.sample_size == T.HIRES_SIZE // 4 and unet0.config.sample_size == 16
+    s0, s1 = unet0.state_dict(), unet1.state_dict()
+    assert s0.keys() == s1.keys()
+    # continued, not restarted: close to the start, but moved
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+    assert max(float((s0[k] - s1[k]).abs().max()) for k in s0) < 0.05
+    cached = list((work / "cache").glob("latents_s128_*.safetensors"))
+    assert len(cached) == 1
+    vae = T._load_final_vae(work, "cpu")
+    cache = T.load_scene_cache(work, num_scenes=N_SCENES, workers=1, progress=False)
+    mean, std = T._cached_latent_moments(work, vae, cache, "cpu", 128, False)
+    assert mean.shape == (N_SCENES, 4, 32, 32)
+    ref_mean, _ = T._latent_moments(vae, cache.images, "cpu", size=128)
+    assert torch.allclose(mean, ref_mean, atol=1e-5)
+    where = T.snapshot_sd(work, root / "snap_hr", stage="hires")
+    snap = load_toy_sd(where)
+    assert snap.unet_model.config.sample_size == 32
+    assert_raises_naming(lambda: T.snapshot_sd(work, root / "x", stage="vae"), ValueError, ["stage", "'hires'"])
+    assert_raises_naming(lambda: T._load_final_unet(root / "none", "cpu", "hires"), FileNotFoundError,
+                         ["--stage hires"])

@@ -95,15 +95,19 @@ def _class_token_columns(sd, caption: str, cls_name: str) -> list[int]:
 
 @torch.no_grad()
 def sd_attention_iou(sd, num_scenes: int = 100, t: int = 100, resolution: int | None = None, ent: float = 0.015,
-                     seed: int = 0, image_size: int = 64) -> dict[str, Any]:
+                     seed: int = 0, image_size: int = 64, input_size: int | None = None) -> dict[str, Any]:
     """Figures 2 and 3 of the module docstring for ``sd`` (a :class:`~weakseg.backbones.StableDiffusionBackbone`)
     on the first ``num_scenes`` val scenes with 1-2 objects -> {"cross": {...}, "propagated_1": {...},
-    "propagated_10": {...}, "resolution", "t", "num_pairs", ...}, each {"miou", "threshold"}."""
+    "propagated_10": {...}, "resolution", "t", "num_pairs", ...}, each {"miou", "threshold"}. ``input_size``:
+    the side the scenes are resized to (bilinear) before the VAE (default ``image_size``), as a method's
+    ``size`` setting does; the maps are scored at ``image_size``."""
     from weakseg.backbones.attention import LayerCapture
     from weakseg.ops import refine_propagate
 
     if num_scenes < 1:
         raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
+    if input_size is not None and (not isinstance(input_size, int) or input_size < 8):
+        raise ValueError(f"input_size must be an int >= 8 or None, got {input_size!r}")
     world = ToyWorld(size=image_size, split="val", num_scenes=num_scenes, min_objects=1, max_objects=2, seed=seed)
     spec = [LayerCapture("*attn2", store="mean", group="resolution"),
             LayerCapture("*attn1", store="mean", group="resolution")]
@@ -116,7 +120,7 @@ def sd_attention_iou(sd, num_scenes: int = 100, t: int = 100, resolution: int | 
         present = [c for c in s.image_labels if c > 0]
         if not present:
             continue
-        z = sd.encode_images(s.image[None], size=image_size, resample="bilinear")
+        z = sd.encode_images(s.image[None], size=input_size or image_size, resample="bilinear")
         noise = torch.randn(z.shape, generator=gen).to(z)
         zt, _ = sd.add_noise(z, t, noise=noise)
         embeds, _ = sd.encode_prompt(s.caption)
@@ -153,14 +157,16 @@ def sd_attention_iou(sd, num_scenes: int = 100, t: int = 100, resolution: int | 
 
 
 def run_signal(clip=None, sd=None, num_clip: int = 200, num_sd: int = 100, t: int = 100,
-               resolution: int | None = None, out: str | Path | None = None) -> dict[str, Any]:
+               resolution: int | None = None, out: str | Path | None = None,
+               input_size: int | None = None) -> dict[str, Any]:
     """All three figures (a part is skipped when its model is None) -> dict, also written to ``out`` (JSON)."""
     result: dict[str, Any] = {}
     if clip is not None:
         result["clip_zero_shot"] = clip_zero_shot_accuracy(clip, num_clip, "single")
         result["clip_zero_shot_ensemble"] = clip_zero_shot_accuracy(clip, num_clip, "ensemble")
     if sd is not None:
-        result["sd_attention"] = sd_attention_iou(sd, num_sd, t=t, resolution=resolution)
+        result["sd_attention"] = sd_attention_iou(sd, num_sd, t=t, resolution=resolution,
+                                                   input_size=input_size)
     if out is not None:
         write_json(out, result, indent=1)
     return result
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num-sd", type=int, default=100)
     p.add_argument("--t", type=int, default=100, help="diffusion timestep of the UNet pass")
     p.add_argument("--resolution", type=int, default=None, help="latent grid side of the attention layers")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="side the 64 px scenes are resized to before SD's VAE (default 64)")
     p.add_argument("--only", choices=("clip", "sd"), default=None, help="measure one model only")
     p.add_argument("--out", default="outputs/toyworld_signal.json")
     a = p.parse_args(argv)
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("CLIP weights missing: skipping the zero-shot figure")
     if sd is None and want_sd:
         print("Stable Diffusion weights missing: skipping the attention figures")
-    res = run_signal(clip, sd, a.num_clip, a.num_sd, a.t, a.resolution, a.out)
+    res = run_signal(clip, sd, a.num_clip, a.num_sd, a.t, a.resolution, a.out, a.input_size)
     if "clip_zero_shot" in res:
         print(f"CLIP zero-shot accuracy (single-object val, {res['clip_zero_shot']['num_scenes']} scenes): "
               f"{res['clip_zero_shot']['accuracy']:.3f} ('a photo of a {{}}.'), "
