@@ -28,9 +28,9 @@ $(UV):
 	$(PYTHON) -m pip install --user --quiet uv
 
 # The environment: a uv venv with the CUDA build of torch (it also runs on the CPU) and the tools.
-$(STAMP): Makefile | $(UV)
+$(STAMP): Makefile tools/constraints.txt | $(UV)
 	[ -x $(PY) ] || $(UV) venv $(VENV) --python $(PYTHON)
-	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet $(TORCH) $(DEPS)
+	VIRTUAL_ENV=$(VENV) $(UV) pip install --quiet -c tools/constraints.txt $(TORCH) $(DEPS)
 	touch $(STAMP)
 
 # The project, editable, built against the torch of the venv (CPU kernels + CUDA kernels when nvcc is found).

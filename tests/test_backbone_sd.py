@@ -361,10 +361,17 @@ def test_save_load_round_trip_offline(sd21, tmp_path, monkeypatch):
     e0, i0 = sd21.encode_prompt(p)
     e1, i1 = loaded.encode_prompt(p)
     assert torch.equal(i0, i1) and torch.equal(e0, e1)
+    # every saved tensor comes back bit for bit ...
+    for part in ("unet_model", "vae", "text_encoder"):
+        a, b = getattr(sd21, part).state_dict(), getattr(loaded, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    # ... and the models compute the same function; not bitwise: a loader may place the weights at
+    # another alignment, and the CPU GEMM's rounding depends on it
     z = torch.randn(1, 4, 8, 8)
-    assert torch.equal(sd21.unet(z, 100, e0), loaded.unet(z, 100, e1))
+    torch.testing.assert_close(sd21.unet(z, 100, e0), loaded.unet(z, 100, e1), rtol=1e-5, atol=1e-5)
     img = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
-    assert torch.equal(sd21.encode_images(img, size=64), loaded.encode_images(img, size=64))
+    torch.testing.assert_close(sd21.encode_images(img, size=64), loaded.encode_images(img, size=64),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_wrong_paths_give_clear_errors(tmp_path):

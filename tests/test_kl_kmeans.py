@@ -256,6 +256,32 @@ def test_clustered_inputs_agree_exactly(device):
     assert _compare(x, seeds, 8, device)
 
 
+def test_equal_anchors_keep_the_first_whatever_their_gemm_column(device):
+    # The expanded distance goes through a GEMM, and a BLAS may round an edge column differently
+    # from the others, so equal anchors need not get equal floats there. Equal anchors must still
+    # behave as in the direct form: the first one takes every member, the later ones die. Repeated
+    # seed indices at every position up to past the GEMM's blocking, and distinct indices of
+    # identical rows.
+    g = torch.Generator().manual_seed(3)
+    x = _data("softmax", 1, 40, 11, g)
+    x[0, 30:] = x[0, :10]  # rows 30..39 repeat rows 0..9
+    for S in range(2, 50, 3):
+        seeds = torch.randint(0, 40, (S,), generator=g)
+        seeds[-1] = seeds[0]  # the last GEMM column repeats the first
+        labels, cents = kl_kmeans(x.to(device), seeds.to(device), 1)
+        # the same clustering from the first seed of each distinct row, in order
+        rows, keep = [], []
+        for s in seeds.tolist():
+            r = int(s) % 30
+            if r not in rows:
+                rows.append(r)
+                keep.append(s)
+        l1, c1 = kl_kmeans(x.to(device), torch.tensor(keep, device=device), 1)
+        assert torch.equal(labels.cpu(), l1.cpu()), S
+        torch.testing.assert_close(cents[:, : len(keep)].cpu(), c1.cpu(), rtol=1e-6, atol=1e-12)
+        assert _compare(x, seeds, 1, device)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_dtypes(device, dtype):
     g = torch.Generator().manual_seed(5)

@@ -37,6 +37,37 @@ KlArgs prepare_kl_args(const at::Tensor& x, const at::Tensor& seeds, int64_t ite
   return {x.to(at::kDouble).contiguous(), seeds.to(at::kLong).contiguous(), iterations, out};
 }
 
+// (D,) int64 odd multipliers (splitmix64 of the column index) for an exact row hash of float64 rows.
+static at::Tensor duplicate_hash_weights(int64_t D, const at::Device& device) {
+  auto w = at::empty({D}, at::TensorOptions().dtype(at::kLong));
+  auto* wp = w.data_ptr<int64_t>();
+  uint64_t z = 0x9E3779B97F4A7C15ull;
+  for (int64_t d = 0; d < D; ++d) {
+    z += 0x9E3779B97F4A7C15ull;
+    uint64_t v = z;
+    v = (v ^ (v >> 30)) * 0xBF58476D1CE4E5B9ull;
+    v = (v ^ (v >> 27)) * 0x94D049BB133111EBull;
+    wp[d] = static_cast<int64_t>((v ^ (v >> 31)) | 1ull);
+  }
+  return w.to(device);
+}
+
+// (B, S) bool: anchor s is alive and bitwise equal to an alive anchor s' < s. ac: (B, S, D) float64
+// contiguous. An integer hash of the bit patterns (wrapping products and sums: exact, so equal rows
+// hash equally whatever the summation order) picks the first candidate, and a direct comparison
+// confirms it (a hash collision just leaves the anchor alone). No host sync.
+static at::Tensor later_duplicates(const at::Tensor& ac, const at::Tensor& counts, const at::Tensor& w) {
+  const int64_t S = ac.size(1);
+  auto alive = counts > 0;
+  if (S < 2) return at::zeros_like(alive);
+  auto h = (ac.contiguous().view(at::kLong) * w).sum(2);                                   // (B, S)
+  auto same = (h.unsqueeze(2) == h.unsqueeze(1)).logical_and_(alive.unsqueeze(1));         // (B, S, S')
+  auto first = same.to(at::kByte).argmax(2);  // the first alive s' with the same hash (s itself if none)
+  auto idx = at::arange(S, first.options()).unsqueeze(0);
+  auto equal = (ac.gather(1, first.unsqueeze(2).expand_as(ac)) == ac).all(2);
+  return alive.logical_and(first < idx).logical_and_(equal);
+}
+
 std::tuple<at::Tensor, at::Tensor> kl_kmeans_loop(const KlArgs& a, KlStepFn step) {
   const auto& x = a.x;
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), S = a.seeds.size(0);
@@ -54,8 +85,13 @@ std::tuple<at::Tensor, at::Tensor> kl_kmeans_loop(const KlArgs& a, KlStepFn step
   auto anchors = x.index_select(1, a.seeds);  // (B, S, D)
   auto counts = at::ones({B, S}, x.options().dtype(at::kInt));
   auto assign = at::empty({B, N}, labels.options());
+  const auto row_hash_w = duplicate_hash_weights(D, x.device());
   for (int64_t it = 0; it < a.iterations; ++it) {
     auto ac = anchors.clamp_min(0) + eps;
+    // An anchor equal to an earlier alive one has the same distances in the direct form, so it never
+    // wins there (ties go to the smaller index) and dies; the GEMM need not give equal columns equal
+    // floats (a BLAS treats edge columns differently), so such anchors are retired here, up front.
+    counts = at::where(later_duplicates(ac, counts, row_hash_w), at::zeros({}, counts.options()), counts);
     auto la = ac.log();
     auto cconst = (ac * la).sum(2).contiguous();                          // (B, S): sum c~ ln c~
     auto g = at::bmm(points, at::cat({la, ac}, 2).transpose(1, 2)).contiguous();  // (B, N, S)
