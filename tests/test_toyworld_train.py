@@ -3,6 +3,7 @@ for bit, the CLIP text tower converts to transformers exactly, the loaders read 
 the signal checks run; and, once committed, the real toy CLIP classifies held-out scenes."""
 
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from weakseg.toy import TRAIN_COMMAND, load_toy_clip, load_toy_sd, toy_weights_a
 from weakseg.toy import train as T  # noqa: E402
 from weakseg.toy.models import (assemble_sd, build_clip, build_unet, build_vae,  # noqa: E402
                                      text_tower_to_hf)
+from weakseg.toy.world import CLASSES, ToyWorld  # noqa: E402
 from weakseg.toy.signal import best_threshold_iou, clip_zero_shot_accuracy, sd_attention_iou  # noqa: E402
 
 TINY = {
@@ -58,7 +60,8 @@ def trained(tmp_path_factory):
     """The whole pipeline (clip -> text -> vae -> unet) on tiny models, written to out/."""
     root = tmp_path_factory.mktemp("toyall")
     summary = T.train("all", out_dir=root / "out", work_dir=root / "work",
-                      steps={"clip": 4, "text": 3, "vae": 3, "unet": 3}, batch={"clip": 8, "text": 8, "vae": 4, "unet": 4},
+                      steps={"clip": 4, "crops": 2, "text": 3, "vae": 3, "unet": 3},
+                      batch={"clip": 8, "crops": 8, "text": 8, "vae": 4, "unet": 4},
                       num_scenes=N_SCENES, progress=False, overrides=TINY,
                       log=lambda m: None)
     return root, summary
@@ -198,13 +201,17 @@ def test_unet_stage_reduces_the_loss_on_a_fixed_batch(work, cache):
 
 # ------------------------------------------------------------------ resume
 
-@pytest.mark.parametrize("stage", ["clip", "unet"])
+@pytest.mark.parametrize("stage", ["clip", "crops", "unet"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache, stage):
     def run(work, stop_at=None, resume=False):
         st = _settings(4, batch=4, ckpt_every=2)
         if stage == "clip":
             m, rec = T.train_clip(cache, work, st, overrides=TINY["clip"], progress=False, stop_at=stop_at,
                                   resume=resume)
+            return m.model, rec
+        if stage == "crops":
+            m, rec = T.train_crops(cache, work, st, build_clip(0, TINY["clip"]), progress=False, stop_at=stop_at,
+                                   resume=resume, log=lambda m: None)
             return m.model, rec
         clip = build_clip(0, TINY["clip"])
         unet, te, rec = T.train_unet(cache, work, st, build_vae(0, TINY["vae"]), text_tower_to_hf(clip.model),
@@ -269,7 +276,7 @@ def test_text_tower_conversion_rejects_what_clip_text_model_cannot_express():
 def test_loaders_read_what_training_wrote_offline(trained, monkeypatch):
     root, summary = trained
     out = root / "out"
-    assert summary["finished"] and set(summary["stages"]) == {"clip", "text", "vae", "unet"}
+    assert summary["finished"] and set(summary["stages"]) == {"clip", "crops", "text", "vae", "unet"}
     assert summary["weights_bytes"]["clip"] > 0 and summary["weights_bytes"]["sd"] > 0
 
     def no_network(*a, **k):
@@ -280,7 +287,7 @@ def test_loaders_read_what_training_wrote_offline(trained, monkeypatch):
     sd = load_toy_sd(out / "sd")
     assert clip.dtype == torch.float32 and sd.dtype == torch.float32
     # the saved weights are the fp16 rounding of the trained fp32 ones
-    ref_clip = T._load_final_clip(root / "work", "cpu")
+    ref_clip = T._load_final_clip(root / "work", "cpu", "crops")  # the crops stage's CLIP is the committed one
     for k, v in ref_clip.model.state_dict().items():
         torch.testing.assert_close(clip.model.state_dict()[k], v.half().float(), rtol=0, atol=0)
     from diffusers import UNet2DConditionModel
@@ -445,3 +452,46 @@ def test_hires_stage_continues_the_unet_on_upsampled_scenes_and_caches_the_laten
     assert_raises_naming(lambda: T.snapshot_sd(work, root / "x", stage="vae"), ValueError, ["stage", "'hires'"])
     assert_raises_naming(lambda: T._load_final_unet(root / "none", "cpu", "hires"), FileNotFoundError,
                          ["--stage hires"])
+
+
+def test_crop_objects_cuts_the_box_and_resizes_it():
+    img = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    img[0, 0, 10:20, 30:40] = 200  # a red 10 px square centred at (15, 35)
+    img[1, 2, 40:64, 0:8] = 90     # a blue block at the bottom-left corner
+    out = T.crop_objects(img, [15.0, 60.0], [35.0, 4.0], [5.0, 8.0], 32)
+    assert out.shape == (2, 3, 32, 32) and out.dtype == torch.uint8
+    # the box is exactly the square: red inside (bilinear blends the outermost samples with the
+    # neighbouring pixels), nothing else
+    assert (out[0, 0, 2:-2, 2:-2] == 200).all() and (out[0, 1:] == 0).all() and out[0, 0].float().mean() > 180
+    # half outside the image (rows 52-68, columns -4..12): the border pixels continue the block, which ends
+    # at column 8, i.e. at output column 24
+    assert (out[1, 2, :, :20] == 90).all() and (out[1, 2, :, 25:] == 0).all() and (out[1, :2] == 0).all()
+    assert_raises_naming(lambda: T.train_crops(T.SceneCache(img[:0], torch.zeros(0, 77, dtype=torch.long), []),
+                                               Path("/nonexistent"), _settings(1), None, num_scenes=0),
+                         ValueError, ["num_scenes", ">= 1"])
+
+
+def test_crops_stage_continues_the_clip_and_its_result_is_the_committed_clip(trained):
+    """Stage 1b starts from the clip stage's CLIP (close to it, but moved), caches the scenes' object boxes
+    (matching the world's objects; one-object captions), and its CLIP, not the clip stage's, is written to
+    out/clip."""
+    root, summary = trained
+    work = root / "work"
+    assert "crops" in summary["stages"] and summary["stages"]["crops"]["settings"]["steps"] == 2
+    c0 = T._load_final_clip(work, "cpu", "clip").model.state_dict()
+    c1 = T._load_final_clip(work, "cpu", "crops").model.state_dict()
+    assert any(not torch.equal(c0[k], c1[k]) for k in c0)
+    assert max(float((c0[k] - c1[k]).abs().max()) for k in c0 if c0[k].is_floating_point()) < 0.1
+    out = load_toy_clip(root / "out" / "clip").model.state_dict()
+    assert all(torch.allclose(out[k].float(), c1[k].float(), atol=2e-3, rtol=2e-3) for k in c1)
+    assert any(not torch.allclose(out[k].float(), c0[k].float(), atol=1e-4) for k in c0)
+    objs = T.scene_objects(work, N_SCENES, progress=False)
+    assert (work / "cache" / f"objects_s64_n{N_SCENES}_seed0.json").is_file()
+    world = ToyWorld(64, "train", num_scenes=N_SCENES)
+    for i in range(N_SCENES):
+        s = world.scene(i)
+        lo, hi = int(objs.first[i]), int(objs.first[i + 1])
+        assert hi - lo == len(s.objects)
+        for o, box, cap in zip(s.objects, objs.box[lo:hi], objs.caption[lo:hi]):
+            assert np.allclose(box, [o.cy, o.cx, o.radius])
+            assert cap.count(" and ") == 0 and f"{o.color} {CLASSES[o.cls]}" in cap and cap.endswith(s.stuff)

@@ -15,6 +15,12 @@ Stages (``--stage``; ``all`` runs them in this order, each one's result feeds th
    caption, never from the masks). The image tower's patchify is a :class:`~weakseg.backbones.clip.ConvStem`
    (``CLIP_CONFIG["conv_stem"]``): with open_clip's linear 8x8 patchify the tower stalled. 4,500 steps,
    lr 6e-4. The measurements behind these choices: benchmarks/results/toyworld_training_notes.md.
+1b. ``crops``: the clip stage's CLIP trained on (:func:`train_crops`), half of each batch being single
+   objects cut out of the scenes (a box around one object, resized to the scene size, captioned with that
+   object alone: "a photo of a red star on grass"), the other half whole scenes as in stage 1. Whole scenes
+   alone teach the image tower what a scene contains, not where: its patch tokens then tell objects from
+   background but not one shape from another, which is what the dense methods read (ModuSeg's retrieval,
+   SynSeg, DiCLIP). Its result is the committed CLIP. 800 steps, lr 2e-4.
 2. ``text``: the CLIP whose text tower starts Stable Diffusion's text encoder: the same objective with
    open_clip's linear patchify (:data:`TEXT_CLIP_OVERRIDES`), 3,000 steps at lr 1e-3, batches drawn from
    the clip stage's random stream; i.e. the first recipe of stage 1. Its image tower is discarded. (SD's
@@ -44,7 +50,7 @@ Data: the training scenes (``ToyWorld(64, "train")``, 1-3 objects) are generated
 
 Outputs: the fp32 result of each stage under ``<work>/final/<stage>``; the committed weights (fp16; the
 loaders restore fp32) under ``--out`` (default: the package's ``weights/``): ``clip/`` after the clip
-stage (``CLIPBackbone.save_pretrained``), ``sd/`` after the UNet stage (``StableDiffusionBackbone.save_pretrained``).
+and crops stages (``CLIPBackbone.save_pretrained``), ``sd/`` after the UNet stage (``StableDiffusionBackbone.save_pretrained``).
 """
 
 from __future__ import annotations
@@ -71,18 +77,25 @@ from weakseg.toy.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_s
                                      build_vae, text_tower_to_hf)
 
 __all__ = ["STAGES", "StageSettings", "DEFAULT_SETTINGS", "default_work_dir", "default_weights_dir", "SceneCache",
-           "load_scene_cache", "caption_variant", "shape_negative", "shape_targets", "train_clip", "train_vae", "train_unet", "train", "snapshot_sd", "main"]
+           "load_scene_cache", "scene_objects", "crop_objects", "train_crops", "caption_variant", "shape_negative", "shape_targets", "train_clip", "train_vae", "train_unet", "train", "snapshot_sd", "main"]
 
-STAGES = ("clip", "text", "vae", "unet", "hires")
+STAGES = ("clip", "crops", "text", "vae", "unet", "hires")
 # what ``--stage all`` runs: "hires" is opt-in (its UNet did not beat the unet stage's on the methods yet:
 # benchmarks/results/toyworld_v2_2026-12-06.md), so the committed toy SD stays the unet stage's
-ALL_STAGES = ("clip", "text", "vae", "unet")
+ALL_STAGES = ("clip", "crops", "text", "vae", "unet")
 # the id of each stage's per-step random stream (the text stage draws the clip stage's: see train_clip)
-_STAGE_ID = {"clip": 0, "vae": 1, "unet": 2, "hires": 3}
+_STAGE_ID = {"clip": 0, "vae": 1, "unet": 2, "hires": 3, "crops": 4}
 IMAGE_SIZE = 64
 # The hires stage's input side: the 64 px scenes upsampled (bilinear, as iSeg and DiffSegmenter resize) to
 # 128 px, so the frozen 4x VAE gives 32x32 latents (SD's 8x VAE on 512 px gives 64x64).
 HIRES_SIZE = 128
+# The crops stage: objects are cut out of the first CROP_SCENES training scenes (their boxes come from
+# rendering those scenes once more: the scene cache keeps no geometry); CROP_FRACTION of each batch are
+# crops; a crop box is 2 x CROP_HALF radii wide (times a random 0.9-1.3), at least 2 x CROP_MIN_HALF px.
+CROP_SCENES = 6000
+CROP_FRACTION = 0.5
+CROP_HALF = 1.2
+CROP_MIN_HALF = 6.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ class StageSettings:
 # benchmarks/results/toyworld_training_notes.md). On a shared machine use --threads 1.
 DEFAULT_SETTINGS: dict[str, StageSettings] = {
     "clip": StageSettings(steps=4500, batch=64, lr=6e-4, warmup=100, weight_decay=0.1),
+    "crops": StageSettings(steps=800, batch=64, lr=2e-4, warmup=50, weight_decay=0.1),
     "text": StageSettings(steps=3000, batch=64, lr=1e-3, warmup=100, weight_decay=0.1),
     "vae": StageSettings(steps=1200, batch=32, lr=1e-3, warmup=100, weight_decay=0.0),
     "unet": StageSettings(steps=2400, batch=32, lr=5e-4, warmup=200, weight_decay=0.01),
@@ -466,6 +480,110 @@ def train_clip(cache: SceneCache, work_dir: Path, settings: StageSettings, seed:
     return clip, rec
 
 
+@dataclass
+class SceneObjects:
+    """The objects of the first ``len(first) - 1`` training scenes, flat: scene ``i`` owns rows
+    ``first[i]:first[i + 1]`` of ``box`` (float32 (M, 3): centre y, centre x, radius, in pixels) and
+    ``caption`` (that object alone: "a photo of a red star on grass")."""
+
+    first: np.ndarray
+    box: np.ndarray
+    caption: list[str]
+
+
+def scene_objects(work_dir: str | os.PathLike, num_scenes: int, seed: int = 0, size: int = IMAGE_SIZE,
+                  progress: bool = True) -> SceneObjects:
+    """The objects of the first ``num_scenes`` scenes of ``ToyWorld(size, "train", seed=seed)``, rendered once
+    and cached in ``<work_dir>/cache/objects_s{size}_n{num_scenes}_seed{seed}.json``."""
+    from tqdm import tqdm
+
+    from weakseg.toy.world import caption_for
+
+    path = Path(work_dir) / "cache" / f"objects_s{size}_n{num_scenes}_seed{seed}.json"
+    if path.is_file():
+        d = json.loads(path.read_text())
+    else:
+        world = ToyWorld(size=size, split="train", num_scenes=num_scenes, seed=seed)
+        d = {"first": [0], "box": [], "caption": []}
+        for i in tqdm(range(num_scenes), desc="object boxes", disable=not progress):
+            s = world.scene(i)
+            for o in s.objects:
+                d["box"].append([o.cy, o.cx, o.radius])
+                d["caption"].append(caption_for([o], s.stuff))
+            d["first"].append(len(d["box"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, d)
+    return SceneObjects(np.asarray(d["first"], np.int64), np.asarray(d["box"], np.float32).reshape(-1, 3),
+                        list(d["caption"]))
+
+
+def crop_objects(images_u8: torch.Tensor, cy, cx, half, size: int) -> torch.Tensor:
+    """Square boxes (centre ``cy``, ``cx``, half side ``half``, pixels; one per image) cut out of ``images_u8``
+    (B, 3, H, W) uint8 and resized (bilinear; outside the image: the border pixels) to ``size`` -> uint8
+    (B, 3, size, size)."""
+    B, _, H, W = images_u8.shape
+    cy, cx, half = (torch.as_tensor(v, dtype=torch.float32).reshape(B) for v in (cy, cx, half))
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = half / (W / 2)
+    theta[:, 0, 2] = (cx - W / 2) / (W / 2)
+    theta[:, 1, 1] = half / (H / 2)
+    theta[:, 1, 2] = (cy - H / 2) / (H / 2)
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+    out = F.grid_sample(images_u8.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def train_crops(cache: SceneCache, work_dir: Path, settings: StageSettings, clip, seed: int = 0,
+                device: str = "cpu", resume: bool = False, progress: bool = True,
+                log: Callable[[str], None] = print, stop_at: int | None = None, num_scenes: int = CROP_SCENES):
+    """Stage 1b: ``clip`` (the clip stage's CLIP, copied) trained on with the clip stage's loss, the first
+    :data:`CROP_FRACTION` of each batch replaced by single-object crops (:func:`crop_objects`) captioned
+    with that object alone; scenes are drawn from the first ``num_scenes``. Returns (clip, record); the
+    result is also written, fp32, to ``<work>/final/crops``."""
+    import copy
+
+    from open_clip import SimpleTokenizer
+
+    if int(num_scenes) < 1 or len(cache) < 1:
+        raise ValueError(f"train_crops: num_scenes must be >= 1 and the scene cache non-empty, got num_scenes="
+                         f"{num_scenes} and {len(cache)} cached scenes")
+    M = min(int(num_scenes), len(cache))
+    clip = copy.deepcopy(clip).float().to(device)
+    model = clip.model
+    tok = SimpleTokenizer(context_length=model.context_length)
+    objs = scene_objects(work_dir, M, seed, int(cache.images.shape[-1]), progress)
+    B = min(settings.batch, M)
+    S = int(cache.images.shape[-1])
+
+    def step_fn(step: int) -> torch.Tensor:
+        rng = _step_rng(seed, "crops", step)
+        idx = rng.choice(M, B, replace=False)
+        nc = int(round(B * CROP_FRACTION))
+        imgs = cache.images[idx].clone()
+        caps = [cache.captions[i] for i in idx]
+        if nc:
+            lo, hi = objs.first[idx[:nc]], objs.first[idx[:nc] + 1]
+            rows = lo + (rng.random(nc) * (hi - lo)).astype(np.int64)
+            box = objs.box[rows]
+            half = np.maximum(CROP_MIN_HALF, CROP_HALF * box[:, 2] * rng.uniform(0.9, 1.3, nc))
+            imgs[:nc] = crop_objects(cache.images[idx[:nc]], box[:, 0], box[:, 1], half, S)
+            caps[:nc] = [objs.caption[r] for r in rows]
+        imgs = _dihedral(imgs, rng.integers(0, 8, B))
+        variants = [caption_variant(c, rng) for c in caps]
+        negs = [shape_negative(c, rng) for c in variants]
+        form = PROMPT_FORMS[int(rng.integers(len(PROMPT_FORMS)))]
+        return clip_batch_loss(clip, imgs, variants, tok, negs, shape_targets(caps), form)
+
+    rec = _run_loop("crops", model, step_fn, settings, work_dir, seed, resume, progress, log, stop_at)
+    if rec["end_step"] < settings.steps:
+        return clip, rec
+    with torch.no_grad():
+        model.logit_scale.clamp_(max=math.log(100))
+    clip.eval()
+    clip.save_pretrained(Path(work_dir) / "final" / "crops")
+    return clip, rec
+
+
 def train_vae(cache: SceneCache, work_dir: Path, settings: StageSettings, seed: int = 0, device: str = "cpu",
               resume: bool = False, progress: bool = True, overrides: dict | None = None,
               log: Callable[[str], None] = print, stop_at: int | None = None):
@@ -745,7 +863,7 @@ def train(stage: str = "all", out_dir: str | os.PathLike | None = None, work_dir
           resume: bool = False, seed: int = 0, num_scenes: int = NUM_SCENES, progress: bool = True,
           overrides: dict[str, dict] | None = None, ckpt_every: int | None = None, stop_at: int | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``stage`` ("clip", "text", "vae", "unet" or "all"); returns a summary (per stage: seconds per step,
+    """Run ``stage`` ("clip", "crops", "text", "vae", "unet", "hires" or "all"); returns a summary (per stage: seconds per step,
     first/last losses; output paths and sizes). ``steps``/``batch``: per-stage overrides of
     :data:`DEFAULT_SETTINGS`; ``overrides``: per-stage model-config overrides (tests use tiny models).
     ``stop_at``: each stage stops (checkpointed) after that many steps; an unfinished stage ends the run
@@ -789,6 +907,15 @@ def train(stage: str = "all", out_dir: str | os.PathLike | None = None, work_dir
         clip, rec = train_clip(cache, work_dir, settings["clip"], seed, device, resume, progress,
                                overrides.get("clip"), log, stop_at)
         record("clip", rec, settings["clip"])
+        if not summary["finished"]:
+            return summary
+        if "crops" not in todo:
+            summary["clip_weights"] = str(write_clip_weights(clip, out_dir))
+    if "crops" in todo:
+        clip = clip if clip is not None else _load_final_clip(work_dir, device, "clip")
+        clip, rec = train_crops(cache, work_dir, settings["crops"], clip, seed, device, resume, progress, log,
+                                stop_at)
+        record("crops", rec, settings["crops"])
         if not summary["finished"]:
             return summary
         summary["clip_weights"] = str(write_clip_weights(clip, out_dir))
