@@ -20,7 +20,7 @@ from weakseg.toy import train as T  # noqa: E402
 from weakseg.toy.models import (assemble_sd, build_clip, build_unet, build_vae,  # noqa: E402
                                      text_tower_to_hf)
 from weakseg.toy.world import CLASSES, ToyWorld  # noqa: E402
-from weakseg.toy.signal import best_threshold_iou, clip_zero_shot_accuracy, sd_attention_iou  # noqa: E402
+from weakseg.toy.signal import best_threshold_iou, binding_figures, clip_zero_shot_accuracy, sd_attention_iou  # noqa: E402
 
 TINY = {
     "clip": {"width": 32, "layers": 1, "heads": 2, "embed_dim": 32, "text_width": 32, "text_layers": 1,
@@ -388,6 +388,29 @@ def test_signal_runs_on_tiny_models(trained):
     for k in ("cross", "propagated_1", "propagated_10"):
         assert 0.0 <= r[k]["miou"] <= 1.0 and len(r[k]["curve"]) == 19
         assert r[k]["miou"] == max(r[k]["curve"]) or abs(r[k]["miou"] - max(r[k]["curve"])) < 1e-4
+    b = r["binding"]
+    assert set(b) == {"pairs_with_another_object", "own_over_other", "own_over_other_per_class", "iou_one_object",
+                      "iou_several_objects", "iou_vs_all_objects"}
+    assert 0 <= b["pairs_with_another_object"] <= r["num_pairs"]
+
+
+def test_binding_figures_on_known_maps():
+    """Two objects: the first class's map sits on its object, the second's on the other one."""
+    a = torch.zeros(8, 8, dtype=torch.bool)
+    a[0:3, 0:3] = True
+    b = torch.zeros(8, 8, dtype=torch.bool)
+    b[5:8, 5:8] = True
+    lone = torch.zeros(8, 8, dtype=torch.bool)
+    lone[2:6, 2:6] = True
+    maps = [a.float(), a.float() * 0.9 + b.float() * 0.3, lone.float()]
+    r = binding_figures(maps, [a, b, lone], [b, a, torch.zeros_like(a)], [1, 4, 2])
+    assert r["pairs_with_another_object"] == 2 and r["own_over_other"] == 0.5
+    assert r["own_over_other_per_class"] == {"circle": 1.0, "star": 0.0}
+    assert r["iou_one_object"] == pytest.approx(1.0)
+    # the second map, thresholded, covers the wrong object only (or both): its IoU with its own is < 1
+    assert r["iou_several_objects"] < 1.0
+    assert r["iou_vs_all_objects"] > r["iou_several_objects"]
+    assert_raises_naming(lambda: binding_figures(maps, [a], [b], [1]), ValueError, ["maps", "others"])
 
 
 def test_best_threshold_iou_on_known_maps():

@@ -14,6 +14,9 @@ Three figures on held-out ``"val"`` scenes (never seen in training):
    mean IoU with the class's mask over all (scene, class) pairs at the best single threshold.
 3. The same after propagating the maps with the self-attention of that resolution (head- and layer-mean),
    ``weakseg.ops.refine_propagate`` with ``steps=1`` (one propagation) and ``steps=10`` (iSeg-like).
+4. Binding (:func:`binding_figures`, on the maps of 2): whether a class's map favours its own object over
+   the scene's other one, and the IoU split into one-object and two-object scenes. The SD methods lose most
+   of their signal here, not to the grid (benchmarks/results/toyworld_v2_2026-12-06.md).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch.nn.functional as F
 from weakseg.toy.world import CLASSES, OBJECT_CLASSES, ToyWorld
 from weakseg.io import write_json
 
-__all__ = ["clip_zero_shot_accuracy", "sd_attention_iou", "best_threshold_iou", "run_signal", "main"]
+__all__ = ["clip_zero_shot_accuracy", "sd_attention_iou", "best_threshold_iou", "binding_figures", "run_signal",
+           "main"]
 
 THRESHOLDS = tuple(np.round(np.linspace(0.05, 0.95, 19), 3).tolist())
 
@@ -77,6 +81,34 @@ def best_threshold_iou(maps: list[torch.Tensor], masks: list[torch.Tensor],
     return curve[k], float(thresholds[k]), curve
 
 
+def binding_figures(maps: list[torch.Tensor], masks: list[torch.Tensor], others: list[torch.Tensor],
+                    classes: list[int]) -> dict[str, Any]:
+    """Does a class's map sit on its own object or on another one? ``maps``/``masks`` as in
+    :func:`best_threshold_iou`; ``others``: per pair the bool mask of the scene's other objects (empty when
+    the scene has one); ``classes``: the pair's class id. Returns the share of the pairs with another object
+    whose map puts more mass on its own object than on the others ("own_over_other", also per class), and
+    the best-threshold IoU on one-object scenes, on scenes with several, and against all objects' union."""
+    if not (len(maps) == len(masks) == len(others) == len(classes)) or not maps:
+        raise ValueError(f"binding_figures: expected equally many maps, masks, others and classes (>= 1), got "
+                         f"{len(maps)}, {len(masks)}, {len(others)}, {len(classes)}")
+    several = [i for i, o in enumerate(others) if bool(o.any())]
+    single = [i for i, o in enumerate(others) if not bool(o.any())]
+    right = {i: float(maps[i][masks[i]].sum()) > float(maps[i][others[i]].sum()) for i in several}
+    per_class = {}
+    for c in sorted({classes[i] for i in several}):
+        r = [right[i] for i in several if classes[i] == c]
+        per_class[CLASSES[c]] = sum(r) / len(r)
+
+    def iou(idx, target):
+        return best_threshold_iou([maps[i] for i in idx], [target[i] for i in idx])[0] if idx else None
+
+    union = [m | o for m, o in zip(masks, others)]
+    return {"pairs_with_another_object": len(several),
+            "own_over_other": sum(right.values()) / len(right) if right else None, "own_over_other_per_class": per_class,
+            "iou_one_object": iou(single, masks), "iou_several_objects": iou(several, masks),
+            "iou_vs_all_objects": iou(list(range(len(maps))), union)}
+
+
 def _minmax(x: torch.Tensor) -> torch.Tensor:
     lo = x.flatten(-2).amin(-1)[..., None, None]
     hi = x.flatten(-2).amax(-1)[..., None, None]
@@ -113,6 +145,8 @@ def sd_attention_iou(sd, num_scenes: int = 100, t: int = 100, resolution: int | 
             LayerCapture("*attn1", store="mean", group="resolution")]
     maps: dict[str, list[torch.Tensor]] = {"cross": [], "propagated_1": [], "propagated_10": []}
     masks: list[torch.Tensor] = []
+    others: list[torch.Tensor] = []
+    kept_classes: list[int] = []
     gen = torch.Generator().manual_seed(seed)
     res_used = None
     for i in range(num_scenes):
@@ -146,6 +180,8 @@ def sd_attention_iou(sd, num_scenes: int = 100, t: int = 100, resolution: int | 
             up = F.interpolate(grid, size=(image_size, image_size), mode="bilinear", align_corners=False)[:, 0]
             maps[name].extend(_minmax(up).cpu())
         masks.extend(s.label == c for c in keep)
+        others.extend((s.label > 0) & (s.label != c) for c in keep)
+        kept_classes.extend(keep)
     if not masks:
         raise ValueError("sd_attention_iou: no (scene, class) pair with a class token was found")
     out: dict[str, Any] = {"num_scenes": num_scenes, "num_pairs": len(masks), "t": t, "ent": ent,
@@ -153,6 +189,7 @@ def sd_attention_iou(sd, num_scenes: int = 100, t: int = 100, resolution: int | 
     for name, lst in maps.items():
         miou, th, curve = best_threshold_iou(lst, masks)
         out[name] = {"miou": miou, "threshold": th, "curve": [round(c, 4) for c in curve]}
+    out["binding"] = binding_figures(maps["cross"], masks, others, kept_classes)
     return out
 
 
@@ -206,6 +243,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"SD class-token mIoU at {r['resolution'][0]}x{r['resolution'][1]}, t={r['t']}, {r['num_pairs']} pairs: "
               f"cross {r['cross']['miou']:.3f} (th {r['cross']['threshold']}), "
               f"1 propagation {r['propagated_1']['miou']:.3f}, 10 steps {r['propagated_10']['miou']:.3f}")
+        b = r["binding"]
+        if b["own_over_other"] is not None:
+            print(f"  binding (raw cross-attention): more on its own object than on the others in "
+                  f"{b['own_over_other']:.0%} of {b['pairs_with_another_object']} pairs "
+                  f"({', '.join(f'{k} {v:.0%}' for k, v in b['own_over_other_per_class'].items())}); IoU "
+                  f"one-object scenes {b['iou_one_object'] or float('nan'):.3f}, several objects "
+                  f"{b['iou_several_objects']:.3f}, vs all objects {b['iou_vs_all_objects']:.3f}")
     print(f"written to {a.out}")
     return res
 
