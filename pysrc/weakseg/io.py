@@ -107,6 +107,22 @@ def hash_file(h, path: str | os.PathLike):
     return h
 
 
+def state_digest(*modules) -> str:
+    """sha256 (hex) over the names, dtypes, shapes and bytes of every tensor of ``modules``' state dicts, in
+    order: the key of a cache derived from those weights."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for i, mod in enumerate(modules):
+        for name, t in sorted(mod.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 class ImageReadError(ValueError):
     """An image file that exists but cannot be decoded (truncated, not an image, too large)."""
 

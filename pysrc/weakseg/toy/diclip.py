@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from weakseg.core import DemoEntry
+from weakseg.io import state_digest
 
 __all__ = ["toy_demo", "ablation_ladder", "TOY_CACHE", "TOY_TRAIN", "prepare_toy", "RUNGS"]
 
@@ -45,17 +46,6 @@ def _method(clip, sd, preset: str, **overrides):
     return DiCLIP(DiCLIPConfig.from_dict({"preset": preset, **overrides}), clip=clip, sd=sd)
 
 
-def _weights_digest(*modules) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every tensor of ``modules`` (their state dicts)."""
-    h = hashlib.sha256()
-    for i, mod in enumerate(modules):
-        for name, t in sorted(mod.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def run_settings(base, copts: dict[str, Any], train_config, train_scenes: int) -> dict[str, Any]:
     """What shapes the toy cache and trained run: the method's resolved config, the cache and training
     settings, the training scenes and the weights' digest (JSON-able)."""
@@ -64,7 +54,7 @@ def run_settings(base, copts: dict[str, Any], train_config, train_scenes: int) -
 
     return {"method_config": plain(dataclasses.asdict(base.config)), "cache": plain(copts),
             "train": plain(dataclasses.asdict(train_config)), "train_scenes": int(train_scenes),
-            "weights": _weights_digest(base.clip, base.sd.vae, base.sd.unet_model, base.sd.text_encoder)}
+            "weights": state_digest(base.clip, base.sd.vae, base.sd.unet_model, base.sd.text_encoder)}
 
 
 def prepare_toy(work_dir: Path, progress: bool = True, clip=None, sd=None, preset: str = "toy",

@@ -70,7 +70,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakseg.io import save_safetensors, write_json
+from weakseg.io import save_safetensors, state_digest, write_json
 from weakseg.train import common
 from weakseg.toy.world import COLORS, OBJECT_CLASSES, STUFF, ToyWorld
 from weakseg.toy.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_sd, build_clip, build_unet,
@@ -464,20 +464,32 @@ def train_clip(cache: SceneCache, work_dir: Path, settings: StageSettings, seed:
     def step_fn(step: int) -> torch.Tensor:
         rng = _step_rng(seed, "clip", step)  # also for stage "text": the first recipe's very batches
         idx = rng.choice(N, B, replace=False)
-        imgs = _dihedral(cache.images[idx], rng.integers(0, 8, B))
-        caps = [caption_variant(cache.captions[i], rng) for i in idx]
-        negs = [shape_negative(c, rng) for c in caps]
-        form = PROMPT_FORMS[int(rng.integers(len(PROMPT_FORMS)))]
-        return clip_batch_loss(clip, imgs, caps, tok, negs, shape_targets([cache.captions[i] for i in idx]), form)
+        return _clip_step_loss(clip, tok, cache.images[idx], [cache.captions[i] for i in idx], rng)
 
     rec = _run_loop(stage, model, step_fn, settings, work_dir, seed, resume, progress, log, stop_at)
-    if rec["end_step"] < settings.steps:
-        return clip, rec
+    if rec["end_step"] >= settings.steps:
+        _finish_clip(clip, work_dir, stage)
+    return clip, rec
+
+
+def _clip_step_loss(clip, tok, images_u8: torch.Tensor, captions: list[str], rng: np.random.Generator) -> torch.Tensor:
+    """The loss of one CLIP batch (clip, text and crops stages), drawing from ``rng`` in this order: a flip or
+    rotation per image, a shortening of each caption (:func:`caption_variant`), each shortening's hard
+    negative, the prompt form; the prompt term's weak labels come from the full ``captions``."""
+    imgs = _dihedral(images_u8, rng.integers(0, 8, len(captions)))
+    variants = [caption_variant(c, rng) for c in captions]
+    negs = [shape_negative(c, rng) for c in variants]
+    form = PROMPT_FORMS[int(rng.integers(len(PROMPT_FORMS)))]
+    return clip_batch_loss(clip, imgs, variants, tok, negs, shape_targets(captions), form)
+
+
+def _finish_clip(clip, work_dir: Path, stage: str) -> None:
+    """A finished CLIP stage: logit scale clamped at 100 (as open_clip does), eval mode, written (fp32) to
+    ``<work>/final/<stage>``."""
     with torch.no_grad():
-        model.logit_scale.clamp_(max=math.log(100))
+        clip.model.logit_scale.clamp_(max=math.log(100))
     clip.eval()
     clip.save_pretrained(Path(work_dir) / "final" / stage)
-    return clip, rec
 
 
 @dataclass
@@ -568,19 +580,11 @@ def train_crops(cache: SceneCache, work_dir: Path, settings: StageSettings, clip
             half = np.maximum(CROP_MIN_HALF, CROP_HALF * box[:, 2] * rng.uniform(0.9, 1.3, nc))
             imgs[:nc] = crop_objects(cache.images[idx[:nc]], box[:, 0], box[:, 1], half, S)
             caps[:nc] = [objs.caption[r] for r in rows]
-        imgs = _dihedral(imgs, rng.integers(0, 8, B))
-        variants = [caption_variant(c, rng) for c in caps]
-        negs = [shape_negative(c, rng) for c in variants]
-        form = PROMPT_FORMS[int(rng.integers(len(PROMPT_FORMS)))]
-        return clip_batch_loss(clip, imgs, variants, tok, negs, shape_targets(caps), form)
+        return _clip_step_loss(clip, tok, imgs, caps, rng)
 
     rec = _run_loop("crops", model, step_fn, settings, work_dir, seed, resume, progress, log, stop_at)
-    if rec["end_step"] < settings.steps:
-        return clip, rec
-    with torch.no_grad():
-        model.logit_scale.clamp_(max=math.log(100))
-    clip.eval()
-    clip.save_pretrained(Path(work_dir) / "final" / "crops")
+    if rec["end_step"] >= settings.steps:
+        _finish_clip(clip, work_dir, "crops")
     return clip, rec
 
 
@@ -649,18 +653,6 @@ def _latent_moments(vae, images: torch.Tensor, device: str, batch: int = 256, si
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
-def _state_digest(module: torch.nn.Module) -> str:
-    """sha256 of a module's state (names, dtypes, shapes and bytes), to key caches derived from it."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _cached_latent_moments(work_dir: Path, vae, cache: SceneCache, device: str, size: int | None,
                            progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_latent_moments` of the scene cache, stored in ``<work>/cache/`` under the VAE's state digest, the
@@ -670,7 +662,7 @@ def _cached_latent_moments(work_dir: Path, vae, cache: SceneCache, device: str, 
     from safetensors.torch import load_file
 
     side = size or cache.images.shape[-1]
-    key = _state_digest(vae)
+    key = state_digest(vae)
     path = Path(work_dir) / "cache" / f"latents_s{side}_n{len(cache)}_{key[:16]}.safetensors"
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
@@ -754,7 +746,7 @@ def train_unet(cache: SceneCache, work_dir: Path, settings: StageSettings, vae, 
         return unet, text_encoder, rec
     if input_size is not None:
         unet.register_to_config(sample_size=int(mean.shape[-1]))
-    final = Path(work_dir) / "final" / ("hires" if stage == "hires" else "")
+    final = _final_unet_dir(work_dir, stage)
     unet.save_pretrained(str(final / "unet"), safe_serialization=True)
     text_encoder.save_pretrained(str(final / "text_encoder"), safe_serialization=True)
     return unet, text_encoder, rec
@@ -812,12 +804,18 @@ def _load_final_vae(work_dir: Path, device: str):
     return AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device)
 
 
+def _final_unet_dir(work_dir: Path, stage: str) -> Path:
+    """Where the unet stage (``<work>/final``) or the hires stage (``<work>/final/hires``) writes its ``unet/``
+    and ``text_encoder/``."""
+    return Path(work_dir) / "final" / ("hires" if stage == "hires" else "")
+
+
 def _load_final_unet(work_dir: Path, device: str, stage: str = "unet"):
     """The finished unet (or hires) stage's UNet and text encoder."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    root = Path(work_dir) / "final" / ("hires" if stage == "hires" else "")
+    root = _final_unet_dir(work_dir, stage)
     if not (root / "unet").is_dir() or not (root / "text_encoder").is_dir():
         raise FileNotFoundError(f"{root / 'unet'} and {root / 'text_encoder'} not found: run the {stage} stage "
                                 f"first (--stage {stage})")
