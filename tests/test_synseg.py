@@ -430,12 +430,12 @@ def test_toy_demo_and_ablation_with_tiny_clip(clip, tmp_path, monkeypatch):
     from weakseg.toy.synseg import ablation, toy_demo
 
     opts = dict(preset="tiny", train_options=dict(iterations=2, batch_size=2, save_every=2, log_every=1),
-                train_scenes=4, views=1)
+                train_scenes=4, train_crops=2, views=1)
     entry = toy_demo(tmp_path, progress=False, clip=clip, **opts)
     assert isinstance(entry, DemoEntry) and "patch-text" in entry.note
     assert entry.method.trained_steps == 2 and entry.baseline.config.mode == "patch"
     res = ablation(tmp_path / "abl", subsets={"all": (1, 1, 1, 1), "no fb": (1, 0, 1, 1)}, num_scenes=2, clip=clip,
-                   preset="tiny", progress=False, train_options=opts["train_options"], train_scenes=4, views=(1,))
+                   preset="tiny", progress=False, train_options=opts["train_options"], train_scenes=4, train_crops=2, views=(1,))
     assert set(res) == {"patch baseline (views=1)", "untrained head (views=1)", "all (views=1)", "no fb (views=1)"}
     assert all(0 <= r["miou"] <= 100 for r in res.values())
     # without the committed toy CLIP the demo names the missing path

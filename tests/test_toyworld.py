@@ -77,3 +77,44 @@ def test_dataset_protocol_and_errors():
                          ({"radius": (0.3, 0.6)}, "radius"), ({"num_scenes": -1}, "num_scenes")]:
         with pytest.raises(ValueError, match=word):
             ToyWorld(**kwargs)
+
+
+def test_toy_captions_with_crops_append_one_object_each_captioned_alone():
+    from weakseg.toy.world import ToyCaptions, crop_half, crop_objects
+
+    plain, ds = ToyCaptions(num_scenes=3, size=48), ToyCaptions(num_scenes=3, size=48, crops=4, crop_seed=2)
+    assert len(plain) == 3 and len(ds) == 7
+    assert ds.keys == [f"toy{i:06d}" for i in range(3)] + [f"toycrop{j:06d}" for j in range(4)]
+    for i in range(3):  # the scenes come first and are the plain ones
+        assert torch.equal(ds[i].image, plain[i].image) and ds[i].caption == plain[i].caption
+    world = ToyWorld(size=48, num_scenes=3)
+    for j in range(4):
+        c, s = ds[3 + j], world.scene(j)
+        assert c.image.shape == (3, 48, 48) and c.image.dtype == torch.uint8 and c.key == f"toycrop{j:06d}"
+        # one of scene j's objects, named alone, and the crop is that object's box of scene j
+        objs = [o for o in s.objects if caption_for([o], s.stuff) == c.caption]
+        assert objs, (c.caption, s.caption)
+        rng = np.random.default_rng([2, j])
+        shown = [o for o in s.objects if o.cls in s.image_labels] or s.objects
+        o = shown[int(rng.integers(len(shown)))]
+        assert caption_for([o], s.stuff) == c.caption
+        half = crop_half([o.radius], rng)
+        assert torch.equal(c.image, crop_objects(s.image[None], [o.cy], [o.cx], half, 48)[0])
+        # the object fills a good part of its crop (the same box cut out of its class's mask)
+        mask = (s.label == o.cls).to(torch.uint8).mul(255)[None, None].expand(1, 3, 48, 48)
+        box = crop_objects(mask, [o.cy], [o.cx], half, 48)
+        assert box[0, 0].float().div(255).mean() > 0.2
+    assert ds.captions[3:] == [ds[3 + j].caption for j in range(4)]
+    with pytest.raises(IndexError):
+        ds[7]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="crops"):
+            ToyCaptions(num_scenes=2, crops=bad)
+
+
+def test_crop_half_keeps_a_minimum_and_scales_with_the_radius():
+    from weakseg.toy.world import CROP_HALF, CROP_MIN_HALF, crop_half
+
+    h = crop_half([1.0, 10.0, 20.0], np.random.default_rng(0))
+    assert h[0] == CROP_MIN_HALF and 0.9 * CROP_HALF * 10 <= h[1] <= 1.3 * CROP_HALF * 10
+    assert 0.9 * CROP_HALF * 20 <= h[2] <= 1.3 * CROP_HALF * 20

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from weakseg.io import save_safetensors, state_digest, write_json
 from weakseg.train import common
-from weakseg.toy.world import COLORS, OBJECT_CLASSES, STUFF, ToyWorld
+from weakseg.toy.world import COLORS, OBJECT_CLASSES, STUFF, ToyWorld, crop_half, crop_objects
 from weakseg.toy.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_sd, build_clip, build_unet,
                                      build_vae, text_tower_to_hf)
 
@@ -91,11 +91,9 @@ IMAGE_SIZE = 64
 HIRES_SIZE = 128
 # The crops stage: objects are cut out of the first CROP_SCENES training scenes (their boxes come from
 # rendering those scenes once more: the scene cache keeps no geometry); CROP_FRACTION of each batch are
-# crops; a crop box is 2 x CROP_HALF radii wide (times a random 0.9-1.3), at least 2 x CROP_MIN_HALF px.
+# crops (boxes: weakseg.toy.world.crop_half, cut by crop_objects).
 CROP_SCENES = 6000
 CROP_FRACTION = 0.5
-CROP_HALF = 1.2
-CROP_MIN_HALF = 6.0
 
 
 @dataclass(frozen=True)
@@ -529,22 +527,6 @@ def scene_objects(work_dir: str | os.PathLike, num_scenes: int, seed: int = 0, s
                         list(d["caption"]))
 
 
-def crop_objects(images_u8: torch.Tensor, cy, cx, half, size: int) -> torch.Tensor:
-    """Square boxes (centre ``cy``, ``cx``, half side ``half``, pixels; one per image) cut out of ``images_u8``
-    (B, 3, H, W) uint8 and resized (bilinear; outside the image: the border pixels) to ``size`` -> uint8
-    (B, 3, size, size)."""
-    B, _, H, W = images_u8.shape
-    cy, cx, half = (torch.as_tensor(v, dtype=torch.float32).reshape(B) for v in (cy, cx, half))
-    theta = torch.zeros(B, 2, 3)
-    theta[:, 0, 0] = half / (W / 2)
-    theta[:, 0, 2] = (cx - W / 2) / (W / 2)
-    theta[:, 1, 1] = half / (H / 2)
-    theta[:, 1, 2] = (cy - H / 2) / (H / 2)
-    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
-    out = F.grid_sample(images_u8.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
 def train_crops(cache: SceneCache, work_dir: Path, settings: StageSettings, clip, seed: int = 0,
                 device: str = "cpu", resume: bool = False, progress: bool = True,
                 log: Callable[[str], None] = print, stop_at: int | None = None, num_scenes: int = CROP_SCENES):
@@ -577,7 +559,7 @@ def train_crops(cache: SceneCache, work_dir: Path, settings: StageSettings, clip
             lo, hi = objs.first[idx[:nc]], objs.first[idx[:nc] + 1]
             rows = lo + (rng.random(nc) * (hi - lo)).astype(np.int64)
             box = objs.box[rows]
-            half = np.maximum(CROP_MIN_HALF, CROP_HALF * box[:, 2] * rng.uniform(0.9, 1.3, nc))
+            half = crop_half(box[:, 2], rng)
             imgs[:nc] = crop_objects(cache.images[idx[:nc]], box[:, 0], box[:, 1], half, S)
             caps[:nc] = [objs.caption[r] for r in rows]
         return _clip_step_loss(clip, tok, imgs, caps, rng)

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from weakseg.core import GENERATED_DATASETS
 from weakseg.data.captions import CaptionSample
 
 __all__ = ["CLASSES", "OBJECT_CLASSES", "COLORS", "STUFF", "SPLIT_SEEDS", "ToyObject", "ToyScene", "ToyWorld",
-           "caption_for", "ToyCaptions", "open_toyworld", "open_toy_captions"]
+           "caption_for", "crop_half", "crop_objects", "CROP_HALF", "CROP_MIN_HALF", "ToyCaptions", "open_toyworld", "open_toy_captions"]
 
 OBJECT_CLASSES = ("circle", "square", "triangle", "star", "ring")
 CLASSES = ("background",) + OBJECT_CLASSES
@@ -147,6 +148,35 @@ def caption_for(objects: list[ToyObject], stuff: str) -> str:
     return f"a photo of {listed} on {stuff}"
 
 
+# An object crop: a square box 2 x CROP_HALF radii wide (times a random 0.9-1.3), at least 2 x CROP_MIN_HALF
+# px, around the object's centre (the toy CLIP's crops stage and SynSeg's toy training captions).
+CROP_HALF = 1.2
+CROP_MIN_HALF = 6.0
+
+
+def crop_half(radius, rng: np.random.Generator) -> np.ndarray:
+    """Half sides (pixels) of the crop boxes of objects of ``radius`` (array, pixels); draws one uniform per
+    object from ``rng``."""
+    radius = np.asarray(radius, np.float32)
+    return np.maximum(CROP_MIN_HALF, CROP_HALF * radius * rng.uniform(0.9, 1.3, radius.shape[0]))
+
+
+def crop_objects(images_u8: torch.Tensor, cy, cx, half, size: int) -> torch.Tensor:
+    """Square boxes (centre ``cy``, ``cx``, half side ``half``, pixels; one per image) cut out of ``images_u8``
+    (B, 3, H, W) uint8 and resized (bilinear; outside the image: the border pixels) to ``size`` -> uint8
+    (B, 3, size, size)."""
+    B, _, H, W = images_u8.shape
+    cy, cx, half = (torch.as_tensor(v, dtype=torch.float32).reshape(B) for v in (cy, cx, half))
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = half / (W / 2)
+    theta[:, 0, 2] = (cx - W / 2) / (W / 2)
+    theta[:, 1, 1] = half / (H / 2)
+    theta[:, 1, 2] = (cy - H / 2) / (H / 2)
+    grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+    out = F.grid_sample(images_u8.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 class ToyWorld:
     """Scenes of ``size`` x ``size`` pixels with ``min_objects``..``max_objects`` objects.
 
@@ -244,31 +274,53 @@ class ToyWorld:
 
 class ToyCaptions:
     """The toy world's scenes as (image, caption) pairs: no masks, no labels. Rendered scenes are kept in
-    memory (``cache``; a 64 px scene is 12 kB and rendering one costs tens of milliseconds)."""
+    memory (``cache``; a 64 px scene is 12 kB and rendering one costs tens of milliseconds).
 
-    def __init__(self, num_scenes: int = 1000, split: str = "train", size: int = 64, cache: bool = True):
+    ``crops`` > 0 appends that many single-object crops after the ``num_scenes`` scenes: crop ``j`` is one
+    object (drawn with ``crop_seed``) of scene ``j`` of the split, cut out (:func:`crop_half`,
+    :func:`crop_objects`) and captioned alone ("a photo of a red star on grass"); keys ``toycrop{j:06d}``."""
+
+    def __init__(self, num_scenes: int = 1000, split: str = "train", size: int = 64, cache: bool = True,
+                 crops: int = 0, crop_seed: int = 0):
+        if not isinstance(crops, int) or isinstance(crops, bool) or crops < 0:
+            raise ValueError(f"crops must be an int >= 0, got {crops!r}")
         self.world = ToyWorld(size=size, split=split, num_scenes=num_scenes)
+        self.num_scenes, self.crops, self.crop_seed = len(self.world), crops, int(crop_seed)
         self._captions: list[str] | None = None
         self._scenes: dict[int, CaptionSample] | None = {} if cache else None
 
     def __len__(self) -> int:
-        return len(self.world)
+        return self.num_scenes + self.crops
 
     @property
     def captions(self) -> list[str]:
         if self._captions is None:
-            self._captions = [self[i].caption for i in range(len(self.world))]
+            self._captions = [self[i].caption for i in range(len(self))]
         return self._captions
 
     @property
     def keys(self) -> list[str]:
-        return [f"toy{i:06d}" for i in range(len(self.world))]
+        return [f"toy{i:06d}" for i in range(self.num_scenes)] + [f"toycrop{j:06d}" for j in range(self.crops)]
+
+    def _crop(self, j: int) -> CaptionSample:
+        s = self.world.scene(j)
+        rng = np.random.default_rng([self.crop_seed, j])
+        shown = [o for o in s.objects if o.cls in s.image_labels] or s.objects  # not a fully covered one
+        o = shown[int(rng.integers(len(shown)))]
+        half = crop_half([o.radius], rng)
+        img = crop_objects(s.image[None], [o.cy], [o.cx], half, self.world.size)[0]
+        return CaptionSample(img, caption_for([o], s.stuff), f"toycrop{j:06d}")
 
     def __getitem__(self, i: int) -> CaptionSample:
+        if not 0 <= i < len(self):
+            raise IndexError(f"ToyCaptions index {i} out of range [0, {len(self)})")
         if self._scenes is not None and i in self._scenes:
             return self._scenes[i]
-        s = self.world[i]
-        out = CaptionSample(s.image, s.caption, f"toy{i:06d}")
+        if i < self.num_scenes:
+            s = self.world[i]
+            out = CaptionSample(s.image, s.caption, f"toy{i:06d}")
+        else:
+            out = self._crop(i - self.num_scenes)
         if self._scenes is not None:
             self._scenes[i] = out
         return out
