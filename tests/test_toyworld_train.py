@@ -413,6 +413,21 @@ def test_binding_figures_on_known_maps():
     assert_raises_naming(lambda: binding_figures(maps, [a], [b], [1]), ValueError, ["maps", "others"])
 
 
+def test_binding_compares_per_pixel_so_a_large_other_object_does_not_win_by_area():
+    """A small object whose map is twice as high on it as on a big neighbour binds to it, although the
+    neighbour holds more of the map's mass."""
+    small = torch.zeros(16, 16, dtype=torch.bool)
+    small[0:2, 0:2] = True  # 4 px
+    big = torch.zeros(16, 16, dtype=torch.bool)
+    big[6:16, 6:16] = True  # 100 px
+    m = small.float() * 1.0 + big.float() * 0.5
+    assert float(m[big].sum()) > float(m[small].sum())
+    r = binding_figures([m, 0.2 * small.float() + big.float()], [small, big], [big, small], [3, 1])
+    assert r["own_over_other"] == 1.0 and r["own_over_other_per_class"] == {"circle": 1.0, "triangle": 1.0}
+    m2 = small.float() * 0.4 + big.float() * 0.5  # lower on its own object per pixel: wrong
+    assert binding_figures([m2], [small], [big], [3])["own_over_other"] == 0.0
+
+
 def test_best_threshold_iou_on_known_maps():
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[2:6, 2:6] = True

@@ -86,24 +86,28 @@ def binding_figures(maps: list[torch.Tensor], masks: list[torch.Tensor], others:
     """Does a class's map sit on its own object or on another one? ``maps``/``masks`` as in
     :func:`best_threshold_iou`; ``others``: per pair the bool mask of the scene's other objects (empty when
     the scene has one); ``classes``: the pair's class id. Returns the share of the pairs with another object
-    whose map puts more mass on its own object than on the others ("own_over_other", also per class), and
-    the best-threshold IoU on one-object scenes, on scenes with several, and against all objects' union."""
+    whose map is higher on its own object than on the others, per pixel ("own_over_other", also per class:
+    the mean over each region, so a large other object does not win by its area alone; triangles and stars
+    cover about half a circle's pixels), and the best-threshold IoU on one-object scenes, on scenes with
+    several, and against all objects' union."""
     if not (len(maps) == len(masks) == len(others) == len(classes)) or not maps:
         raise ValueError(f"binding_figures: expected equally many maps, masks, others and classes (>= 1), got "
                          f"{len(maps)}, {len(masks)}, {len(others)}, {len(classes)}")
     several = [i for i, o in enumerate(others) if bool(o.any())]
     single = [i for i, o in enumerate(others) if not bool(o.any())]
-    right = {i: float(maps[i][masks[i]].sum()) > float(maps[i][others[i]].sum()) for i in several}
+    right = {i: float(maps[i][masks[i]].mean()) > float(maps[i][others[i]].mean()) for i in several
+             if bool(masks[i].any())}
     per_class = {}
-    for c in sorted({classes[i] for i in several}):
-        r = [right[i] for i in several if classes[i] == c]
-        per_class[CLASSES[c]] = sum(r) / len(r)
+    for c in sorted({classes[i] for i in right}):
+        r = [right[i] for i in right if classes[i] == c]
+        if r:
+            per_class[CLASSES[c]] = sum(r) / len(r)
 
     def iou(idx, target):
         return best_threshold_iou([maps[i] for i in idx], [target[i] for i in idx])[0] if idx else None
 
     union = [m | o for m, o in zip(masks, others)]
-    return {"pairs_with_another_object": len(several),
+    return {"pairs_with_another_object": len(right),
             "own_over_other": sum(right.values()) / len(right) if right else None, "own_over_other_per_class": per_class,
             "iou_one_object": iou(single, masks), "iou_several_objects": iou(several, masks),
             "iou_vs_all_objects": iou(list(range(len(maps))), union)}
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"1 propagation {r['propagated_1']['miou']:.3f}, 10 steps {r['propagated_10']['miou']:.3f}")
         b = r["binding"]
         if b["own_over_other"] is not None:
-            print(f"  binding (raw cross-attention): more on its own object than on the others in "
+            print(f"  binding (raw cross-attention): higher per pixel on its own object than on the others in "
                   f"{b['own_over_other']:.0%} of {b['pairs_with_another_object']} pairs "
                   f"({', '.join(f'{k} {v:.0%}' for k, v in b['own_over_other_per_class'].items())}); IoU "
                   f"one-object scenes {b['iou_one_object'] or float('nan'):.3f}, several objects "
