@@ -5,9 +5,13 @@ here does not touch the figures the demo reports.
     python benchmarks/ablate_toy.py iseg [--images 60] [--out benchmarks/results]
     python benchmarks/ablate_toy.py diffsegmenter
     python benchmarks/ablate_toy.py moduseg
+    python benchmarks/ablate_toy.py synseg --images 200 --rows 0,1
+    python benchmarks/ablate_toy.py iseg --sd DIR/sd     # a candidate toy SD (e.g. from --snapshot)
 
-Each row is the method's toy preset with the overrides named in the row (``ABLATIONS``); the result is
-a markdown table and a JSON file ``ablate_<method>_toy.{md,json}`` under ``--out``.
+Each row is the method's toy preset with the overrides named in the row (``ABLATIONS``; ``--rows``
+picks some by index); the result is a markdown table and a JSON file ``ablate_<method>_toy.{md,json}``
+under ``--out``. SynSeg and DiCLIP train their heads for every row (in a temporary folder), as the demo
+does.
 """
 
 from __future__ import annotations
@@ -44,6 +48,21 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
         ("paper: timesteps 1/50/100/150", {"timesteps": (1, 50, 100, 150)}),
         ("reference propagation (P x P map)", {"propagation": "reference"}),
     ],
+    # SynSeg: every row trains its head on toy captions (about a minute on one thread)
+    "synseg": [
+        ("toy preset (400 scene captions + 800 object crops, background threshold 0.6)", {}),
+        ("no object crops (the preset before 2026-12-06 #6)", {"train_crops": 0}),
+        ("400 object crops", {"train_crops": 400}),
+        ("1,600 object crops", {"train_crops": 1600}),
+        ("background threshold 0.5", {"bg_threshold": 0.5}),
+        ("background threshold 0.7", {"bg_threshold": 0.7}),
+        ("800 training iterations", {"train_options": {"iterations": 800}}),
+    ],
+    # DiCLIP: every row builds its cache with the toy SD and trains its head (about a minute on 2 threads)
+    "diclip": [
+        ("toy preset (300 iterations, CAA pseudo labels)", {}),
+        ("600 iterations", {"train_options": {"iterations": 600}}),
+    ],
     # ModuSeg: every row builds its bank from iSeg's toy pseudo masks on 200 toy train scenes
     "moduseg": [
         ("toy config (SBP, SMFA, outlier filter, K = 1, image-label vote)", {}),
@@ -58,33 +77,59 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
 }
 
 
-def run(method: str, images: int, out: Path | None, progress: bool = True) -> list[dict]:
+TRAINED = ("synseg", "diclip")  # recipes that train in a work folder and take no ``backbone``
+
+
+def run(method: str, images: int, out: Path | None, progress: bool = True, rows: list[int] | None = None,
+        sd: str | None = None) -> list[dict]:
+    """Score the rows of ``ABLATIONS[method]`` (those at the indices ``rows``; default all) on the first
+    ``images`` val scenes; ``sd``: a toy SD folder for the SD methods (iseg, diffsegmenter, diclip)."""
     from weakseg.core import TOY_DEMOS
+    from weakseg.toy import load_toy_sd
     from weakseg.toy.world import ToyWorld
     from weakseg.eval.runner import evaluate
 
     if method not in ABLATIONS:
         raise ValueError(f"ablate_toy: no ablation list for {method!r}; known: {', '.join(ABLATIONS)}")
+    table = ABLATIONS[method]
+    if rows is not None:
+        bad = [i for i in rows if not 0 <= i < len(table)]
+        if bad:
+            raise ValueError(f"ablate_toy: --rows {bad} out of range for {method} (0..{len(table) - 1})")
+        table = [table[i] for i in rows]
+    if sd is not None and method not in ("iseg", "diffsegmenter", "diclip"):
+        raise ValueError(f"ablate_toy: --sd applies to iseg, diffsegmenter and diclip, not {method}")
     recipe = TOY_DEMOS.get(method)
     world = ToyWorld(64, "val", num_scenes=images)
-    rows, backbone = [], None
-    for label, overrides in ABLATIONS[method]:
-        entry = recipe(None, progress, backbone=backbone, **overrides)
-        backbone = entry.method.sd if hasattr(entry.method, "sd") else entry.method.backbone
-        with tempfile.TemporaryDirectory() as tmp:
+    backbone = load_toy_sd(sd) if sd is not None else None
+    results = []
+    for label, overrides in table:
+        with tempfile.TemporaryDirectory() as work, tempfile.TemporaryDirectory() as tmp:
+            if method in TRAINED:
+                kw = {"sd": backbone} if method == "diclip" and backbone is not None else {}
+                t0 = time.perf_counter()
+                entry = recipe(Path(work), progress, **kw, **overrides)
+                setup = time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                entry = recipe(None, progress, backbone=backbone, **overrides)
+                setup = time.perf_counter() - t0
+                backbone = entry.method.sd if hasattr(entry.method, "sd") else entry.method.backbone
             t0 = time.perf_counter()
             m = evaluate(entry.method, world, tmp, overlays=0, resume=False, progress=progress,
                          method_name=f"{method} {label}", dataset_name="toyworld-val")
-            rows.append({"setting": label, "overrides": {k: list(v) if isinstance(v, tuple) else v
-                                                         for k, v in overrides.items()},
-                         "miou": m["percent"]["miou_all"], "miou_present": m["percent"]["miou_present"],
-                         "seconds_per_image": m["seconds_per_image"], "wall_s": time.perf_counter() - t0})
-        print(f"{label}: mIoU {rows[-1]['miou']:.2f}", file=sys.stderr, flush=True)
+            results.append({"setting": label, "overrides": json.loads(json.dumps(overrides, default=list)),
+                            "miou": m["percent"]["miou_all"], "miou_present": m["percent"]["miou_present"],
+                            "iou": m["percent"]["iou"], "seconds_per_image": m["seconds_per_image"],
+                            "setup_s": setup, "wall_s": time.perf_counter() - t0})
+        print(f"{label}: mIoU {results[-1]['miou']:.2f}", file=sys.stderr, flush=True)
+    rows = results
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         from weakseg.bench import machine_facts
 
         meta = {"method": method, "scenes": f"ToyWorld(64, 'val'), first {images}", "date": time.strftime("%Y-%m-%d"),
+                "sd": sd or "the committed toy SD",
                 "command": "python " + " ".join(sys.argv), "machine": machine_facts(["cpu"]), "rows": rows}
         (out / f"ablate_{method}_toy.json").write_text(json.dumps(meta, indent=2) + "\n")
         md = [f"# {method} ablations on the toy world", "",
@@ -102,10 +147,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--rows", default=None, help="comma-separated row indices of the method's list (default: all)")
+    p.add_argument("--sd", default=None, help="a toy SD folder to use instead of the committed one")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    run(a.method, a.images, Path(a.out) if a.out else None, progress=not a.quiet)
+    rows = [int(x) for x in a.rows.split(",")] if a.rows else None
+    run(a.method, a.images, Path(a.out) if a.out else None, progress=not a.quiet, rows=rows, sd=a.sd)
     return 0
 
 
