@@ -44,9 +44,15 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     ],
     "diffsegmenter": [
         ("baseline: fused cross-attention, no propagation", {"baseline": True}),
-        ("toy preset (one propagation)", {}),
+        ("toy preset (one propagation; 16x16 cross-attention only, background threshold 0.6)", {}),
         ("paper: timesteps 1/50/100/150", {"timesteps": (1, 50, 100, 150)}),
         ("reference propagation (P x P map)", {"propagation": "reference"}),
+        ("the preset before 2026-12-06 #6: cross-attention weights 2/4/8/16 = 0/0.2/0.4/0.4, background 0.5",
+         {"cross_weights": (0.0, 0.2, 0.4, 0.4), "bg_threshold": 0.5}),
+        ("cross-attention weights 0/0.2/0.4/0.4", {"cross_weights": (0.0, 0.2, 0.4, 0.4)}),
+        ("cross-attention weights 0/0/0.2/0.8", {"cross_weights": (0.0, 0.0, 0.2, 0.8)}),
+        ("background threshold 0.5", {"bg_threshold": 0.5}),
+        ("background threshold 0.7", {"bg_threshold": 0.7}),
     ],
     # SynSeg: every row trains its head on toy captions (about a minute on one thread)
     "synseg": [
