@@ -100,8 +100,7 @@ def binding_figures(maps: list[torch.Tensor], masks: list[torch.Tensor], others:
     per_class = {}
     for c in sorted({classes[i] for i in right}):
         r = [right[i] for i in right if classes[i] == c]
-        if r:
-            per_class[CLASSES[c]] = sum(r) / len(r)
+        per_class[CLASSES[c]] = sum(r) / len(r)
 
     def iou(idx, target):
         return best_threshold_iou([maps[i] for i in idx], [target[i] for i in idx])[0] if idx else None

@@ -22,7 +22,7 @@ TOY_TRAIN: dict[str, Any] = dict(iterations=400, batch_size=16, save_every=100, 
                                  scale_range=(0.6, 1.0))
 TOY_TRAIN_SCENES = 400
 # single-object crops added to the training captions (ToyCaptions(crops=...)): with the crops CLIP, 800 crops
-# raised SynSeg on 200 val scenes from 36.2 to 39.8 (benchmarks/results/toyworld_v2_2026-12-06.md)
+# raised SynSeg on 200 val scenes from 36.2 to 39.5 (benchmarks/results/toyworld_v2_2026-12-06.md)
 TOY_TRAIN_CROPS = 800
 
 
