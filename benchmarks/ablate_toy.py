@@ -111,16 +111,14 @@ def run(method: str, images: int, out: Path | None, progress: bool = True, rows:
     results = []
     for label, overrides in table:
         with tempfile.TemporaryDirectory() as work, tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
             if method in TRAINED:
                 kw = {"sd": backbone} if method == "diclip" and backbone is not None else {}
-                t0 = time.perf_counter()
                 entry = recipe(Path(work), progress, **kw, **overrides)
-                setup = time.perf_counter() - t0
             else:
-                t0 = time.perf_counter()
                 entry = recipe(None, progress, backbone=backbone, **overrides)
-                setup = time.perf_counter() - t0
                 backbone = entry.method.sd if hasattr(entry.method, "sd") else entry.method.backbone
+            setup = time.perf_counter() - t0
             t0 = time.perf_counter()
             m = evaluate(entry.method, world, tmp, overlays=0, resume=False, progress=progress,
                          method_name=f"{method} {label}", dataset_name="toyworld-val")
@@ -129,21 +127,20 @@ def run(method: str, images: int, out: Path | None, progress: bool = True, rows:
                             "iou": m["percent"]["iou"], "seconds_per_image": m["seconds_per_image"],
                             "setup_s": setup, "wall_s": time.perf_counter() - t0})
         print(f"{label}: mIoU {results[-1]['miou']:.2f}", file=sys.stderr, flush=True)
-    rows = results
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         from weakseg.bench import machine_facts
 
         meta = {"method": method, "scenes": f"ToyWorld(64, 'val'), first {images}", "date": time.strftime("%Y-%m-%d"),
                 "sd": sd or "the committed toy SD",
-                "command": "python " + " ".join(sys.argv), "machine": machine_facts(["cpu"]), "rows": rows}
+                "command": "python " + " ".join(sys.argv), "machine": machine_facts(["cpu"]), "rows": results}
         (out / f"ablate_{method}_toy.json").write_text(json.dumps(meta, indent=2) + "\n")
         md = [f"# {method} ablations on the toy world", "",
               f"{meta['scenes']} scenes, image-level labels given, mIoU over all 6 classes. {meta['date']}, "
               f"`{meta['command']}`.", "", "| setting | mIoU % | s / image |", "|---|---:|---:|"]
-        md += [f"| {r['setting']} | {r['miou']:.2f} | {r['seconds_per_image']:.3f} |" for r in rows]
+        md += [f"| {r['setting']} | {r['miou']:.2f} | {r['seconds_per_image']:.3f} |" for r in results]
         (out / f"ablate_{method}_toy.md").write_text("\n".join(md) + "\n")
-    return rows
+    return results
 
 
 def main(argv=None) -> int:
