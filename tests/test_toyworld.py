@@ -95,7 +95,7 @@ def test_toy_captions_with_crops_append_one_object_each_captioned_alone():
         objs = [o for o in s.objects if caption_for([o], s.stuff) == c.caption]
         assert objs, (c.caption, s.caption)
         rng = np.random.default_rng([2, j])
-        shown = [o for o in s.objects if o.cls in s.image_labels] or s.objects
+        shown = [s.objects[n] for n in s.shown]
         o = shown[int(rng.integers(len(shown)))]
         assert caption_for([o], s.stuff) == c.caption
         half = crop_half([o.radius], rng)
@@ -118,3 +118,20 @@ def test_crop_half_keeps_a_minimum_and_scales_with_the_radius():
     h = crop_half([1.0, 10.0, 20.0], np.random.default_rng(0))
     assert h[0] == CROP_MIN_HALF and 0.9 * CROP_HALF * 10 <= h[1] <= 1.3 * CROP_HALF * 10
     assert 0.9 * CROP_HALF * 20 <= h[2] <= 1.3 * CROP_HALF * 20
+
+
+def test_a_fully_covered_object_is_not_shown_named_or_cropped(monkeypatch):
+    """An object hidden under a later, bigger one has no visible pixel: the scene's ``shown`` leaves it out, the
+    caption does not name it and a crop never shows it (its box would show the neighbour under its name)."""
+    from weakseg.toy.world import ToyCaptions, ToyObject
+
+    hidden = ToyObject(cls=CLASSES.index("circle"), color="red", cy=24.0, cx=24.0, radius=4.0, angle=0.0)
+    top = ToyObject(cls=CLASSES.index("square"), color="blue", cy=24.0, cx=24.0, radius=14.0, angle=0.0)
+    monkeypatch.setattr(ToyWorld, "sample_layout", lambda self, rng: ("grass", [hidden, top]))
+    s = ToyWorld(size=48, num_scenes=2).scene(0)
+    assert s.shown == [1] and CLASSES.index("circle") not in s.image_labels
+    assert "circle" not in s.caption and "blue square" in s.caption
+    ds = ToyCaptions(num_scenes=2, size=48, crops=6, cache=False)
+    assert all(ds[2 + j].caption == caption_for([top], "grass") for j in range(6))
+    monkeypatch.setattr(ToyWorld, "sample_layout", lambda self, rng: ("grass", [top, hidden]))
+    assert ToyWorld(size=48, num_scenes=2).scene(0).shown == [0, 1]

@@ -529,7 +529,7 @@ def test_crops_stage_continues_the_clip_and_its_result_is_the_committed_clip(tra
     for i in range(N_SCENES):
         s = world.scene(i)
         lo, hi = int(objs.first[i]), int(objs.first[i + 1])
-        assert hi - lo == len(s.objects)
-        for o, box, cap in zip(s.objects, objs.box[lo:hi], objs.caption[lo:hi]):
+        assert hi - lo == len(s.shown)
+        for o, box, cap in zip([s.objects[n] for n in s.shown], objs.box[lo:hi], objs.caption[lo:hi]):
             assert np.allclose(box, [o.cy, o.cx, o.radius])
             assert cap.count(" and ") == 0 and f"{o.color} {CLASSES[o.cls]}" in cap and cap.endswith(s.stuff)

@@ -503,8 +503,8 @@ class SceneObjects:
 
 def scene_objects(work_dir: str | os.PathLike, num_scenes: int, seed: int = 0, size: int = IMAGE_SIZE,
                   progress: bool = True) -> SceneObjects:
-    """The objects of the first ``num_scenes`` scenes of ``ToyWorld(size, "train", seed=seed)``, rendered once
-    and cached in ``<work_dir>/cache/objects_s{size}_n{num_scenes}_seed{seed}.json``."""
+    """The visible objects (at least one pixel shown; the same rule as :class:`weakseg.toy.world.ToyCaptions`)
+    of the first ``num_scenes`` scenes of ``ToyWorld(size, "train", seed=seed)``, rendered once and cached in ``<work_dir>/cache/objects_s{size}_n{num_scenes}_seed{seed}.json``."""
     from tqdm import tqdm
 
     from weakseg.toy.world import caption_for
@@ -517,7 +517,7 @@ def scene_objects(work_dir: str | os.PathLike, num_scenes: int, seed: int = 0, s
         d = {"first": [0], "box": [], "caption": []}
         for i in tqdm(range(num_scenes), desc="object boxes", disable=not progress):
             s = world.scene(i)
-            for o in s.objects:
+            for o in [s.objects[n] for n in s.shown]:   # not a fully covered one (its crop shows a neighbour)
                 d["box"].append([o.cy, o.cx, o.radius])
                 d["caption"].append(caption_for([o], s.stuff))
             d["first"].append(len(d["box"]))

@@ -69,6 +69,7 @@ class ToyScene:
     stuff: str
     objects: list[ToyObject] = field(default_factory=list)
     name: str = ""
+    shown: list[int] = field(default_factory=list)   # indices into objects with at least one visible pixel
 
 
 def _shape_mask(kind: str, y: np.ndarray, x: np.ndarray, o: ToyObject) -> np.ndarray:
@@ -266,10 +267,11 @@ class ToyWorld:
         img, label = self.render(stuff, objects, rng)
         present = sorted(int(c) for c in np.unique(label))
         shown = set(np.unique(self._instances).tolist())
-        visible = [o for n, o in enumerate(objects) if n + 1 in shown]
+        idx = [n for n in range(len(objects)) if n + 1 in shown]
+        visible = [objects[n] for n in idx]
         return ToyScene(image=torch.from_numpy(img).permute(2, 0, 1).contiguous(), label=torch.from_numpy(label),
                         image_labels=present, caption=caption_for(visible or objects, stuff), stuff=stuff,
-                        objects=objects, name=f"toy_{self.split}_{self.seed}_{i:06d}")
+                        objects=objects, name=f"toy_{self.split}_{self.seed}_{i:06d}", shown=idx)
 
 
 class ToyCaptions:
@@ -305,7 +307,7 @@ class ToyCaptions:
     def _crop(self, j: int) -> CaptionSample:
         s = self.world.scene(j)
         rng = np.random.default_rng([self.crop_seed, j])
-        shown = [o for o in s.objects if o.cls in s.image_labels] or s.objects  # not a fully covered one
+        shown = [s.objects[n] for n in s.shown] or s.objects  # not a fully covered one
         o = shown[int(rng.integers(len(shown)))]
         half = crop_half([o.radius], rng)
         img = crop_objects(s.image[None], [o.cy], [o.cx], half, self.world.size)[0]
