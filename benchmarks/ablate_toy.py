@@ -66,15 +66,15 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     ],
     # DiCLIP: every row builds its cache with the toy SD and trains its head (about a minute on 2 threads)
     "diclip": [
-        ("toy preset (300 iterations, CAA pseudo labels, CAA never gated by the head's affinity)", {}),
+        ("toy preset (300 iterations, CAA pseudo labels never gated by the head's affinity; CRF)", {}),
         ("toy preset, training seed 1", {"train_options": {"seed": 1}}),
         ("toy preset, training seed 2", {"train_options": {"seed": 2}}),
         ("CAA gated by the head's affinity from iteration 150 (the preset before)",
          {"train_options": {"caa_seg_from": 150}}),
         ("gated from 150, training seed 1", {"train_options": {"caa_seg_from": 150, "seed": 1}}),
         ("gated from 150, training seed 2", {"train_options": {"caa_seg_from": 150, "seed": 2}}),
-        ("600 iterations", {"train_options": {"iterations": 600}}),
-        ("CAA threshold 0.7", {"train_options": {"caa_threshold": 0.7}}),
+        ("inference at scales 1.0 + 1.5 without CRF (the preset before)", {"test_scales": [1.0, 1.5], "crf": False}),
+        ("CRF colour kernel 3 (the code's)", {"crf_bi_rgb": 3.0}),
     ],
     # ModuSeg: every row builds its bank from iSeg's toy pseudo masks on 200 toy train scenes
     "moduseg": [

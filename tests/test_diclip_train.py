@@ -283,8 +283,10 @@ def test_toy_demo_with_tiny_models(models, tmp_path):
     assert len(runs) == 1 and json.loads((runs[0] / "settings.json").read_text())["train"]["iterations"] == 3
     model = runs[0] / "train" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
-    diclip_toy_demo(tmp_path, progress=False, clip=clip, sd=sd, **opts)  # same settings: reuses the trained run
+    # same settings: reuses the trained run; inference overrides reach the method, not the run's key
+    again = diclip_toy_demo(tmp_path, progress=False, clip=clip, sd=sd, test_scales=(1.0, 1.5), **opts)
     assert model.stat().st_mtime_ns == stamp and sorted(tmp_path.glob("run-*")) == runs
+    assert again.method.config.test_scales == (1.0, 1.5) and again.method.config.mode == "head"
     # other training settings, or other weights, never reuse that run: a fresh folder is built
     other = dict(opts, train_options=dict(opts["train_options"], iterations=2))
     p2 = prepare_toy(tmp_path, progress=False, clip=clip, sd=sd, **other)

@@ -99,18 +99,20 @@ def prepare_toy(work_dir: Path, progress: bool = True, clip=None, sd=None, prese
 
 def toy_demo(work_dir: Path, progress: bool = True, clip=None, sd=None, preset: str = "toy",
              cache_options: dict | None = None, train_options: dict | None = None,
-             train_scenes: int = TOY_TRAIN_SCENES) -> DemoEntry:
+             train_scenes: int = TOY_TRAIN_SCENES, **overrides) -> DemoEntry:
     """The DemoEntry of DiCLIP: method = the trained head on the toy CLIP (no SD at inference), baseline =
     the raw patch-text CAM without VCE and cache. ``clip`` / ``sd`` replace the toy-world models (tests
-    pass tiny random ones with ``preset="tiny"``)."""
+    pass tiny random ones with ``preset="tiny"``); ``overrides`` are DiCLIPConfig fields of the method's
+    inference (e.g. ``crf``, ``test_scales``)."""
     p = prepare_toy(work_dir, progress, clip, sd, preset, cache_options, train_options, train_scenes)
-    method = _method(p["clip"], p["sd"], preset, mode="head", checkpoint=p["checkpoint"], head_use_image_labels=True)
+    method = _method(p["clip"], p["sd"], preset, **{"mode": "head", "checkpoint": p["checkpoint"],
+                                                     "head_use_image_labels": True, **overrides})
     baseline = _method(p["clip"], p["sd"], preset, vce=False, cam_source="patch", refine=())
     return DemoEntry(method=method, baseline=baseline,
                      note="baseline: DiCLIP's raw patch-text CAM (CLIP surgery, no SD attention, no cache, no "
                           "refinement); method: the segmentation head trained on DiCLIP pseudo labels (VCE, "
                           "cache, adapter, the training run's refinement: CAA on the toy world), argmax over "
-                          "the image's classes like the baseline")
+                          "the image's classes like the baseline, after the preset's DenseCRF")
 
 
 RUNGS = ("raw", "+vce", "+static cache", "+adapter", "+refinement (pseudo labels)", "head")
