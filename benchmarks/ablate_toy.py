@@ -56,12 +56,13 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     ],
     # SynSeg: every row trains its head on toy captions (about a minute on one thread)
     "synseg": [
-        ("toy preset (400 scene captions + 800 object crops, background threshold 0.6)", {}),
-        ("no object crops (the preset before 2026-12-06 #6)", {"train_crops": 0}),
+        ("toy preset (400 scene captions + 800 object crops, PAMR, background threshold 0.5)", {}),
+        ("no PAMR, background threshold 0.6 (the preset before 2026-12-07)", {"pamr_iterations": 0, "bg_threshold": 0.6}),
+        ("no object crops", {"train_crops": 0}),
         ("400 object crops", {"train_crops": 400}),
         ("1,600 object crops", {"train_crops": 1600}),
-        ("background threshold 0.5", {"bg_threshold": 0.5}),
-        ("background threshold 0.7", {"bg_threshold": 0.7}),
+        ("background threshold 0.6", {"bg_threshold": 0.6}),
+        ("background threshold 0.4", {"bg_threshold": 0.4}),
         ("800 training iterations", {"train_options": {"iterations": 800}}),
     ],
     # DiCLIP: every row builds its cache with the toy SD and trains its head (about a minute on 2 threads)

@@ -117,3 +117,66 @@ def test_check_segment_inputs_is_the_one_check_every_method_runs():
     seg = weakseg.create("synseg", preset="tiny")
     with pytest.raises(ValueError, match="given twice"):
         seg.segment([torch.zeros(3, 64, 64, dtype=torch.uint8)], ["background", "cat", "cat"])
+
+
+def _pamr_naive(img, masks, iterations, dilations):
+    """PAMR written out per pixel (the definition in weakseg.methods.common.PAMR's docstring)."""
+    import math
+
+    _, C, H, W = img.shape
+    K = masks.shape[1]
+    offs = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+    def at(t, y, x):  # replicate padding
+        return t[:, min(max(y, 0), H - 1), min(max(x, 0), W - 1)]
+
+    aff = {}
+    for y in range(H):
+        for x in range(W):
+            nb = [(y + d * dy, x + d * dx) for d in dilations for dy, dx in offs]
+            vals = torch.stack([at(img[0], *p) for p in nb])                      # (N, C)
+            hood = torch.stack([t for d in dilations
+                                for t in [at(img[0], y, x)] + [at(img[0], y + d * dy, x + d * dx) for dy, dx in offs]])
+            sigma = hood.std(dim=0)                                                # (C,)
+            logits = (-(vals - img[0, :, y, x]).abs() / (1e-8 + 0.1 * sigma)).mean(dim=1)
+            aff[y, x] = (nb, torch.softmax(logits, 0))
+    m = masks[0].clone()
+    for _ in range(iterations):
+        new = torch.empty_like(m)
+        for (y, x), (nb, a) in aff.items():
+            new[:, y, x] = sum(a[i] * at(m, *p) for i, p in enumerate(nb))
+        m = new
+    assert math.isfinite(float(m.sum()))
+    return m[None]
+
+
+@pytest.mark.parametrize("hw,dil,it", [((5, 6), (1,), 2), ((7, 4), (1, 2), 3), ((1, 1), (1, 3), 1)])
+def test_pamr_matches_its_per_pixel_definition(hw, dil, it):
+    from weakseg.methods.common import PAMR
+
+    g = torch.Generator().manual_seed(hw[0] * 10 + it)
+    img = torch.rand(1, 3, *hw, generator=g)
+    masks = torch.rand(1, 2, *hw, generator=g)
+    torch.testing.assert_close(PAMR(it, dil)(img, masks), _pamr_naive(img, masks, it, dil), rtol=1e-4, atol=1e-5)
+
+
+def test_pamr_keeps_masks_in_range_and_snaps_them_to_colour_edges():
+    from weakseg.methods.common import PAMR
+
+    img = torch.zeros(1, 3, 16, 16)
+    img[..., 8:] = 1.0                                   # two flat halves, the edge between columns 7 and 8
+    img += 0.01 * torch.randn(img.shape, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 5:] = 1.0                                  # a coarse mask that leaks 3 columns past the edge
+    out = PAMR(10)(img, mask)
+    assert out.shape == (1, 1, 16, 16) and 0 <= float(out.min()) and float(out.max()) <= 1 + 1e-6
+    assert float(out[..., 5:8].mean()) < 0.35 and float(out[..., 9:].mean()) > 0.95
+    torch.testing.assert_close(PAMR(0)(img, mask), mask)   # no iterations: the (resized) masks as given
+    assert PAMR(2)(img, torch.ones(1, 3, 4, 4)).sub(1).abs().max() < 1e-5   # constants stay constant
+    assert PAMR(2)(img, torch.rand(1, 2, 4, 4)).shape == (1, 2, 16, 16)  # masks are resized to the image
+    for bad, name in (({"iterations": -1}, "iterations"), ({"iterations": 1.5}, "iterations"),
+                      ({"dilations": ()}, "dilations"), ({"dilations": (0,)}, "dilations")):
+        with pytest.raises(ValueError, match=name):
+            PAMR(**bad)
+    with pytest.raises(ValueError, match="masks"):
+        PAMR(1)(img, torch.rand(2, 1, 4, 4))

@@ -191,6 +191,19 @@ def test_segment_background_rule_views_and_errors(clip):
         m.segment(img, ["background", "cat"], torch.ones(1, 3, dtype=torch.bool))
 
 
+def test_segment_with_pamr_refines_the_fused_maps(clip):
+    """pamr_iterations > 0: the fused class maps go through PAMR on the image before the background rule."""
+    from weakseg.methods.common import PAMR
+
+    img = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8)
+    names = ["background", "cat", "dog"]
+    raw = make(clip, views=1).segment(img, names)
+    out = make(clip, views=1, pamr_iterations=3, pamr_dilations=(1, 2)).segment(img, names)
+    want = PAMR(3, (1, 2))(img.float() / 255, raw.scores[:, 1:])
+    torch.testing.assert_close(out.scores[:, 1:], want, rtol=1e-5, atol=1e-6)
+    assert torch.all(out.scores[:, 0] == 0.5) and torch.equal(out.labels == 0, want.max(1).values <= 0.5)
+
+
 def test_config_errors(clip):
     with pytest.raises(ValueError, match="views"):
         SynSegConfig(views=3)
@@ -200,6 +213,12 @@ def test_config_errors(clip):
         make(clip, extract_layers=(0, 1, 7))
     with pytest.raises(ValueError, match="preset"):
         SynSegConfig.from_dict({"preset": "nope"})
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="pamr_iterations"):
+            SynSegConfig(pamr_iterations=bad)
+    for bad in ((), (0, 1), (1.5,)):
+        with pytest.raises(ValueError, match="pamr_dilations"):
+            SynSegConfig(pamr_dilations=bad)
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         make(clip, checkpoint="/nonexistent/model.safetensors")
 

@@ -22,7 +22,7 @@ from weakseg.core import BACKGROUND_NAMES, has_background, image_label_mask
 
 __all__ = ["BACKGROUND_NAMES", "has_background", "minmax_per_class", "resize_maps", "background_channel",
            "scores_to_labels", "image_label_mask", "clip_tag_classes", "load_tagger_clip", "BackgroundRule",
-           "StageTimer", "grid_seeds"]
+           "StageTimer", "grid_seeds", "dilated_neighbours", "PAMR"]
 
 
 def minmax_per_class(maps: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -205,3 +205,56 @@ def grid_seeds(h: int, w: int, number: int, device=None) -> torch.Tensor:
     rows = torch.arange(0, h, max(1, int(h // root)))
     cols = torch.arange(0, w, max(1, int(w // root)))
     return (rows[:, None] * w + cols[None, :]).flatten().to(device)
+
+
+_SHIFTS = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)]  # a 3x3 kernel's 8 neighbours
+
+
+def dilated_neighbours(x: torch.Tensor, dilations: Sequence[int], centre: bool = False) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, N, H, W): each pixel's 8 neighbours of a 3x3 kernel at every dilation in turn
+    (replicate padding; N = 8 per dilation, 9 with ``centre``, the pixel itself first). The local
+    neighbourhoods of PAMR and DiCLIP's PAR."""
+    b, c, h, w = x.shape
+    shifts = ([(1, 1)] if centre else []) + _SHIFTS
+    kernel = torch.zeros(len(shifts), 1, 3, 3, dtype=x.dtype, device=x.device)
+    for i, (y, xx) in enumerate(shifts):
+        kernel[i, 0, y, xx] = 1
+    out = []
+    for d in dilations:
+        xp = F.pad(x, [int(d)] * 4, mode="replicate").reshape(b * c, 1, h + 2 * d, w + 2 * d)
+        out.append(F.conv2d(xp, kernel, dilation=int(d)).view(b, c, -1, h, w))
+    return torch.cat(out, dim=2)
+
+
+class PAMR(torch.nn.Module):
+    """Pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020; the TCL evaluation protocol that SynSeg
+    follows runs it with 10 iterations at dilations 1, 2, 4, 8, 12, 24). Affinity of a pixel to each of its
+    neighbours: softmax over the neighbours of the channel mean of ``-|I_n - I| / (0.1 * sigma)``, sigma the
+    per-channel standard deviation over the pixel's neighbourhoods (centre included); each iteration
+    replaces every mask value by the affinity-weighted sum of its neighbours' values."""
+
+    def __init__(self, iterations: int = 10, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)):
+        super().__init__()
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+            raise ValueError(f"PAMR: iterations must be an int >= 0, got {iterations!r}")
+        dilations = tuple(dilations)
+        if not dilations or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dilations):
+            raise ValueError(f"PAMR: dilations must be ints >= 1 (at least one), got {dilations!r}")
+        self.iterations, self.dilations = iterations, dilations
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) float; masks: (B, K, h, w), resized bilinearly (align_corners=True) to the
+        images. Returns (B, K, H, W) float."""
+        if images.dim() != 4 or masks.dim() != 4 or images.shape[0] != masks.shape[0]:
+            raise ValueError(f"PAMR: expected images (B, 3, H, W) and masks (B, K, h, w) with the same B, got "
+                             f"{tuple(images.shape)} and {tuple(masks.shape)}")
+        images = images.float()
+        masks = F.interpolate(masks.float(), size=images.shape[-2:], mode="bilinear", align_corners=True)
+        if self.iterations == 0 or masks.shape[1] == 0:
+            return masks
+        sigma = dilated_neighbours(images, self.dilations, centre=True).std(dim=2, keepdim=True)
+        diff = (dilated_neighbours(images, self.dilations) - images.unsqueeze(2)).abs()
+        aff = F.softmax((-diff / (1e-8 + 0.1 * sigma)).mean(dim=1, keepdim=True), dim=2)
+        for _ in range(self.iterations):
+            masks = (dilated_neighbours(masks, self.dilations) * aff).sum(2)
+        return masks

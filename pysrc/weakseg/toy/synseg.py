@@ -52,10 +52,12 @@ def toy_demo(work_dir: Path, progress: bool = True, clip=None, preset: str = "to
         clip = load_toy_clip()
     model = train_toy(work_dir, clip, preset, progress, train_options, train_scenes, train_crops, **overrides)
     method = SynSeg(SynSegConfig.from_dict({"preset": preset, **overrides, "checkpoint": str(model)}), clip=clip)
-    baseline = SynSeg(SynSegConfig.from_dict({"preset": preset, **overrides, "mode": "patch"}), clip=clip)
+    baseline = SynSeg(SynSegConfig.from_dict({"preset": preset, **overrides, "mode": "patch", "pamr_iterations": 0}),
+                      clip=clip)
     return DemoEntry(method=method, baseline=baseline,
                      note="baseline: raw CLIP patch-text cosine (per-class min-max) with the same background "
-                          "threshold; method: FiLM + decoder trained on toy captions with FSS + MCCL")
+                          "threshold, no PAMR; method: FiLM + decoder trained on toy captions with FSS + MCCL, "
+                          "the preset's PAMR")
 
 
 def ablation(work_dir: Path, subsets: dict[str, Sequence[float]] | None = None, num_scenes: int = 40,

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakseg.methods.common import dilated_neighbours
+
 __all__ = ["CAA_ATTENTION", "caa_attention", "caa_transition", "box_mask", "caa_refine", "sd_walk", "PAR", "walk_reference"]
 
 
@@ -151,22 +153,13 @@ class PAR(torch.nn.Module):
         self.dilations = [int(d) for d in dilations]
         self.iterations = int(iterations)
         self.w1, self.w2 = float(w1), float(w2)
-        kernel = torch.zeros(8, 1, 3, 3)
-        for i, (y, x) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)]):
-            kernel[i, 0, y, x] = 1
-        self.register_buffer("kernel", kernel, persistent=False)
         ker = torch.ones(1, 1, 8, 1, 1)
         for i in (0, 2, 5, 7):
             ker[0, 0, i] = math.sqrt(2)
         self.register_buffer("pos", torch.cat([ker * d for d in self.dilations], dim=2), persistent=False)
 
     def _neighbours(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        out = []
-        for d in self.dilations:
-            xp = F.pad(x, [d] * 4, mode="replicate").reshape(b * c, 1, h + 2 * d, w + 2 * d)
-            out.append(F.conv2d(xp, self.kernel.to(x.dtype), dilation=d).view(b, c, -1, h, w))
-        return torch.cat(out, dim=2)
+        return dilated_neighbours(x, self.dilations)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) float (normalised); masks: (B, K, h, w). Returns (B, K, H, W)."""
