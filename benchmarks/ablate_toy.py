@@ -70,7 +70,7 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
         ("toy preset (300 iterations, CAA pseudo labels never gated by the head's affinity; CRF)", {}),
         ("toy preset, training seed 1", {"train_options": {"seed": 1}}),
         ("toy preset, training seed 2", {"train_options": {"seed": 2}}),
-        ("CAA gated by the head's affinity from iteration 150 (the preset before)",
+        ("CAA gated by the head's affinity from iteration 150 (as before 2026-12-07; with the CRF)",
          {"train_options": {"caa_seg_from": 150}}),
         ("gated from 150, training seed 1", {"train_options": {"caa_seg_from": 150, "seed": 1}}),
         ("gated from 150, training seed 2", {"train_options": {"caa_seg_from": 150, "seed": 2}}),
