@@ -37,8 +37,9 @@ TOY_CACHE: dict[str, Any] = dict(source="generated", images_per_class=6, gen_pro
 # val scenes: 33.2 mIoU after 120, 37.6 after 300, 38.0 after 600 (benchmarks/results/toyworld_v2_2026-12-06.md).
 # The CAA affinity is never gated by the head's own affinity prediction (caa_seg_from past the run's end; the
 # reference gates from 4,000 of 20,000 iterations): after 150 of 300 iterations that prediction is still
-# untrained and the pseudo labels lose the small shapes. 100 val scenes, seeds 0 / 1 / 2: 45.2 / 46.5 / 43.6
-# against 39.6 / 36.3 / 28.4 with the gate from iteration 150 (benchmarks/results/ablate_diclip_toy.md)
+# untrained and the pseudo labels lose the small shapes. 200 val scenes, training seeds 0 / 1 / 2 (inference
+# at scales 1.0 + 1.5 without CRF): 45.4 / 47.5 / 43.7 against 39.8 / 36.1 / 28.2 with the gate from
+# iteration 150 (benchmarks/results/toyworld_v2_2026-12-07.md)
 TOY_TRAIN: dict[str, Any] = dict(iterations=300, batch_size=4, warmup_iters=10, caa_seg_from=10 ** 9, save_every=100,
                                  log_every=20, scale_range=(0.75, 1.5), refine=("caa",))
 TOY_TRAIN_SCENES = 400
