@@ -10,8 +10,9 @@ What is deployed, and why (docs/specs/diclip.md §1, §5):
   original-path layers -> the segmentation head -> logits on the patch grid -> bilinear upsampling to
   the input size (single scale, no flip, no CRF: multi-scale/flip averaging is N forwards of this graph
   and, like the optional DenseCRF on its softmax, is left to the caller). The head's classifier is
-  closed-vocabulary, so the text embeddings *select* its classes: each input row picks the trained class whose text embedding (baked into the graph) is the
-  most cosine-similar, and the graph returns that class's logits. The class list is free at run time
+  closed-vocabulary, so the text embeddings *select* its classes: each input row picks the trained class
+  whose text embedding (baked into the graph) is the most cosine-similar, and the graph returns that
+  class's logits. The class list is free at run time
   as any subset / order of the trained classes (include "background": it is class 0 of the head);
   background rule "none". The dynamic adapter is a training-time CAM source (it feeds the pseudo
   labels, §3c) and is not used by head inference, so it is not exported.
