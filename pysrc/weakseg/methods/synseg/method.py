@@ -205,7 +205,8 @@ class SynSeg:
         """The :class:`weakseg.export.ExportGraphs` of the single-view model: image_model(images,
         text_embeddings) -> sigmoid maps (B, C, S, S) (B, C dynamic), text_model(tokens) -> (C, E), the
         TCL background rule (label 0 where every class map is below τ). The 5-view split and stitch stay
-        in host code (:func:`split_views`, :func:`stitch_views`)."""
+        in host code (:func:`split_views`, :func:`stitch_views`), and so does PAMR when
+        ``pamr_iterations`` > 0 (:class:`weakseg.methods.common.PAMR` on the stitched maps, before the rule)."""
         from weakseg.backbones.text import resolve_templates
         from weakseg.export import ExportGraphs
 
