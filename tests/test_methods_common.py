@@ -124,7 +124,6 @@ def _pamr_naive(img, masks, iterations, dilations):
     import math
 
     _, C, H, W = img.shape
-    K = masks.shape[1]
     offs = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
     def at(t, y, x):  # replicate padding

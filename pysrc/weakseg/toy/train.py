@@ -504,7 +504,8 @@ class SceneObjects:
 def scene_objects(work_dir: str | os.PathLike, num_scenes: int, seed: int = 0, size: int = IMAGE_SIZE,
                   progress: bool = True) -> SceneObjects:
     """The visible objects (at least one pixel shown; the same rule as :class:`weakseg.toy.world.ToyCaptions`)
-    of the first ``num_scenes`` scenes of ``ToyWorld(size, "train", seed=seed)``, rendered once and cached in ``<work_dir>/cache/objects_s{size}_n{num_scenes}_seed{seed}.json``."""
+    of the first ``num_scenes`` scenes of ``ToyWorld(size, "train", seed=seed)``, rendered once and cached in
+    ``<work_dir>/cache/objects_s{size}_n{num_scenes}_seed{seed}.json``."""
     from tqdm import tqdm
 
     from weakseg.toy.world import caption_for

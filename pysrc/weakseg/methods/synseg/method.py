@@ -195,8 +195,8 @@ class SynSeg:
         fg_names = names[1:] if inp.background else names
         fg = torch.stack(self.class_maps(items, fg_names))
         if self.config.pamr_iterations:
-            pamr = PAMR(self.config.pamr_iterations, self.config.pamr_dilations)
-            fg = torch.stack([pamr(im[None].float().div(255).to(f.device), f[None])[0] for im, f in zip(items, fg)])
+            fg = PAMR(self.config.pamr_iterations, self.config.pamr_dilations)(
+                torch.stack(list(items)).float().div(255).to(fg.device), fg)
         scores, labels = scores_to_labels(fg, names, allowed, BackgroundRule("constant", self.config.bg_threshold))
         return SegmentationOutput(scores=scores, labels=labels, class_names=names)
 
