@@ -158,6 +158,13 @@ def test_config_defaults_presets_and_errors(sd, tmp_path, monkeypatch):
     assert_raises_naming(lambda: DiffSegmenterConfig(bg_threshold=1.5), ValueError, ["bg_threshold"])
     assert_raises_naming(lambda: DiffSegmenterConfig(timesteps=(1000,)), ValueError, ["timesteps"])
     assert_raises_naming(lambda: DiffSegmenterConfig(image_size=60), ValueError, ["image_size", "multiple of 8"])
+    assert c.pamr_iterations == 0 and DiffSegmenterConfig.from_preset("toy").pamr_iterations == 10
+    for bad in (-1, 2.5, True):
+        assert_raises_naming(lambda: DiffSegmenterConfig(pamr_iterations=bad), ValueError,
+                             ["DiffSegmenterConfig.pamr_iterations"])
+    for bad in ((), (0, 1), (1.5,), 4):
+        assert_raises_naming(lambda: DiffSegmenterConfig(pamr_dilations=bad), ValueError,
+                             ["DiffSegmenterConfig.pamr_dilations"])
     import weakseg.toy
 
     monkeypatch.setattr(weakseg.toy, "WEIGHTS_DIR", tmp_path / "no-weights")
@@ -340,6 +347,23 @@ def test_segment_shapes_labels_and_batch_invariance(sd):
     assert_raises_naming(lambda: m.segment(imgs, NAMES, torch.ones(2, 3, dtype=torch.bool)), ValueError,
                          ["image_labels"])
     assert_raises_naming(lambda: m.segment(imgs, NAMES, captions=["x"]), ValueError, ["captions", "2"])
+
+
+def test_pamr_option_refines_the_class_maps_before_the_background_rule(sd):
+    """pamr_iterations > 0 (not DiffSegmenter's; the toy preset's): the min-max class maps go through PAMR on
+    the image before the constant background tau; absent classes stay 0."""
+    from weakseg.methods.common import PAMR
+
+    imgs = _images(2, 40, 48)
+    labels_in = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    raw = DiffSegmenter(_cfg(), backbone=sd).segment(imgs, NAMES, labels_in)
+    out = DiffSegmenter(_cfg(pamr_iterations=2, pamr_dilations=[1, 3]), backbone=sd).segment(imgs, NAMES, labels_in)
+    want = PAMR(2, (1, 3))(imgs.float() / 255, raw.scores[:, 1:])
+    torch.testing.assert_close(out.scores[:, 1:], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want, raw.scores[:, 1:], atol=1e-3)
+    assert (out.scores[:, 0] == 0.5).all() and (out.scores[:, 1:][~labels_in[:, 1:]] == 0).all()
+    masked = torch.where(labels_in[:, :, None, None], out.scores, torch.full_like(out.scores, -1))
+    assert torch.equal(out.labels, masked.argmax(1))
 
 
 def test_open_vocabulary_candidates_from_clip_tagging(sd):

@@ -384,6 +384,31 @@ def test_threshold_background_and_sd15(sd15, images):
     assert ((fg == 0) | (fg >= 0.45)).all()
 
 
+def test_pamr_option_refines_the_class_maps_before_the_background_rule(sd21, images, monkeypatch):
+    """pamr_iterations > 0 (not iSeg's; the toy preset's): the min-max class maps go through PAMR on the image,
+    then the same background rule (a threshold here: it cuts the refined maps, not the raw ones)."""
+    import weakseg.methods.iseg.method as iseg_method
+    from weakseg.methods.common import PAMR, BackgroundRule, scores_to_labels
+
+    cfg = dict(background="threshold", background_value=0.4)
+    fg = {}
+
+    def keep(f, *a):
+        fg["raw"] = f.clone()
+        return scores_to_labels(f, *a)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(iseg_method, "scores_to_labels", keep)
+        make(sd21, **cfg).segment(images, NAMES, LABELS)
+    out = make(sd21, pamr_iterations=3, pamr_dilations=[1, 2], **cfg).segment(images, NAMES, LABELS)
+    refined = PAMR(3, (1, 2))(images.float() / 255, fg["raw"])
+    want_scores, want_labels = scores_to_labels(refined, NAMES, LABELS, BackgroundRule("threshold", 0.4))
+    torch.testing.assert_close(out.scores, want_scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.labels, want_labels)
+    assert not torch.allclose(refined, fg["raw"], atol=1e-3)   # PAMR changed the maps
+    assert (out.scores[:, 1:][~LABELS[:, 1:]] == 0).all()       # absent classes stay 0 after PAMR
+
+
 def test_open_vocabulary_tags_with_clip(sd21, images):
     from weakseg.backbones.clip import CLIPBackbone
     from weakseg.methods.common import clip_tag_classes
@@ -438,6 +463,11 @@ def test_presets_and_registration():
     assert_raises_naming(lambda: ISegConfig(background="constant", background_value=3), ValueError,
                          ["BackgroundRule.value"])
     assert_raises_naming(lambda: ISegConfig.from_dict({"stepz": 3}), ValueError, ["stepz"])
+    assert ISegConfig().pamr_iterations == 0 and ISegConfig.from_preset("toy").pamr_iterations == 10
+    for bad in (-1, 2.5, True):
+        assert_raises_naming(lambda: ISegConfig(pamr_iterations=bad), ValueError, ["ISegConfig.pamr_iterations"])
+    for bad in ((), (0, 1), (1.5,), 4):
+        assert_raises_naming(lambda: ISegConfig(pamr_dilations=bad), ValueError, ["ISegConfig.pamr_dilations"])
 
 
 def test_model_errors(sd21, tmp_path, monkeypatch):

@@ -179,3 +179,23 @@ def test_pamr_keeps_masks_in_range_and_snaps_them_to_colour_edges():
             PAMR(**bad)
     with pytest.raises(ValueError, match="masks"):
         PAMR(1)(img, torch.rand(2, 1, 4, 4))
+
+
+def test_pamr_options_and_the_methods_pamr_step():
+    from weakseg.methods.common import PAMR, check_pamr_options, pamr_maps
+
+    check_pamr_options("Cfg", 0, (1,))
+    check_pamr_options("Cfg", 10, [1, 2, 4])
+    for it in (-1, 1.0, True, "3"):
+        with pytest.raises(ValueError, match=r"Cfg\.pamr_iterations: expected an int >= 0"):
+            check_pamr_options("Cfg", it, (1,))
+    for dil in ((), (0,), (1, 2.0), (True,), 3, None):
+        with pytest.raises(ValueError, match=r"Cfg\.pamr_dilations: expected a non-empty list of ints >= 1"):
+            check_pamr_options("Cfg", 1, dil)
+    g = torch.Generator().manual_seed(3)
+    imgs = torch.randint(0, 256, (2, 3, 12, 10), generator=g, dtype=torch.uint8)
+    maps = torch.rand(2, 3, 12, 10, generator=g)
+    assert pamr_maps(imgs, maps, 0) is maps                                  # off: the maps as they are
+    want = PAMR(2, (1, 2))(imgs.float() / 255, maps)
+    torch.testing.assert_close(pamr_maps(imgs, maps, 2, (1, 2)), want)
+    torch.testing.assert_close(pamr_maps(list(imgs), maps, 2, (1, 2)), want)  # a list of images works the same

@@ -22,7 +22,8 @@ from weakseg.core import BACKGROUND_NAMES, has_background, image_label_mask
 
 __all__ = ["BACKGROUND_NAMES", "has_background", "minmax_per_class", "resize_maps", "background_channel",
            "scores_to_labels", "image_label_mask", "clip_tag_classes", "load_tagger_clip", "BackgroundRule",
-           "StageTimer", "grid_seeds", "dilated_neighbours", "PAMR"]
+           "StageTimer", "grid_seeds", "dilated_neighbours", "PAMR", "PAMR_DILATIONS", "check_pamr_options",
+           "pamr_maps"]
 
 
 def minmax_per_class(maps: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -258,3 +259,29 @@ class PAMR(torch.nn.Module):
         for _ in range(self.iterations):
             masks = (dilated_neighbours(masks, self.dilations) * aff).sum(2)
         return masks
+
+
+PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)  # the TCL protocol's
+
+
+def check_pamr_options(owner: str, iterations, dilations) -> None:
+    """The ``pamr_iterations`` / ``pamr_dilations`` fields of a method config (``owner``: its class name):
+    raises ValueError naming the field unless iterations is an int >= 0 and dilations a non-empty
+    sequence of ints >= 1."""
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise ValueError(f"{owner}.pamr_iterations: expected an int >= 0 (0 = no PAMR), got {iterations!r}")
+    if not isinstance(dilations, (tuple, list)) or not dilations or any(
+            not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dilations):
+        raise ValueError(f"{owner}.pamr_dilations: expected a non-empty list of ints >= 1, got {dilations!r}")
+
+
+def pamr_maps(images, maps: torch.Tensor, iterations: int, dilations: Sequence[int] = PAMR_DILATIONS
+              ) -> torch.Tensor:
+    """A method's optional PAMR step: ``maps`` (B, K, H, W) refined on ``images`` (uint8 RGB, (B, 3, H, W)
+    or a list of same-sized (3, H, W)) by :class:`PAMR` with ``iterations`` (0: ``maps`` unchanged), on the
+    maps' device. The methods run it on their [0, 1] class maps before the background rule, so a constant
+    background score is unaffected (PAMR keeps constants)."""
+    if not iterations:
+        return maps
+    imgs = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+    return PAMR(iterations, dilations)(imgs.to(maps.device).float().div(255), maps)

@@ -26,22 +26,26 @@ __all__ = ["iseg_demo", "diffsegmenter_demo", "moduseg_demo", "MODUSEG_TOY_CONFI
 @TOY_DEMOS.register("iseg")
 def iseg_demo(work_dir: Path | None = None, progress: bool = True, backbone=None, **overrides: Any) -> DemoEntry:
     """iSeg's "toy" preset on the toy world's trained SD (or ``backbone``), and its baseline, the fused
-    8x8/16x16 cross-attention without the self-attention propagation (same prompt, same KL smoothing and
-    background rule). Nothing to set up."""
+    8x8/16x16 cross-attention without the self-attention propagation and without the preset's PAMR (same
+    prompt, same KL smoothing and background rule). Nothing to set up."""
     method = ISeg(ISegConfig.from_preset("toy", **overrides), backbone=backbone)
-    base = ISeg(ISegConfig.from_preset("toy", **{**overrides, "baseline": True}), backbone=method.sd)
-    return DemoEntry(method=method, baseline=base, note="fused cross-attention maps, no self-attention propagation")
+    base = ISeg(ISegConfig.from_preset("toy", **{**overrides, "baseline": True, "pamr_iterations": 0}),
+                backbone=method.sd)
+    return DemoEntry(method=method, baseline=base,
+                     note="fused cross-attention maps, no self-attention propagation, no PAMR")
 
 
 @TOY_DEMOS.register("diffsegmenter")
 def diffsegmenter_demo(work_dir: Path | None = None, progress: bool = True, backbone=None,
                        **overrides: Any) -> DemoEntry:
     """DiffSegmenter's "toy" preset on the toy world's trained SD (or ``backbone``), and its baseline, the
-    fused cross-attention maps without the self-attention propagation (same background threshold)."""
+    fused cross-attention maps without the self-attention propagation and without the preset's PAMR (same
+    background threshold)."""
     method = DiffSegmenter(DiffSegmenterConfig.from_preset("toy", **overrides), backbone=backbone)
-    base = DiffSegmenter(DiffSegmenterConfig.from_preset("toy", **{**overrides, "baseline": True}),
-                         backbone=method.sd)
-    return DemoEntry(method=method, baseline=base, note="fused cross-attention maps, no self-attention propagation")
+    base = DiffSegmenter(DiffSegmenterConfig.from_preset("toy", **{**overrides, "baseline": True,
+                                                                   "pamr_iterations": 0}), backbone=method.sd)
+    return DemoEntry(method=method, baseline=base,
+                     note="fused cross-attention maps, no self-attention propagation, no PAMR")
 
 
 # Toy-world settings (64 x 64 scenes, 8 px CLIP patches): the reference's pixel thresholds scaled down

@@ -25,8 +25,9 @@ Per image and candidate class ``c`` (one conditional UNet item each, batched):
    A @ x; ``propagation="fused"`` (auto on CUDA or over the budget) is plain attention with V = x:
    ``scaled_dot_product_attention(q, k, x)`` per layer from the captured q/k, never forming a P x P map
    (tested to agree);
-5. M averaged over timesteps, bilinearly upsampled to the image size, per-class min-max; background =
-   constant τ (``bg_threshold``), label = argmax over [τ, M_1, …].
+5. M averaged over timesteps, bilinearly upsampled to the image size, per-class min-max; (optional, not
+   DiffSegmenter's: ``pamr_iterations`` of PAMR on the image;) background = constant τ (``bg_threshold``),
+   label = argmax over [τ, M_1, …].
 
 ``baseline=True`` skips step 4 (the fused cross-attention maps with the same background rule).
 
@@ -61,7 +62,7 @@ import torch
 from weakseg.backbones.attention import LayerCapture
 from weakseg.core import BACKBONES, METHODS, SegmentationOutput, check_segment_inputs
 from weakseg.methods.common import (BackgroundRule, StageTimer, clip_tag_classes, has_background, image_label_mask,
-                                    load_tagger_clip, minmax_per_class, resize_maps, scores_to_labels)
+                                    load_tagger_clip, minmax_per_class, pamr_maps, resize_maps, scores_to_labels)
 from weakseg.methods.diffsegmenter.attention import fuse_cross_attention, propagate_fused, propagate_reference
 from weakseg.methods.diffsegmenter.config import CROSS_ATTENTION_LAYERS, SELF_ATTENTION_LAYERS, DiffSegmenterConfig
 from weakseg.methods.diffsegmenter.prompts import (build_prompt, caption_continuation, caption_seed,
@@ -296,6 +297,7 @@ class DiffSegmenter:
             up = minmax_per_class(resize_maps(maps[:, None], (H, W)))[:, 0]
             for n, (b, j) in enumerate(where):
                 fg[b, j] = up[n]
+        fg = pamr_maps(items_in, fg, self.config.pamr_iterations, self.config.pamr_dilations)
         scores, labels = scores_to_labels(fg, names, allowed.to(device),
                                           BackgroundRule("constant", self.config.bg_threshold))
         return SegmentationOutput(scores.cpu(), labels.cpu(), names)

@@ -31,8 +31,9 @@ Per image (batched through the UNet, one prompt per image):
    ``fused_qk=False`` captures the head-mean probabilities and calls ``refine_propagate``.
    ``use_ers=False``: the code's non-ERS path, one product with the all-head mean self-attention.
    ``baseline=True``: no self-attention at all, the fused cross maps C0 are the output.
-8. Maps (K, 64, 64) -> bilinear to the image size -> per-class min-max -> background rule
-   (``(1 - max)^2``, or a threshold, ``methods.common.scores_to_labels``).
+8. Maps (K, 64, 64) -> bilinear to the image size -> per-class min-max -> (optional, not iSeg's:
+   ``pamr_iterations`` of PAMR on the image) -> background rule (``(1 - max)^2``, or a threshold,
+   ``methods.common.scores_to_labels``).
 
 Deliberate differences from the reference code (docs/methods.md): the maps are resized straight to the
 image size (the code goes through 512x512 and then to the mask size); the final min-max has no eps, as
@@ -56,7 +57,7 @@ import torch.nn.functional as F
 
 from weakseg.core import BACKBONES, METHODS, SegmentationOutput, check_segment_inputs
 from weakseg.methods.common import (StageTimer, clip_tag_classes, grid_seeds, image_label_mask, load_tagger_clip,
-                                    minmax_per_class, resize_maps, scores_to_labels)
+                                    minmax_per_class, pamr_maps, resize_maps, scores_to_labels)
 from weakseg.methods.diffusion_common import (ClassPrompt, build_class_prompt, fuse_cross_attention,
                                               select_token_maps)
 from weakseg.methods.iseg.config import ISegConfig
@@ -285,5 +286,6 @@ class ISeg:
                 # the maps live on a 1/P scale (propagated distributions): min-max without an eps, as
                 # the code (a constant map gives 0)
                 fg[b, idx] = minmax_per_class(resize_maps(m[None], (H, W)))[0].cpu()
+        fg = pamr_maps(items, fg, self.config.pamr_iterations, self.config.pamr_dilations)
         scores, labels = scores_to_labels(fg, class_names, allowed, self.config.background_rule)
         return SegmentationOutput(scores=scores, labels=labels, class_names=class_names)

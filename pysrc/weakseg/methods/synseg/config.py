@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from weakseg.core import PresetConfig
+from weakseg.methods.common import PAMR_DILATIONS, check_pamr_options
 
 __all__ = ["SynSegConfig", "PRESETS", "MODEL_FORMAT", "LOSS_NAMES"]
 
@@ -79,7 +80,7 @@ class SynSegConfig(PresetConfig):
     bg_threshold: float = 0.5
     checkpoint: str | None = None
     pamr_iterations: int = 0
-    pamr_dilations: tuple = (1, 2, 4, 8, 12, 24)
+    pamr_dilations: tuple = PAMR_DILATIONS
 
     PRESETS = PRESETS  # (class attribute, not a field) the named presets above
 
@@ -119,12 +120,7 @@ class SynSegConfig(PresetConfig):
             bad("cos_eps", "a number in (0, 0.5)")
         if not 0 <= self.bg_threshold <= 1:
             bad("bg_threshold", "a number in [0, 1]")
-        if not isinstance(self.pamr_iterations, int) or isinstance(self.pamr_iterations, bool) or \
-                self.pamr_iterations < 0:
-            bad("pamr_iterations", "an int >= 0 (0 = no PAMR)")
-        if not self.pamr_dilations or any(not isinstance(d, int) or isinstance(d, bool) or d < 1
-                                          for d in self.pamr_dilations):
-            bad("pamr_dilations", "a non-empty list of ints >= 1")
+        check_pamr_options("SynSegConfig", self.pamr_iterations, self.pamr_dilations)
         if self.fb_gate is not None and not -1 <= self.fb_gate <= 1:
             bad("fb_gate", "a cosine in [-1, 1] or None")
 

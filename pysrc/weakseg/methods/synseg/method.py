@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weakseg.core import BACKBONES, METHODS, SegmentationOutput, check_segment_inputs, check_weights
-from weakseg.methods.common import PAMR, BackgroundRule, minmax_per_class, scores_to_labels
+from weakseg.methods.common import BackgroundRule, minmax_per_class, pamr_maps, scores_to_labels
 from weakseg.methods.synseg.config import SynSegConfig
 from weakseg.methods.synseg.head import SynSegHead, read_head_file
 from weakseg.methods.synseg.views import split_views, stitch_views
@@ -194,9 +194,7 @@ class SynSeg:
         items, names, allowed = inp.images, inp.class_names, inp.allowed
         fg_names = names[1:] if inp.background else names
         fg = torch.stack(self.class_maps(items, fg_names))
-        if self.config.pamr_iterations:
-            fg = PAMR(self.config.pamr_iterations, self.config.pamr_dilations)(
-                torch.stack(list(items)).float().div(255).to(fg.device), fg)
+        fg = pamr_maps(items, fg, self.config.pamr_iterations, self.config.pamr_dilations)
         scores, labels = scores_to_labels(fg, names, allowed, BackgroundRule("constant", self.config.bg_threshold))
         return SegmentationOutput(scores=scores, labels=labels, class_names=names)
 
