@@ -19,7 +19,7 @@ from weakseg.backbones.features import PatchFeatures, pad_to_patch_multiple
 from weakseg.backbones.proposers import Proposals
 from weakseg.core import DemoEntry, SegmentationOutput, check_images
 from weakseg.data import Sample
-from weakseg.toy.recipes import iseg_demo, moduseg_demo
+from weakseg.toy.recipes import MODUSEG_TOY_PSEUDO, iseg_demo, moduseg_demo
 from weakseg.methods.moduseg import (
     BANK_FORMAT, BANK_FORMAT_VERSION, BankError, FaissSearch, FeatureBank, ModuSeg, ModuSegConfig, encode_regions,
     exact_topk, majority_in_regions, nms_per_class, outlier_filter, pseudo_labels_from_scores, purify_regions,
@@ -726,8 +726,8 @@ def test_toy_demo_with_injected_models(tmp_path, monkeypatch):
     # with one, its toy recipe makes the pseudo masks and is the baseline
     seen = {}
 
-    def with_toy(work_dir=None, progress=True):
-        seen["work_dir"] = work_dir
+    def with_toy(work_dir=None, progress=True, **overrides):
+        seen["work_dir"], seen["overrides"] = work_dir, overrides
         return DemoEntry(method=TinyPseudo(), baseline=TinyPseudo(), note="x")
 
     monkeypatch.setitem(METHODS._items, "_with_toy", NoToy)
@@ -735,6 +735,13 @@ def test_toy_demo_with_injected_models(tmp_path, monkeypatch):
     e = moduseg_demo(tmp_path, progress=False, pseudo_method="_with_toy", backbone=backbone, num_train=2)
     assert isinstance(e.baseline, TinyPseudo) and e.baseline.calls == 2 and seen["work_dir"] == tmp_path / "_with_toy"
     assert "_with_toy" in e.note and "_with_toy" in Path(e.method.config.bank).name
+    assert seen["overrides"] == {}   # no MODUSEG_TOY_PSEUDO entry: the recipe as it is
+    monkeypatch.setitem(MODUSEG_TOY_PSEUDO, "_with_toy", {"steps": 3})
+    moduseg_demo(tmp_path, progress=False, pseudo_method="_with_toy", backbone=backbone, num_train=2)
+    assert seen["overrides"] == {"steps": 3}
+    moduseg_demo(tmp_path, progress=False, pseudo_method="_with_toy", backbone=backbone, num_train=2,
+                 pseudo_overrides={"ent": 0.1})
+    assert seen["overrides"] == {"ent": 0.1}   # explicit settings replace the table's
 
 
 def test_toy_demo_on_the_toy_architectures(tmp_path):
