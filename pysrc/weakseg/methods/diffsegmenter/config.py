@@ -143,9 +143,9 @@ class DiffSegmenterConfig(PresetConfig):
         self.timesteps = tuple(int(t) for t in (self.timesteps if isinstance(self.timesteps, (list, tuple))
                                                  else (self.timesteps,)))
         self.cross_weights = tuple(float(w) for w in self.cross_weights)
+        self._apply_preset()
         if isinstance(self.pamr_dilations, list):
             self.pamr_dilations = tuple(self.pamr_dilations)
-        self._apply_preset()
         if isinstance(self.rename_classes, bool):  # the former switch: True = the VOC words
             self.rename_classes = "voc" if self.rename_classes else None
         if self.rename_classes in ("none", ""):
