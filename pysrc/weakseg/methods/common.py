@@ -227,6 +227,21 @@ def dilated_neighbours(x: torch.Tensor, dilations: Sequence[int], centre: bool =
     return torch.cat(out, dim=2)
 
 
+PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)  # the TCL protocol's
+
+
+def check_pamr_options(owner: str, iterations, dilations,
+                       names: tuple[str, str] = ("pamr_iterations", "pamr_dilations")) -> None:
+    """PAMR's two settings, as the ``pamr_iterations`` / ``pamr_dilations`` fields of a method config
+    (``owner``: its class name) or :class:`PAMR`'s own arguments (``names``): raises ValueError naming
+    ``owner.<name>`` unless iterations is an int >= 0 and dilations a non-empty list of ints >= 1."""
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise ValueError(f"{owner}.{names[0]}: expected an int >= 0 (0 = no PAMR), got {iterations!r}")
+    if not isinstance(dilations, (tuple, list)) or not dilations or any(
+            not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dilations):
+        raise ValueError(f"{owner}.{names[1]}: expected a non-empty list of ints >= 1, got {dilations!r}")
+
+
 class PAMR(torch.nn.Module):
     """Pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020; the TCL evaluation protocol that SynSeg
     follows runs it with 10 iterations at dilations 1, 2, 4, 8, 12, 24). Affinity of a pixel to each of its
@@ -234,13 +249,10 @@ class PAMR(torch.nn.Module):
     per-channel standard deviation over the pixel's neighbourhoods (centre included); each iteration
     replaces every mask value by the affinity-weighted sum of its neighbours' values."""
 
-    def __init__(self, iterations: int = 10, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)):
+    def __init__(self, iterations: int = 10, dilations: Sequence[int] = PAMR_DILATIONS):
         super().__init__()
-        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-            raise ValueError(f"PAMR: iterations must be an int >= 0, got {iterations!r}")
         dilations = tuple(dilations)
-        if not dilations or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dilations):
-            raise ValueError(f"PAMR: dilations must be ints >= 1 (at least one), got {dilations!r}")
+        check_pamr_options("PAMR", iterations, dilations, names=("iterations", "dilations"))
         self.iterations, self.dilations = iterations, dilations
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -259,20 +271,6 @@ class PAMR(torch.nn.Module):
         for _ in range(self.iterations):
             masks = (dilated_neighbours(masks, self.dilations) * aff).sum(2)
         return masks
-
-
-PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)  # the TCL protocol's
-
-
-def check_pamr_options(owner: str, iterations, dilations) -> None:
-    """The ``pamr_iterations`` / ``pamr_dilations`` fields of a method config (``owner``: its class name):
-    raises ValueError naming the field unless iterations is an int >= 0 and dilations a non-empty
-    sequence of ints >= 1."""
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-        raise ValueError(f"{owner}.pamr_iterations: expected an int >= 0 (0 = no PAMR), got {iterations!r}")
-    if not isinstance(dilations, (tuple, list)) or not dilations or any(
-            not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dilations):
-        raise ValueError(f"{owner}.pamr_dilations: expected a non-empty list of ints >= 1, got {dilations!r}")
 
 
 def pamr_maps(images, maps: torch.Tensor, iterations: int, dilations: Sequence[int] = PAMR_DILATIONS

@@ -88,7 +88,8 @@ class SynSegConfig(PresetConfig):
         self._apply_preset()
         self.extract_layers = tuple(int(i) for i in self.extract_layers)
         self.loss_weights = tuple(float(w) for w in self.loss_weights)
-        self.pamr_dilations = tuple(self.pamr_dilations)
+        if isinstance(self.pamr_dilations, list):
+            self.pamr_dilations = tuple(self.pamr_dilations)
         if isinstance(self.templates, list):
             self.templates = tuple(self.templates)
         self._validate()
