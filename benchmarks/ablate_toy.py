@@ -28,9 +28,12 @@ import torch
 ABLATIONS: dict[str, list[tuple[str, dict]]] = {
     "iseg": [
         ("baseline: fused cross-attention, no propagation, no PAMR", {"baseline": True, "pamr_iterations": 0}),
-        ("toy preset (16x16 cross-attention, ERS on, N = 1, gamma = 1.0, PAMR 10, background threshold 0.55)", {}),
-        ("no PAMR, background threshold 0.6 (the preset before 2026-12-07)",
-         {"pamr_iterations": 0, "background_value": 0.6}),
+        ("toy preset (16x16 cross-attention, ERS on, N = 1, gamma = 1.0, PAMR 10, background threshold 0.55, "
+         "4 noise draws)", {}),
+        ("one noise draw (the reference's; the preset before 2026-12-07 #3)", {"noise_draws": 1}),
+        ("8 noise draws", {"noise_draws": 8}),
+        ("one noise draw, no PAMR, background threshold 0.6 (the preset before 2026-12-07)",
+         {"pamr_iterations": 0, "background_value": 0.6, "noise_draws": 1}),
         ("no PAMR", {"pamr_iterations": 0}),
         ("PAMR 20 iterations", {"pamr_iterations": 20}),
         ("PAMR at dilations 1, 2, 4, 8", {"pamr_dilations": (1, 2, 4, 8)}),
@@ -55,6 +58,7 @@ ABLATIONS: dict[str, list[tuple[str, dict]]] = {
          {"pamr_iterations": 0, "bg_threshold": 0.6}),
         ("no PAMR", {"pamr_iterations": 0}),
         ("PAMR 20 iterations", {"pamr_iterations": 20}),
+        ("4 noise draws averaged (iSeg's toy preset's)", {"noise_draws": 4}),
         ("paper: timesteps 1/50/100/150", {"timesteps": (1, 50, 100, 150)}),
         ("reference propagation (P x P map)", {"propagation": "reference"}),
         ("the preset before 2026-12-06 #6: cross-attention weights 2/4/8/16 = 0/0.2/0.4/0.4, background 0.5",

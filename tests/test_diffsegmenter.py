@@ -317,6 +317,34 @@ def test_timestep_averaging_and_determinism(sd):
     assert not torch.allclose(other, one[0])
 
 
+def test_noise_draws_average_over_timesteps_and_draws(sd, monkeypatch):
+    """noise_draws = 2 (not DiffSegmenter's): per image, the reference's draw and the next one from the same
+    generator; the maps of every (timestep, draw) are averaged."""
+    imgs = list(_images(2))
+    items = [(0, "cat", ""), (1, "dog", ""), (1, "cat", "")]
+    seen, orig = [], sd.add_noise
+
+    def rec(z, t, noise=None, generator=None):
+        seen.append((t, noise.clone()))
+        return orig(z, t, noise=noise, generator=generator)
+
+    monkeypatch.setattr(sd, "add_noise", rec)
+    both = DiffSegmenter(_cfg(timesteps=(50, 150), noise_draws=2), backbone=sd).class_maps(imgs, items)
+    assert [t for t, _ in seen] == [50, 50, 150, 150]
+    first, second = seen[0][1], seen[1][1]
+    assert torch.equal(seen[2][1], first) and torch.equal(seen[3][1], second)  # every timestep reuses the draws
+    assert torch.equal(first[0], first[1])  # per image: its own generator, seeded alike (same-shaped VAE samples before)
+    seen.clear()
+    one = DiffSegmenter(_cfg(timesteps=(50, 150)), backbone=sd).class_maps(imgs, items)
+    assert torch.equal(seen[0][1], first)  # the first draw is the reference's single one
+    monkeypatch.setattr(sd, "add_noise", lambda z, t, noise=None, generator=None: orig(z, t, noise=second[:len(z)]))
+    alt = DiffSegmenter(_cfg(timesteps=(50, 150)), backbone=sd).class_maps(imgs, items)
+    torch.testing.assert_close(both, (one + alt) / 2, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(one, alt)
+    for bad in (0, 2.0, True):
+        assert_raises_naming(lambda: _cfg(noise_draws=bad), ValueError, ["noise_draws", ">= 1"])
+
+
 def test_segment_shapes_labels_and_batch_invariance(sd):
     m = DiffSegmenter(_cfg(batch_size=3), backbone=sd)
     imgs = _images(2, 40, 48)

@@ -375,6 +375,38 @@ def test_determinism_seed_and_batch_independence(sd21, images):
     assert not torch.allclose(other.scores, a.scores, atol=1e-3)
 
 
+def _noise_runs(sd, monkeypatch, run, replace=None):
+    """Run ``run()`` with ``sd.add_noise`` recording the noise of every call (and, with ``replace``, using that
+    noise instead of the method's); returns (result, [noise of each call])."""
+    seen, orig = [], sd.add_noise
+
+    def rec(z, t, noise=None, generator=None):
+        seen.append(noise.clone())
+        return orig(z, t, replace.expand_as(noise) if replace is not None else noise, generator)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(sd, "add_noise", rec)
+        return run(), seen
+
+
+def test_noise_draws_average_the_class_maps_of_each_draw(sd21, images, monkeypatch):
+    """noise_draws = 2 (not iSeg's; the toy preset's 4): the first draw is the reference's single one, the
+    second comes next from the same re-seeded generator, and the class maps are their mean."""
+    names = [["aeroplane", "pottedplant"], ["pottedplant", "dog"]]
+    two, seen2 = _noise_runs(sd21, monkeypatch, lambda: make(sd21, noise_draws=2).class_maps(list(images), names))
+    one, seen1 = _noise_runs(sd21, monkeypatch, lambda: make(sd21).class_maps(list(images), names))
+    assert len(seen2) == 2 and len(seen1) == 1
+    assert torch.equal(seen2[0], seen1[0]) and not torch.allclose(seen2[1], seen2[0])
+    assert torch.equal(seen2[1][0], seen2[1][1])  # the same draws for every image of a batch (re-seeded per image)
+    second, _ = _noise_runs(sd21, monkeypatch, lambda: make(sd21).class_maps(list(images), names),
+                            replace=seen2[1][:1])
+    for a, b, c in zip(two, one, second):
+        torch.testing.assert_close(a, (b + c) / 2, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(b, c, atol=1e-6)
+    for bad in (0, -1, 1.5, "2"):
+        assert_raises_naming(lambda: make(sd21, noise_draws=bad), ValueError, ["noise_draws", ">= 1"])
+
+
 def test_threshold_background_and_sd15(sd15, images):
     m = ISeg(ISegConfig.from_preset("coco-wsss", model="tiny:sd15", size=SIDE, tagger="all",
                                     class_renames={}), backbone=sd15)

@@ -66,6 +66,10 @@ class DiffSegmenterConfig(PresetConfig):
         precision only on a GPU).
     image_size: side of the square the image is resized to before the VAE (512 → 64x64 latents).
     timesteps: the UNet timesteps whose maps are averaged ((100,) in the code; (1, 50, 100, 150) the paper).
+    noise_draws: noise draws per image (1, the reference's); with more, the maps of every (timestep, draw)
+        are averaged (the draws come in turn from the image's re-seeded generator after its posterior
+        sample, the first one the reference's), as DIFT averages its features over noise draws. Not
+        DiffSegmenter's.
     prompt_template: the class prompt; ``{c}`` is the class name, ``++`` Compel's up-weighting.
     weight_words: which words of a multi-word class name ``++`` weights: "all" (the phrase in parentheses,
         ``(potted plant)++``) or "last" (``potted plant++``, the reference's Context / COCO scripts).
@@ -115,6 +119,7 @@ class DiffSegmenterConfig(PresetConfig):
     dtype: str = "auto"
     image_size: int = 512
     timesteps: tuple[int, ...] = (100,)
+    noise_draws: int = 1
     prompt_template: str = PROMPT_TEMPLATE
     weight_words: str = "all"
     class_token: str = "mean"
@@ -174,6 +179,8 @@ class DiffSegmenterConfig(PresetConfig):
         check_pamr_options("DiffSegmenterConfig", self.pamr_iterations, self.pamr_dilations)
         if self.image_size <= 0 or self.image_size % 8:
             raise ValueError(f"DiffSegmenterConfig.image_size: expected a positive multiple of 8, got {self.image_size}")
+        if not isinstance(self.noise_draws, int) or isinstance(self.noise_draws, bool) or self.noise_draws < 1:
+            raise ValueError(f"DiffSegmenterConfig.noise_draws: expected an int >= 1, got {self.noise_draws!r}")
         if self.batch_size < 1 or self.tag_topk < 1:
             raise ValueError(f"DiffSegmenterConfig: batch_size and tag_topk must be >= 1, got "
                              f"{self.batch_size} and {self.tag_topk}")

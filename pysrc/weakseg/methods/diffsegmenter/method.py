@@ -5,7 +5,8 @@ Per image and candidate class ``c`` (one conditional UNet item each, batched):
 
 1. the image is resized bilinearly to ``image_size`` (512), encoded by the VAE as a **posterior
    sample**, noised to each timestep of ``timesteps`` (t = 100) with one noise draw per image (all of
-   its classes and timesteps share it); the generator is re-seeded with ``config.seed`` for every image,
+   its classes and timesteps share it; ``noise_draws`` > 1, not the reference's: that many draws, the
+   maps of every (timestep, draw) averaged in step 5); the generator is re-seeded with ``config.seed`` for every image,
    so an image's result does not depend on the batch it comes in;
 2. prompt ``"a photograph of {c}++"`` with the reference's class words (``rename_classes``: VOC's
    plane, buses, table, people, plant, monitor by default; the ``code-context`` / ``code-coco`` presets
@@ -25,7 +26,7 @@ Per image and candidate class ``c`` (one conditional UNet item each, batched):
    A @ x; ``propagation="fused"`` (auto on CUDA or over the budget) is plain attention with V = x:
    ``scaled_dot_product_attention(q, k, x)`` per layer from the captured q/k, never forming a P x P map
    (tested to agree);
-5. M averaged over timesteps, bilinearly upsampled to the image size, per-class min-max; (optional, not
+5. M averaged over timesteps (and noise draws), bilinearly upsampled to the image size, per-class min-max; (optional, not
    DiffSegmenter's: ``pamr_iterations`` of PAMR on the image;) background = constant τ (``bg_threshold``),
    label = argmax over [τ, M_1, …].
 
@@ -215,10 +216,11 @@ class DiffSegmenter:
         for im in images:
             g = torch.Generator(device=sd.device).manual_seed(cfg.seed)
             z = sd.encode_images([im], size=cfg.image_size, sample=True, generator=g, resample="bilinear")
-            noises.append(torch.randn(z.shape, generator=g, device=z.device, dtype=torch.float32).to(z.dtype))
+            noises.append([torch.randn(z.shape, generator=g, device=z.device, dtype=torch.float32).to(z.dtype)
+                           for _ in range(cfg.noise_draws)])
             latents.append(z)
         z = torch.cat(latents)
-        eps = torch.cat(noises)
+        eps = [torch.cat([n[d] for n in noises]) for d in range(cfg.noise_draws)]  # per draw: (B, 4, h, w)
         hw = tuple(z.shape[-2:])
         prompts, tokens = [], []
         for _, name, cont in items:
@@ -234,14 +236,15 @@ class DiffSegmenter:
             acc = torch.zeros(len(chunk), *hw, dtype=torch.float32, device=sd.device)
             propagation = self.propagation_for(len(chunk), hw[0] * hw[1])
             for t in cfg.timesteps:
-                with self.timer("unet", sd.device):
-                    zt, _ = sd.add_noise(z[idx], t, noise=eps[idx])
-                    _, store = sd.unet(zt, t, embeds, capture=self.capture_specs(propagation))
-                with self.timer("refine", sd.device):
-                    x = self._refine(store, tokens, chunk, hw, self_names, propagation)
-                acc += x
-                store.reset()
-            out[s:s + len(chunk)] = acc / len(cfg.timesteps)
+                for noise in eps:
+                    with self.timer("unet", sd.device):
+                        zt, _ = sd.add_noise(z[idx], t, noise=noise[idx])
+                        _, store = sd.unet(zt, t, embeds, capture=self.capture_specs(propagation))
+                    with self.timer("refine", sd.device):
+                        x = self._refine(store, tokens, chunk, hw, self_names, propagation)
+                    acc += x
+                    store.reset()
+            out[s:s + len(chunk)] = acc / (len(cfg.timesteps) * len(eps))
         return out
 
     def _refine(self, store, tokens, chunk, hw, self_names, propagation: str) -> torch.Tensor:

@@ -82,7 +82,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # too coarse for 8-14 px objects), and gamma = 1.0 (category enhancement lowered the toy's mIoU).
 # PAMR (10 iterations, not in the reference's evaluation; see ISegConfig) with the threshold re-chosen for
 # it, on 200 val scenes: 44.4 without PAMR (threshold 0.6), 51.1 with it at 0.55 (0.5 / 0.6 / 0.65: 50.4 /
-# 50.4 / 49.1; benchmarks/results/toyworld_v2_2026-12-07.md).
+# 50.4 / 49.1; benchmarks/results/toyworld_v2_2026-12-07.md). The class maps of 4 noise draws averaged (not
+# iSeg's; one draw's mIoU moves by 3 points with the seed, 50.7-53.9 over five seeds): 53.6 on 200 val scenes
+# (8 / 16 draws: 52.9 / 53.0; toyworld_v2_2026-12-07.md).
 TOY_SELF_LAYER = _layer("up_blocks.3.attentions.0") + ".attn1"
 TOY_CROSS_8 = tuple(_layer(b) + ".attn2" for b in
                     ("down_blocks.1.attentions.0", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"))
@@ -94,7 +96,7 @@ PRESETS["toy"] = dict(model="toy", size=64, batch_size=8, prompt_prefix="a photo
                       heads_32=None, cross_weight_16=0.0, cross_weight_32=1.0, gamma=1.0, self_layer=TOY_SELF_LAYER,
                       self_heads=(0, 1), ent=0.015, steps=1,
                       background="threshold", background_value=0.55, clip_model="toy", clip_pretrained=None,
-                      tag_templates="single", pamr_iterations=10)
+                      tag_templates="single", pamr_iterations=10, noise_draws=4)
 
 TAGGERS = ("clip", "all")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -110,6 +112,9 @@ class ISegConfig(PresetConfig):
     per layer so heads [1, 2] exist) or ``toy`` (the toy-world weights). cache_dir: hub download folder. device: "cpu" / "cuda". dtype: "auto" (float16 on CUDA,
     float32 on CPU), "float32", "float16" or "bfloat16" (reduced precision only on GPU).
     seed: the noise seed, re-applied for every image (1101). t: the UNet timestep (100).
+    noise_draws: the number of noise draws per image (1, the reference's); with more, the class maps of
+    each draw (drawn in turn from the re-seeded generator: the first is the reference's) are averaged
+    before the min-max, as DIFT averages its features over an ensemble of noise draws. Not iSeg's.
     size: side the image is resized to before the VAE (512 -> 64x64 latents). batch_size: images per
     UNet call.
     prompt_prefix / class_joiner / background_prompt / background_separator / background_words: the
@@ -140,6 +145,7 @@ class ISegConfig(PresetConfig):
     dtype: str = "auto"
     seed: int = 1101
     t: int = 100
+    noise_draws: int = 1
     size: int = 512
     batch_size: int = 4
     prompt_prefix: str = "a photograph of "
@@ -201,7 +207,7 @@ class ISegConfig(PresetConfig):
                              "float32 or 'auto' on the CPU")
         if self.tagger not in TAGGERS:
             bad("tagger", "one of " + ", ".join(TAGGERS))
-        for name in ("size", "batch_size", "cluster_number", "cluster_iterations", "tag_topk"):
+        for name in ("size", "batch_size", "cluster_number", "cluster_iterations", "tag_topk", "noise_draws"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "an int >= 1")
         if not isinstance(self.steps, int) or self.steps < 0:

@@ -6,6 +6,8 @@ Per image (batched through the UNet, one prompt per image):
 
 1. Image -> 512x512 (bilinear), VAE posterior mean x 0.18215 -> latent z (4, 64, 64); noise drawn from
    a generator re-seeded with ``seed`` (1101) for every image; ``z_t = add_noise(z, eps, t=100)``.
+   (``noise_draws`` > 1, not the reference's: steps 3-7 run once per draw, the draws coming in turn from
+   that generator, and the class maps are averaged before step 8's min-max.)
 2. Prompt ``"a photograph of A and B ... and other object and background, <stuff words>"`` with the
    image's classes only (image-level labels, or the classes CLIP tags in the open-vocabulary setting).
    Token bookkeeping: class 1 starts at position 4, every next class after "and"; multi-token names
@@ -199,25 +201,31 @@ class ISeg:
             out.extend(self._class_maps_batch(images[i:i + bs], names[i:i + bs]))
         return out
 
-    def _noise(self, B: int, shape) -> torch.Tensor:
+    def _noise(self, B: int, shape) -> list[torch.Tensor]:
+        """``noise_draws`` noise tensors (B, *shape), drawn in turn from a generator seeded with ``seed``: the
+        same draws for every image (the reference re-seeds per image), the first one the reference's."""
         g = torch.Generator().manual_seed(int(self.config.seed))
-        one = torch.randn((1, *shape), generator=g)
-        return one.expand(B, *shape).contiguous()  # the same draw for every image: re-seeded per image
+        draws = [torch.randn((1, *shape), generator=g) for _ in range(self.config.noise_draws)]
+        return [one.expand(B, *shape).contiguous() for one in draws]
 
     def _class_maps_batch(self, images, names) -> list[torch.Tensor]:
         cfg, sd = self.config, self.sd
-        with self.timer("unet", sd.device):  # VAE, text encoder and the UNet pass with capture
+        out = None
+        with self.timer("unet", sd.device):  # VAE and text encoder
             z = sd.encode_images(images, size=cfg.size, sample=False, resample="bilinear")
             B, _, h, w = z.shape
-            noise = self._noise(B, z.shape[1:]).to(z)
-            zt, _ = sd.add_noise(z, cfg.t, noise)
             prompts = [self.prompt(n) for n in names]
             embeds, _ = sd.encode_prompt([p.text for p in prompts])
             if cfg.gamma != 1:
                 embeds = sd.reweight(embeds, [p.selected_flat for p in prompts], cfg.gamma)
-            _, store = sd.unet(zt, cfg.t, embeds, capture=self.capture_specs())
-        with self.timer("refine", sd.device):  # cross fusion, KL clustering, ERS + propagation
-            return self._refine_maps(store, names, prompts, B, h, w)
+        for noise in self._noise(B, z.shape[1:]):
+            with self.timer("unet", sd.device):  # the UNet pass with capture
+                zt, _ = sd.add_noise(z, cfg.t, noise.to(z))
+                _, store = sd.unet(zt, cfg.t, embeds, capture=self.capture_specs())
+            with self.timer("refine", sd.device):  # cross fusion, KL clustering, ERS + propagation
+                maps = self._refine_maps(store, names, prompts, B, h, w)
+            out = maps if out is None else [a + m for a, m in zip(out, maps)]
+        return out if cfg.noise_draws == 1 else [m / cfg.noise_draws for m in out]
 
     def _refine_maps(self, store, names, prompts, B: int, h: int, w: int) -> list[torch.Tensor]:
         cfg = self.config
