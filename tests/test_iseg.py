@@ -403,7 +403,7 @@ def test_noise_draws_average_the_class_maps_of_each_draw(sd21, images, monkeypat
     for a, b, c in zip(two, one, second):
         torch.testing.assert_close(a, (b + c) / 2, rtol=1e-5, atol=1e-7)
         assert not torch.allclose(b, c, atol=1e-6)
-    for bad in (0, -1, 1.5, "2"):
+    for bad in (0, -1, 1.5, "2", True):
         assert_raises_naming(lambda: make(sd21, noise_draws=bad), ValueError, ["noise_draws", ">= 1"])
 
 

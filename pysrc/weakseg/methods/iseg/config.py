@@ -84,7 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # it, on 200 val scenes: 44.4 without PAMR (threshold 0.6), 51.1 with it at 0.55 (0.5 / 0.6 / 0.65: 50.4 /
 # 50.4 / 49.1; benchmarks/results/toyworld_v2_2026-12-07.md). The class maps of 4 noise draws averaged (not
 # iSeg's; one draw's mIoU moves by 3 points with the seed, 50.7-53.9 over five seeds): 53.6 on 200 val scenes
-# (8 / 16 draws: 52.9 / 53.0; toyworld_v2_2026-12-07.md).
+# (8 / 16 draws: 52.9 / 53.0; on 400 val scenes 51.2 against one draw's 50.0; toyworld_v2_2026-12-07.md).
 TOY_SELF_LAYER = _layer("up_blocks.3.attentions.0") + ".attn1"
 TOY_CROSS_8 = tuple(_layer(b) + ".attn2" for b in
                     ("down_blocks.1.attentions.0", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"))
@@ -208,7 +208,8 @@ class ISegConfig(PresetConfig):
         if self.tagger not in TAGGERS:
             bad("tagger", "one of " + ", ".join(TAGGERS))
         for name in ("size", "batch_size", "cluster_number", "cluster_iterations", "tag_topk", "noise_draws"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "an int >= 1")
         if not isinstance(self.steps, int) or self.steps < 0:
             bad("steps", "an int >= 0")
