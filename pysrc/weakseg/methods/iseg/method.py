@@ -225,7 +225,7 @@ class ISeg:
             with self.timer("refine", sd.device):  # cross fusion, KL clustering, ERS + propagation
                 maps = self._refine_maps(store, names, prompts, B, h, w)
             out = maps if out is None else [a + m for a, m in zip(out, maps)]
-        return out if cfg.noise_draws == 1 else [m / cfg.noise_draws for m in out]
+        return [m / cfg.noise_draws for m in out]  # exact for one draw
 
     def _refine_maps(self, store, names, prompts, B: int, h: int, w: int) -> list[torch.Tensor]:
         cfg = self.config
