@@ -201,3 +201,13 @@ def test_set_and_file_values_are_type_checked():
         check_device("gpu0")
     with pytest.raises(ValueError, match="cuda:99"):
         check_device("cuda:99")
+
+
+def test_is_int_is_the_shared_count_check():
+    """``weakseg.core.is_int``: the one check behind the configs' and ops' "an int >= N" errors."""
+    from weakseg.core import is_int
+
+    assert is_int(0) and is_int(-3) and is_int(5, 1) and is_int(0, 0)
+    assert not is_int(0, 1) and not is_int(-1, 0)
+    for bad in (True, False, 1.0, "1", None, [1]):
+        assert not is_int(bad) and not is_int(bad, 0)

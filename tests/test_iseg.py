@@ -498,6 +498,8 @@ def test_presets_and_registration():
     assert ISegConfig().pamr_iterations == 0 and ISegConfig.from_preset("toy").pamr_iterations == 10
     for bad in (-1, 2.5, True):
         assert_raises_naming(lambda: ISegConfig(pamr_iterations=bad), ValueError, ["ISegConfig.pamr_iterations"])
+    for bad in (-1, 2.5, True):  # a bool is not a step count (weakseg.core.is_int)
+        assert_raises_naming(lambda: ISegConfig(steps=bad), ValueError, ["steps", "an int >= 0"])
     for bad in ((), (0, 1), (1.5,), 4):
         assert_raises_naming(lambda: ISegConfig(pamr_dilations=bad), ValueError, ["ISegConfig.pamr_dilations"])
 

@@ -347,6 +347,8 @@ def test_cli_corrupt_head_one_line(tmp_path, capsys):
 def test_train_config_and_data_errors(clip, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         SynSegTrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="num_workers: expected an int >= 0, got True"):
+        SynSegTrainConfig(num_workers=True)
     with pytest.raises(ValueError, match="unknown"):
         SynSegTrainConfig.from_dict({"lrr": 1})
     with pytest.raises(ValueError, match="noun phrase"):

@@ -464,6 +464,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def is_int(value: Any, minimum: int | None = None) -> bool:
+    """Whether ``value`` is an int (a bool, which Python counts as one, is not) and, given ``minimum``, at least
+    that: the check behind every "expected an int >= N" error of the configs and ops."""
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
 def _matches(value: Any, tp: Any) -> bool:
     """Whether ``value`` (a JSON / YAML / TOML value) fits the annotation ``tp``; annotations it does not know
     are accepted (the config's own checks decide)."""
@@ -480,7 +486,7 @@ def _matches(value: Any, tp: Any) -> bool:
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is str:

@@ -41,7 +41,7 @@ from torch import nn
 from weakseg.backbones.configs import RANDOM_SEED
 from weakseg.backbones.hub import hub_errors, require_hub
 from weakseg.backbones.text import resolve_templates
-from weakseg.core import BACKBONES, FromSpec, check_images
+from weakseg.core import BACKBONES, FromSpec, check_images, is_int
 from weakseg.io import atomic_path, save_safetensors
 
 __all__ = ["CLIPBackbone", "CLIPOutput", "ClassEmbeddings", "ConvStem", "interpolate_pos_embed"]
@@ -150,7 +150,7 @@ def interpolate_pos_embed(pos: torch.Tensor, grid_hw: tuple[int, int], mode: str
 def _pair(value, name: str) -> tuple[int, int]:
     items = (value, value) if isinstance(value, int) else value
     ok = isinstance(items, (tuple, list)) and len(items) == 2
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items)
+    ok = ok and all(is_int(v, 1) for v in items)
     if not ok:
         raise ValueError(f"{name}: expected a positive int or a pair of positive ints (h, w), got {value!r}")
     return int(items[0]), int(items[1])
@@ -676,7 +676,7 @@ class CLIPBackbone(nn.Module, FromSpec):
         """
         vis = self.model.visual
         L = self.num_layers
-        if not isinstance(surgery_layers, int) or isinstance(surgery_layers, bool) or not 0 <= surgery_layers <= L:
+        if not is_int(surgery_layers, 0) or not surgery_layers <= L:
             raise ValueError(f"surgery_layers: expected an int in [0, {L}] (the number of last blocks), got {surgery_layers!r}")
         x = self.preprocess(images, size)
         B = x.shape[0]

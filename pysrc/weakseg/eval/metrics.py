@@ -64,6 +64,7 @@ from typing import Any, Sequence
 
 import torch
 
+from weakseg.core import is_int
 from weakseg.io import save_safetensors, write_json
 
 __all__ = ["ConfusionMatrix", "MIOU_CONVENTIONS"]
@@ -90,9 +91,9 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, skip_unassigned: bool = False):
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        if not is_int(num_classes, 1):
             raise _err(f"num_classes must be an int >= 1, got {num_classes!r}")
-        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        if not is_int(ignore_index):
             raise _err(f"ignore_index must be an int, got {ignore_index!r}", TypeError)
         if 0 <= ignore_index < num_classes:
             raise _err(f"ignore_index={ignore_index} must lie outside the class range [0, num_classes={num_classes})")

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from weakseg.core import BACKGROUND_NAMES, has_background, image_label_mask
+from weakseg.core import BACKGROUND_NAMES, has_background, image_label_mask, is_int
 
 __all__ = ["BACKGROUND_NAMES", "has_background", "minmax_per_class", "resize_maps", "background_channel",
            "scores_to_labels", "image_label_mask", "clip_tag_classes", "load_tagger_clip", "BackgroundRule",
@@ -200,7 +200,7 @@ def grid_seeds(h: int, w: int, number: int, device=None) -> torch.Tensor:
     {0, 6, 12, 18}^2 = 16 seeds, not 9)."""
     import math
 
-    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+    if not is_int(number, 1):
         raise ValueError(f"grid_seeds: number must be an int >= 1, got {number!r}")
     root = math.sqrt(number)
     rows = torch.arange(0, h, max(1, int(h // root)))
@@ -235,10 +235,10 @@ def check_pamr_options(owner: str, iterations, dilations,
     """PAMR's two settings, as the ``pamr_iterations`` / ``pamr_dilations`` fields of a method config
     (``owner``: its class name) or :class:`PAMR`'s own arguments (``names``): raises ValueError naming
     ``owner.<name>`` unless iterations is an int >= 0 and dilations a non-empty list of ints >= 1."""
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+    if not is_int(iterations, 0):
         raise ValueError(f"{owner}.{names[0]}: expected an int >= 0 (0 = no PAMR), got {iterations!r}")
     if not isinstance(dilations, (tuple, list)) or not dilations or any(
-            not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dilations):
+            not is_int(d, 1) for d in dilations):
         raise ValueError(f"{owner}.{names[1]}: expected a non-empty list of ints >= 1, got {dilations!r}")
 
 

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from weakseg.core import is_int
 from weakseg.ops import extension as _ext
 
 
@@ -27,7 +28,7 @@ def pair(value, name: str, op: str) -> tuple[int, int]:
     """An int or a pair of ints as a (kh, kw) tuple, with a clear error otherwise."""
     items = [value, value] if isinstance(value, int) else value
     ok = isinstance(items, (tuple, list)) and len(items) == 2
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    ok = ok and all(is_int(v) for v in items)
     if not ok:
         raise TypeError(f"weakseg.{op}: {name} must be an int or a pair of ints, got {value!r}")
     return (items[0], items[1])

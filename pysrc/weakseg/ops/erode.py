@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from weakseg.core import is_int
 from weakseg.ops._common import check, has_library_op, pair, run_op
 
 __all__ = ["erode", "erode_labels", "erode_reference", "erode_labels_reference"]
@@ -31,7 +32,7 @@ def _radius(kernel_size, iterations, op: str) -> tuple[int, int]:
     kh, kw = pair(kernel_size, "kernel_size", op)
     check(kh >= 1 and kw >= 1 and kh % 2 == 1 and kw % 2 == 1, op,
           f"kernel_size must be odd and positive, got ({kh}, {kw})")
-    check(isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 0, op,
+    check(is_int(iterations, 0), op,
           f"iterations must be an int >= 0, got {iterations!r}")
     return (kh // 2) * iterations, (kw // 2) * iterations
 
@@ -51,7 +52,7 @@ def _check_labels(labels, ignore_index) -> None:
     _check_planes(labels, "labels", "erode_labels")
     check(labels.dtype in _LABEL_DTYPES, "erode_labels",
           f"expected labels of dtype int64, int32 or uint8, got {labels.dtype}", TypeError)
-    check(isinstance(ignore_index, int) and not isinstance(ignore_index, bool), "erode_labels",
+    check(is_int(ignore_index), "erode_labels",
           f"ignore_index must be an int, got {ignore_index!r}", TypeError)
     info = torch.iinfo(labels.dtype)
     check(info.min <= ignore_index <= info.max, "erode_labels",

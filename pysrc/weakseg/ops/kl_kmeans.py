@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import torch
 
+from weakseg.core import is_int
 from weakseg.ops._common import check, has_library_op, has_values, run_op
 
 __all__ = ["kl_kmeans", "kl_kmeans_reference", "KL_EPS"]
@@ -70,7 +71,7 @@ def _check(x, seeds, iterations) -> None:
     check(seeds.dtype in (torch.int64, torch.int32), op,
           f"expected seeds of dtype int64 or int32, got {seeds.dtype}", TypeError)
     check(x.device == seeds.device, op, f"expected x and seeds on the same device, got {x.device} and {seeds.device}")
-    check(isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1, op,
+    check(is_int(iterations, 1), op,
           f"iterations must be an int >= 1, got {iterations!r}")
     N = x.shape[1]
     if N > 0:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from weakseg.core import is_int
 from weakseg.ops._common import check, has_library_op, has_values, run_op
 
 __all__ = ["knn_vote", "knn_vote_reference", "knn_vote_from_neighbors", "MAX_CLASSES"]
@@ -53,7 +54,7 @@ def _check(queries, bank, bank_labels, k, num_classes) -> None:
     check(bank_labels.shape[0] == bank.shape[0], op,
           f"bank_labels must have one label per bank row: {bank_labels.shape[0]} labels for {bank.shape[0]} rows")
     check(isinstance(k, int) and k >= 1, op, f"k must be an int >= 1, got {k!r}")
-    check(isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= MAX_CLASSES, op,
+    check(is_int(num_classes, 1) and num_classes <= MAX_CLASSES, op,
           f"num_classes must be an int in [1, {MAX_CLASSES}], got {num_classes!r}")
     if bank_labels.numel() and has_values(bank_labels):  # traced (fake) labels: the compiled op checks them
         lo, hi = int(bank_labels.min()), int(bank_labels.max())

@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from weakseg.core import is_int
 from weakseg.ops._common import check, has_library_op, run_op
 
 __all__ = ["refine_propagate", "refine_propagate_qk", "refine_propagate_reference", "refine_propagate_qk_reference",
@@ -51,7 +52,7 @@ def _check_common(maps, B, P, other, other_name, ent, steps, op):
           f"maps must be (B, P, K) = ({B}, {P}, K) to match {other_name}, got {tuple(maps.shape)}")
     check(isinstance(ent, (int, float)) and not isinstance(ent, bool) and math.isfinite(ent) and ent >= 0, op,
           f"ent must be a finite number >= 0, got {ent!r}")
-    check(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0, op,
+    check(is_int(steps, 0), op,
           f"steps must be an int >= 0, got {steps!r}")
 
 

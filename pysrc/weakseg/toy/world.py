@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from weakseg.core import GENERATED_DATASETS
+from weakseg.core import GENERATED_DATASETS, is_int
 from weakseg.data.captions import CaptionSample
 
 __all__ = ["CLASSES", "OBJECT_CLASSES", "COLORS", "STUFF", "SPLIT_SEEDS", "ToyObject", "ToyScene", "ToyWorld",
@@ -284,7 +284,7 @@ class ToyCaptions:
 
     def __init__(self, num_scenes: int = 1000, split: str = "train", size: int = 64, cache: bool = True,
                  crops: int = 0, crop_seed: int = 0):
-        if not isinstance(crops, int) or isinstance(crops, bool) or crops < 0:
+        if not is_int(crops, 0):
             raise ValueError(f"crops must be an int >= 0, got {crops!r}")
         self.world = ToyWorld(size=size, split=split, num_scenes=num_scenes)
         self.num_scenes, self.crops, self.crop_seed = len(self.world), crops, int(crop_seed)

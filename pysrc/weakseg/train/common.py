@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from weakseg.core import WeightsFileError, check_weights, read_safetensors_file
+from weakseg.core import WeightsFileError, check_weights, is_int, read_safetensors_file
 from weakseg.distributed import dist_context
 from weakseg.io import save_safetensors, write_text
 
@@ -155,7 +155,7 @@ def load_checkpoint(path: Path, module: torch.nn.Module, optimizer, fmt: str,
                                f"negative values; {hint}")
     for key in ("step", "position"):  # the iterations done and the data position (not in older checkpoints)
         v = info.get(key, 0 if key == "position" else None)
-        if optimizer is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+        if optimizer is not None and not is_int(v, 0):
             raise WeightsFileError(f"checkpoint: {str(path)!r} has {key}={v!r} in its metadata, expected an integer "
                                    f">= 0; {hint}")
     module.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(("optim.", "rng."))})

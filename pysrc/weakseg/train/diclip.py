@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weakseg.core import TRAINERS
+from weakseg.core import TRAINERS, is_int
 from weakseg.train.common import (TrainOptions, after_step, dist_context, finish_training, load_checkpoint,
                                   save_checkpoint, seeded_generator, truncate_log)
 
@@ -97,7 +97,7 @@ class DiCLIPTrainConfig(TrainOptions):
             raise ValueError(f"DiCLIPTrainConfig.refine: expected steps from caa, walk, par, got {self.refine!r}")
         for n in ("iterations", "batch_size", "save_every", "log_every"):
             v = getattr(self, n)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v, 1):
                 raise ValueError(f"DiCLIPTrainConfig.{n}: expected an int >= 1, got {v!r}")
         if self.adapter_target not in ("dynamic", "static"):
             raise ValueError(f"DiCLIPTrainConfig.adapter_target: expected 'dynamic' or 'static', got "

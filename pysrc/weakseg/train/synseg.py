@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from weakseg.core import TRAINERS
+from weakseg.core import TRAINERS, is_int
 from weakseg.train.common import (TrainOptions, after_step, dist_context, finish_training, load_checkpoint,
                                   save_checkpoint, seeded_generator, truncate_log)
 
@@ -83,9 +83,9 @@ class SynSegTrainConfig(TrainOptions):
         self.ratio_range = tuple(float(s) for s in self.ratio_range)
         for n in ("iterations", "batch_size", "k_max", "save_every", "log_every"):
             v = getattr(self, n)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v, 1):
                 raise ValueError(f"SynSegTrainConfig.{n}: expected an int >= 1, got {v!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+        if not is_int(self.num_workers, 0):
             raise ValueError(f"SynSegTrainConfig.num_workers: expected an int >= 0, got {self.num_workers!r}")
         if not self.lr > 0 or not 0 <= self.lr_min <= self.lr:
             raise ValueError(f"SynSegTrainConfig.lr / lr_min: expected lr > 0 and 0 <= lr_min <= lr, got "

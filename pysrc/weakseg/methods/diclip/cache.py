@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
-from weakseg.core import read_safetensors
+from weakseg.core import is_int, read_safetensors
 from weakseg.io import save_safetensors, write_text
 
 __all__ = ["KVCache", "CacheError", "CacheBuildConfig", "build_cache", "kmeans_centroids", "GENERATION_PROMPT",
@@ -174,7 +174,7 @@ class CacheBuildConfig:
         for n in ("images_per_class", "gen_steps", "gen_size", "gen_batch", "fg_centroids", "bg_centroids",
                   "batch_size", "kmeans_n_init"):
             v = getattr(self, n)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v, 1):
                 raise ValueError(f"CacheBuildConfig.{n}: expected an int >= 1, got {v!r}")
         if "{c}" not in self.gen_prompt:
             raise ValueError(f"CacheBuildConfig.gen_prompt: expected a template with {{c}} for the class, got "
@@ -194,7 +194,7 @@ def kmeans_centroids(x: torch.Tensor, k: int, seed: int = 0, n_init: int = 1) ->
     """scikit-learn KMeans (k-means++, random_state ``seed``, ``n_init`` starts) of the rows of ``x`` (n, D)
     as float32 (the code clusters its float32 features) -> (min(k, n), D) centroids in float32; with
     n <= k the rows themselves."""
-    if not isinstance(n_init, int) or isinstance(n_init, bool) or n_init < 1:
+    if not is_int(n_init, 1):
         raise ValueError(f"kmeans_centroids: n_init must be an int >= 1, got {n_init!r}")
     if x.shape[0] <= k:
         return x.float().clone()

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from weakseg.core import PresetConfig
+from weakseg.core import PresetConfig, is_int
 from weakseg.data.classnames import VOC_CLASSES
 from weakseg.methods.diclip import refine as reflib
 from weakseg.methods.diclip.prompts import DICLIP_BACKGROUND_WORDS, DICLIP_VOC20
@@ -200,11 +200,11 @@ class DiCLIPConfig(PresetConfig):
         for n in ("size", "surgery_layers", "acr_clusters", "acr_kmeans_iterations", "acr_iterations", "caa_layers",
                   "head_dim", "head_blocks", "head_heads", "par_iterations", "crf_iterations"):
             v = getattr(self, n)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v, 1):
                 bad(n, "an int >= 1")
         for n in ("walk_steps", "adapter_prompts", "t"):
             v = getattr(self, n)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if not is_int(v, 0):
                 bad(n, "an int >= 0")
         if not self.vce_heads or not self.walk_heads:
             raise ValueError("DiCLIPConfig.vce_heads / walk_heads: expected at least one head index")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakseg.core import is_int
 from weakseg.methods.common import dilated_neighbours
 
 __all__ = ["CAA_ATTENTION", "caa_attention", "caa_transition", "box_mask", "caa_refine", "sd_walk", "PAR", "walk_reference"]
@@ -39,7 +40,7 @@ def caa_attention(attn: Sequence[torch.Tensor], layers: int = 6, mode: str = "co
     if mode not in CAA_ATTENTION:
         raise ValueError(f"caa_attention: mode must be one of {', '.join(CAA_ATTENTION)}, got {mode!r}")
     L = len(attn)
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+    if not is_int(layers, 1):
         raise ValueError(f"caa_attention: layers must be an int >= 1, got {layers!r}")
     if not 0 <= surgery_layers <= L:
         raise ValueError(f"caa_attention: surgery_layers must lie in [0, {L}], got {surgery_layers!r}")

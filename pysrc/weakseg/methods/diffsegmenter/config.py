@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from weakseg.core import PresetConfig
+from weakseg.core import PresetConfig, is_int
 from weakseg.methods.common import PAMR_DILATIONS, check_pamr_options
 
 __all__ = ["DiffSegmenterConfig", "PRESETS", "DEFAULT_MODEL", "SELF_ATTENTION_LAYERS", "CROSS_ATTENTION_LAYERS",
@@ -179,7 +179,7 @@ class DiffSegmenterConfig(PresetConfig):
         check_pamr_options("DiffSegmenterConfig", self.pamr_iterations, self.pamr_dilations)
         if self.image_size <= 0 or self.image_size % 8:
             raise ValueError(f"DiffSegmenterConfig.image_size: expected a positive multiple of 8, got {self.image_size}")
-        if not isinstance(self.noise_draws, int) or isinstance(self.noise_draws, bool) or self.noise_draws < 1:
+        if not is_int(self.noise_draws, 1):
             raise ValueError(f"DiffSegmenterConfig.noise_draws: expected an int >= 1, got {self.noise_draws!r}")
         if self.batch_size < 1 or self.tag_topk < 1:
             raise ValueError(f"DiffSegmenterConfig: batch_size and tag_topk must be >= 1, got "

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from weakseg.core import PresetConfig
+from weakseg.core import PresetConfig, is_int
 from weakseg.data.classnames import CLASS_RENAMES
 from weakseg.methods.common import PAMR_DILATIONS, BackgroundRule, check_pamr_options
 
@@ -209,9 +209,9 @@ class ISegConfig(PresetConfig):
             bad("tagger", "one of " + ", ".join(TAGGERS))
         for name in ("size", "batch_size", "cluster_number", "cluster_iterations", "tag_topk", "noise_draws"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v, 1):
                 bad(name, "an int >= 1")
-        if not isinstance(self.steps, int) or self.steps < 0:
+        if not is_int(self.steps, 0):
             bad("steps", "an int >= 0")
         if not self.ent >= 0:
             bad("ent", "a number >= 0")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from weakseg.core import BACKBONES, PROPOSERS, MethodConfig
+from weakseg.core import BACKBONES, PROPOSERS, MethodConfig, is_int
 
 __all__ = ["ModuSegConfig", "SEARCHES", "POOLINGS", "UNASSIGNED"]
 
@@ -116,13 +116,13 @@ class ModuSegConfig(MethodConfig):
             bad("proposer_options", "a dict of proposer constructor options")
         for name in ("k", "flush_every", "erosion_kernel", "faiss_nlist_max", "faiss_nprobe"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v, 1):
                 bad(name, "an int >= 1")
         if self.erosion_kernel % 2 == 0:
             bad("erosion_kernel", "an odd int")
         for name in ("min_area", "erosion_iterations", "faiss_ivf_threshold", "clip_surgery_layers"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if not is_int(v, 0):
                 bad(name, "an int >= 0")
         for name in ("fg_drop_ratio", "bg_drop_ratio", "nms_iou"):
             v = getattr(self, name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from weakseg.core import PresetConfig
+from weakseg.core import PresetConfig, is_int
 from weakseg.methods.common import PAMR_DILATIONS, check_pamr_options
 
 __all__ = ["SynSegConfig", "PRESETS", "MODEL_FORMAT", "LOSS_NAMES"]
@@ -107,7 +107,7 @@ class SynSegConfig(PresetConfig):
                 bad(name, "one of " + ", ".join(repr(o) for o in ok))
         for n in ("size", "reduce_dim", "decoder_heads", "decoder_ffn"):
             v = getattr(self, n)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v, 1):
                 bad(n, "an int >= 1")
         if self.reduce_dim % self.decoder_heads:
             bad("reduce_dim", f"a multiple of decoder_heads={self.decoder_heads}")
