@@ -466,7 +466,7 @@ def _type_name(tp: Any) -> str:
 
 def is_int(value: Any, minimum: int | None = None) -> bool:
     """Whether ``value`` is an int (a bool, which Python counts as one, is not) and, given ``minimum``, at least
-    that: the check behind every "expected an int >= N" error of the configs and ops."""
+    that: the check behind the configs' and ops' "expected an int >= N" errors."""
     return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
 
 

@@ -676,7 +676,7 @@ class CLIPBackbone(nn.Module, FromSpec):
         """
         vis = self.model.visual
         L = self.num_layers
-        if not is_int(surgery_layers, 0) or not surgery_layers <= L:
+        if not is_int(surgery_layers, 0) or surgery_layers > L:
             raise ValueError(f"surgery_layers: expected an int in [0, {L}] (the number of last blocks), got {surgery_layers!r}")
         x = self.preprocess(images, size)
         B = x.shape[0]
