@@ -211,3 +211,29 @@ def test_is_int_is_the_shared_count_check():
     assert not is_int(0, 1) and not is_int(-1, 0)
     for bad in (True, False, 1.0, "1", None, [1]):
         assert not is_int(bad) and not is_int(bad, 0)
+
+
+
+_KNN_ARGS = lambda: (torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("module, name, args, kwargs, want", [
+    ("weakseg.ops", "knn_vote", lambda: (*_KNN_ARGS(), True, 2), {}, "k must be"),
+    ("weakseg.demo", "run_demo", lambda: ("unused",), {"num_images": True}, "num_images"),
+    ("weakseg.demo", "run_demo", lambda: ("unused",), {"overlays": False}, "overlays"),
+    ("weakseg.methods.diclip.modules", "KVAdapter", lambda: (torch.randn(4, 3), torch.randn(4, 2)),
+     {"prompts": True}, "prompts"),
+    ("weakseg.toy.world", "ToyWorld", lambda: (), {"size": True}, "size"),
+    ("weakseg.toy.signal", "sd_attention_iou", lambda: (None,), {"input_size": True}, "input_size"),
+    ("weakseg.toy.train", "load_scene_cache", lambda: ("unused",), {"num_scenes": True}, "num_scenes"),
+    ("weakseg.toy.train", "train_hires", lambda: (None,) * 6, {"input_size": True}, "input_size"),
+], ids=["knn_vote-k", "demo-num_images", "demo-overlays", "kvadapter-prompts", "toyworld-size",
+        "signal-input_size", "scene_cache-num_scenes", "hires-input_size"])
+def test_count_arguments_reject_bools(module, name, args, kwargs, want):
+    """A bool is not a count: these "an int >= N" checks use ``is_int`` too, so True/False get the argument's
+    own error instead of being read as 1/0."""
+    import importlib
+
+    fn = getattr(importlib.import_module(module), name)
+    with pytest.raises(ValueError, match=want):
+        fn(*args(), **kwargs)

@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from weakseg.core import DemoEntry
+from weakseg.core import DemoEntry, is_int
 from weakseg.io import write_json, write_text
 
 __all__ = ["DEFAULT_IMAGES", "toy_demo_methods", "run_demo"]
@@ -83,9 +83,9 @@ def run_demo(out: str | os.PathLike = "outputs/demo", num_images: int = DEFAULT_
     from weakseg.toy.world import ToyWorld
     from weakseg.eval.runner import evaluate
 
-    if not isinstance(num_images, int) or num_images < 1:
+    if not is_int(num_images, 1):
         raise ValueError(f"demo: num_images must be an int >= 1, got {num_images!r}")
-    if not isinstance(overlays, int) or overlays < 0:
+    if not is_int(overlays, 0):
         raise ValueError(f"demo: overlays must be an int >= 0, got {overlays!r}")
     if threads is not None:
         torch.set_num_threads(int(threads))

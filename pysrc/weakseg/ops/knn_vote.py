@@ -53,7 +53,7 @@ def _check(queries, bank, bank_labels, k, num_classes) -> None:
           f"queries and bank must have the same feature size D, got {queries.shape[1]} and {bank.shape[1]}")
     check(bank_labels.shape[0] == bank.shape[0], op,
           f"bank_labels must have one label per bank row: {bank_labels.shape[0]} labels for {bank.shape[0]} rows")
-    check(isinstance(k, int) and k >= 1, op, f"k must be an int >= 1, got {k!r}")
+    check(is_int(k, 1), op, f"k must be an int >= 1, got {k!r}")
     check(is_int(num_classes, 1) and num_classes <= MAX_CLASSES, op,
           f"num_classes must be an int in [1, {MAX_CLASSES}], got {num_classes!r}")
     if bank_labels.numel() and has_values(bank_labels):  # traced (fake) labels: the compiled op checks them

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakseg.core import is_int
 from weakseg.toy.world import CLASSES, OBJECT_CLASSES, ToyWorld
 from weakseg.io import write_json
 
@@ -141,7 +142,7 @@ def sd_attention_iou(sd, num_scenes: int = 100, t: int = 100, resolution: int | 
 
     if num_scenes < 1:
         raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
-    if input_size is not None and (not isinstance(input_size, int) or input_size < 8):
+    if input_size is not None and not is_int(input_size, 8):
         raise ValueError(f"input_size must be an int >= 8 or None, got {input_size!r}")
     world = ToyWorld(size=image_size, split="val", num_scenes=num_scenes, min_objects=1, max_objects=2, seed=seed)
     spec = [LayerCapture("*attn2", store="mean", group="resolution"),

@@ -70,6 +70,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from weakseg.core import is_int
 from weakseg.io import save_safetensors, state_digest, write_json
 from weakseg.train import common
 from weakseg.toy.world import COLORS, OBJECT_CLASSES, STUFF, ToyWorld, crop_half, crop_objects
@@ -178,7 +179,7 @@ def load_scene_cache(work_dir: str | os.PathLike, num_scenes: int = NUM_SCENES, 
     from safetensors.torch import load_file
     from tqdm import tqdm
 
-    if not isinstance(num_scenes, int) or num_scenes < 1:
+    if not is_int(num_scenes, 1):
         raise ValueError(f"num_scenes must be a positive int, got {num_scenes!r}")
     path = Path(work_dir) / "cache" / f"toyworld_train_s{size}_n{num_scenes}_seed{seed}.safetensors"
     if path.is_file():
@@ -743,7 +744,7 @@ def train_hires(cache: SceneCache, work_dir: Path, settings: StageSettings, vae,
     scratch on 32x32 latents of a 2x VAE never tied its class tokens to the objects (cross-attention IoU
     0.10), while the 16x16-latent UNet, run as it is on 128 px input, already scored 0.44 at 32x32
     (benchmarks/results/toyworld_v2_2026-12-06.md); this stage adapts it. Returns (unet, text_encoder, record)."""
-    if not isinstance(input_size, int) or input_size < 8 or input_size % 8:
+    if not is_int(input_size, 8) or input_size % 8:
         raise ValueError(f"input_size must be a positive multiple of 8, got {input_size!r}")
     return train_unet(cache, work_dir, settings, vae, text_encoder, seed, device, resume, progress, None, log,
                       stop_at, stage="hires", init_unet=unet, input_size=input_size)

@@ -188,7 +188,7 @@ class ToyWorld:
 
     def __init__(self, size: int = 64, split: str = "train", num_scenes: int = 1000, min_objects: int = 1,
                  max_objects: int = 3, radius: tuple[float, float] = (0.13, 0.22), seed: int = 0):
-        if not isinstance(size, int) or size < 16:
+        if not is_int(size, 16):
             raise ValueError(f"ToyWorld: size must be an int >= 16, got {size!r}")
         if split not in SPLIT_SEEDS:
             raise ValueError(f"ToyWorld: split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weakseg.core import is_int
+
 __all__ = ["KVAdapter", "SegHead", "balanced_seg_loss", "affinity_loss", "affinity_labels", "radius_mask"]
 
 
@@ -28,7 +30,7 @@ class KVAdapter(nn.Module):
         if keys.dim() != 2 or values.dim() != 2 or keys.shape[0] != values.shape[0]:
             raise ValueError(f"KVAdapter: expected keys (M, D) and values (M, C + 1), got {tuple(keys.shape)} and "
                              f"{tuple(values.shape)}")
-        if not isinstance(prompts, int) or prompts < 0:
+        if not is_int(prompts, 0):
             raise ValueError(f"KVAdapter: prompts must be an int >= 0, got {prompts!r}")
         M, D = keys.shape
         C1 = values.shape[1]
