@@ -232,6 +232,49 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache, stage)
     assert any(not torch.equal(part.state_dict()[k], a[k]) for k in a)
 
 
+
+def test_unet_seed_trials_pick_the_best_and_the_winner_continues_as_an_uninterrupted_run(tmp_path, cache,
+                                                                                         monkeypatch):
+    """pick_unet_seed: every seed runs the first trial_steps steps, the best score wins (its checkpoint becomes
+    the stage's), train_unet(resume=True) with the winner's seed then ends bit for bit where an uninterrupted
+    run of that seed ends; stop_at pauses the trials and a resume reads finished trials and the pick back."""
+    import weakseg.toy.signal as S
+
+    st = _settings(4, batch=4, ckpt_every=2)
+    clip = build_clip(0, TINY["clip"])
+    vae, te = build_vae(0, TINY["vae"]), text_tower_to_hf(clip.model)
+    quiet = dict(overrides=TINY["unet"], progress=False, log=lambda m: None)
+    # the real score first: the signal's raw cross-attention IoU of each trial's SD on val scenes
+    real = T.pick_unet_seed(cache, tmp_path / "real", st, vae, te, seed=5, trials=2, trial_steps=2, pick_scenes=2,
+                            **quiet)
+    assert set(real["scores"]) == {"5", "6"} and all(0.0 <= v <= 1.0 for v in real["scores"].values())
+    assert real["seed"] == max((5, 6), key=lambda s: (real["scores"][str(s)], -s))
+    # then known scores (seed 1 best) to follow the winner
+    calls = []
+
+    def fake_iou(sd, num_scenes):
+        calls.append(num_scenes)
+        v = [0.2, 0.5, 0.1][len(calls) - 1]
+        return {"cross": {"miou": v}, "propagated_1": {"miou": v}}
+
+    monkeypatch.setattr(S, "sd_attention_iou", fake_iou)
+    work = tmp_path / "w"
+    assert T.pick_unet_seed(cache, work, st, vae, te, trials=3, trial_steps=2, stop_at=1, **quiet) is None
+    pick = T.pick_unet_seed(cache, work, st, vae, te, trials=3, trial_steps=2, resume=True, **quiet)
+    assert pick["seed"] == 1 and pick["scores"] == {"0": 0.2, "1": 0.5, "2": 0.1} and len(calls) == 3
+    assert T.pick_unet_seed(cache, work, st, vae, te, trials=3, trial_steps=2, resume=True, **quiet) == pick
+    assert len(calls) == 3  # read back, not re-run
+    unet, te1, rec = T.train_unet(cache, work, st, vae, te, 1, resume=True, **quiet)
+    assert rec["start_step"] == 2 and rec["end_step"] == 4
+    ref_unet, ref_te, _ = T.train_unet(cache, tmp_path / "ref", st, vae, te, 1, **quiet)
+    a, b = T._UNetWithText(ref_unet, ref_te).state_dict(), T._UNetWithText(unet, te1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other, _, _ = T.train_unet(cache, tmp_path / "other", st, vae, te, 0, **quiet)
+    assert any(not torch.equal(other.state_dict()[k], unet.state_dict()[k]) for k in unet.state_dict())
+    assert_raises_naming(lambda: T.pick_unet_seed(cache, work, st, vae, te, trial_steps=4, **quiet), ValueError,
+                         ["trial_steps", "[1, 4)"])
+    assert_raises_naming(lambda: T.train(stage="unet", work_dir=work, unet_trials=0), ValueError, ["unet_trials"])
+
 def test_resume_with_other_settings_is_refused(tmp_path, cache):
     T.train_vae(cache, tmp_path, _settings(4, batch=2), overrides=TINY["vae"], progress=False, stop_at=2)
     assert_raises_naming(lambda: T.train_vae(cache, tmp_path, _settings(5, batch=2), overrides=TINY["vae"],
