@@ -274,6 +274,8 @@ def test_unet_seed_trials_pick_the_best_and_the_winner_continues_as_an_uninterru
     assert_raises_naming(lambda: T.pick_unet_seed(cache, work, st, vae, te, trial_steps=4, **quiet), ValueError,
                          ["trial_steps", "[1, 4)"])
     assert_raises_naming(lambda: T.train(stage="unet", work_dir=work, unet_trials=0), ValueError, ["unet_trials"])
+    with pytest.raises(SystemExit):  # the CLI refuses it before any work (argparse error, rc 2)
+        T.main(["--stage", "unet", "--work", str(work), "--unet-trials", "0"])
 
 def test_resume_with_other_settings_is_refused(tmp_path, cache):
     T.train_vae(cache, tmp_path, _settings(4, batch=2), overrides=TINY["vae"], progress=False, stop_at=2)

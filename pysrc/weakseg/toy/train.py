@@ -692,7 +692,7 @@ def train_unet(cache: SceneCache, work_dir: Path, settings: StageSettings, vae, 
     ``<run>/final/unet``; ``run_dir``: where the checkpoint and the result go, default ``work_dir``, whose
     ``cache/`` holds the latents in any case), the text encoder and the loop's record. The VAE is frozen; the text encoder
     (initialised from the CLIP text tower) is trained with the UNet when ``train_text`` (default
-    :data:`TRAIN_TEXT_ENCODER`; written to ``<work>/final/text_encoder``), else frozen.
+    :data:`TRAIN_TEXT_ENCODER`; written to ``<run>/final/text_encoder``), else frozen.
 
     Stage 5 (``stage="hires"``, :func:`train_hires`): the same loop continued from ``init_unet`` (a trained
     UNet, copied) on the scenes resized to ``input_size``; outputs under ``<work>/final/hires/``."""
@@ -1060,6 +1060,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"snapshot": str(where)}
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if a.unet_trials < 1:
+        p.error(f"--unet-trials must be >= 1, got {a.unet_trials}")
     if a.threads is not None:
         if a.threads < 1:
             p.error(f"--threads must be >= 1, got {a.threads}")
