@@ -213,7 +213,6 @@ def test_is_int_is_the_shared_count_check():
         assert not is_int(bad) and not is_int(bad, 0)
 
 
-
 _KNN_ARGS = lambda: (torch.randn(2, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
 
 

@@ -232,7 +232,6 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, cache, stage)
     assert any(not torch.equal(part.state_dict()[k], a[k]) for k in a)
 
 
-
 def test_unet_seed_trials_pick_the_best_and_the_winner_continues_as_an_uninterrupted_run(tmp_path, cache,
                                                                                          monkeypatch):
     """pick_unet_seed: every seed runs the first trial_steps steps, the best score wins (its checkpoint becomes

@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from weakseg.core import is_int
-from weakseg.io import save_safetensors, state_digest, write_json
+from weakseg.io import atomic_path, save_safetensors, state_digest, write_json
 from weakseg.train import common
 from weakseg.toy.world import COLORS, OBJECT_CLASSES, STUFF, ToyWorld, crop_half, crop_objects
 from weakseg.toy.models import (CLIP_CONFIG, UNET_CONFIG, VAE_CONFIG, assemble_sd, build_clip, build_unet,
@@ -797,11 +797,8 @@ def pick_unet_seed(cache: SceneCache, work_dir: Path, settings: StageSettings, v
                                 "propagated_1": float(r["propagated_1"]["miou"])}, indent=1)
         log(f"[unet] seed {s}: class-token cross-attention IoU {scores[s]:.3f} on {pick_scenes} val scenes")
     best = max(scores, key=lambda s: (scores[s], -s))
-    dst = _ckpt_path(work_dir, "unet")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(_ckpt_path(root / f"seed{best}", "unet"), tmp)
-    os.replace(tmp, dst)
+    with atomic_path(_ckpt_path(work_dir, "unet")) as tmp:
+        shutil.copyfile(_ckpt_path(root / f"seed{best}", "unet"), tmp)
     pick = {"seed": best, "scores": {str(k): v for k, v in scores.items()}, "trial_steps": trial_steps,
             "scenes": pick_scenes}
     write_json(pick_path, pick, indent=1)
