@@ -276,6 +276,7 @@ def test_unet_seed_trials_pick_the_best_and_the_winner_continues_as_an_uninterru
     with pytest.raises(SystemExit):  # the CLI refuses it before any work (argparse error, rc 2)
         T.main(["--stage", "unet", "--work", str(work), "--unet-trials", "0"])
 
+
 def test_resume_with_other_settings_is_refused(tmp_path, cache):
     T.train_vae(cache, tmp_path, _settings(4, batch=2), overrides=TINY["vae"], progress=False, stop_at=2)
     assert_raises_naming(lambda: T.train_vae(cache, tmp_path, _settings(5, batch=2), overrides=TINY["vae"],
